@@ -1,0 +1,116 @@
+"""Input checks shared by every entry point: bad input fails here, before any kernel runs."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class LabelGroups(NamedTuple):
+    """Forget labels mapped to dense concept ids 0..C-1, with the size of each concept."""
+
+    ids: torch.Tensor     # (Nf,) int64
+    counts: torch.Tensor  # (C,) int64
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but forget has {ref.dtype}; use one dtype")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but forget is on {ref.device}")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_features(forget, retain, weight, bias) -> None:
+    """Shapes, dtypes and devices of the feature tensors and the projection."""
+    _check_tensor("forget", forget, 2)
+    if forget.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"forget must be a floating tensor (fp16, bf16, fp32, fp64), got {forget.dtype}")
+    d = forget.shape[1]
+    if d == 0:
+        raise ValueError("forget has feature size 0")
+    if retain is not None:
+        _check_tensor("retain", retain, 2)
+        if retain.shape[1] != d:
+            raise ValueError(
+                f"retain has feature size {retain.shape[1]} but forget has {d}; they must match"
+            )
+        _check_like("retain", retain, forget)
+    if weight is not None:
+        _check_tensor("weight", weight, 2)
+        if weight.shape[1] != d:
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}; expected (P, {d}) "
+                "(nn.Linear convention: out_features x in_features)"
+            )
+        if weight.shape[0] == 0:
+            raise ValueError("weight has 0 output features")
+        _check_like("weight", weight, forget)
+    if bias is not None:
+        if weight is None:
+            raise ValueError("bias was given without weight; a bias needs a projection")
+        _check_tensor("bias", bias, 1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},) to match weight"
+            )
+        _check_like("bias", bias, forget)
+
+
+def check_labels(labels, nf: int, device) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    _check_tensor("labels", labels, 1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape[0] != nf:
+        raise ValueError(f"labels has {labels.shape[0]} entries but forget has {nf} rows")
+    if labels.device != device:
+        raise ValueError(f"labels is on {labels.device} but forget is on {device}")
+    return labels
+
+
+def label_groups(labels: Optional[torch.Tensor], nf: int, device) -> LabelGroups:
+    """Dense concept ids; raises if no forget row has a positive (this reads labels on the host)."""
+    if labels is None:
+        ids = torch.zeros(nf, dtype=torch.long, device=device)
+        counts = torch.full((1,), nf, dtype=torch.long, device=device)
+        return LabelGroups(ids, counts)
+    _, ids, counts = torch.unique(labels.long(), return_inverse=True, return_counts=True)
+    if int(counts.max()) < 2:
+        raise ValueError(
+            "no forget row has a positive: every label occurs once, so the loss is undefined; "
+            "give at least two forget rows the same label"
+        )
+    return LabelGroups(ids, counts)
+
+
+def check_inputs(forget, retain, weight, bias, labels, temperature, reduction) -> LabelGroups:
+    """Every check of the spec's inputs; returns the label groups the loss needs."""
+    check_features(forget, retain, weight, bias)
+    nf = forget.shape[0]
+    if nf < 2:
+        raise ValueError(f"forget needs at least 2 rows (an anchor and a positive), got {nf}")
+    check_temperature(temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    labels = check_labels(labels, nf, forget.device)
+    return label_groups(labels, nf, forget.device)

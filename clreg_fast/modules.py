@@ -1,0 +1,60 @@
+"""``CLRegLoss``: the loss as an ``nn.Module`` that may own its projection head."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from clreg_fast._validation import REDUCTIONS, check_temperature
+from clreg_fast.functional import fused_clreg_loss
+
+
+class CLRegLoss(nn.Module):
+    """CLReg contrastive regularizer.
+
+    With ``in_features`` and ``out_features`` the module owns an ``nn.Linear`` projection
+    (``self.projection``) that is trained with the model; without them features are normalized
+    as they come.
+
+    Example::
+
+        loss_fn = CLRegLoss(in_features=4096, out_features=256, temperature=0.1)
+        loss = loss_fn(forget_feats, retain_feats.detach(), labels=concept_ids)
+    """
+
+    def __init__(
+        self,
+        in_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        bias: bool = True,
+        temperature: float = 0.1,
+        reduction: str = "mean",
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if (in_features is None) != (out_features is None):
+            raise ValueError("give both in_features and out_features for a projection, or neither")
+        self.temperature = check_temperature(temperature)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+        self.backend = backend
+        self.projection = (
+            nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+            if in_features is not None else None
+        )
+
+    def forward(self, forget: torch.Tensor, retain: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight = bias = None
+        if self.projection is not None:
+            weight, bias = self.projection.weight, self.projection.bias
+        return fused_clreg_loss(forget, retain, weight, bias, labels=labels,
+                                temperature=self.temperature, reduction=self.reduction,
+                                backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
