@@ -96,11 +96,16 @@ def _gather_rows(x: torch.Tensor, counts: List[int], group, world: int) -> torch
     return torch.cat([part[:count] for part, count in zip(parts, counts)])
 
 
+def _nccl_only(group) -> bool:
+    return str(dist.get_backend(group)).lower() == "nccl"
+
+
 def _comm_device(forget, group) -> torch.device:
+    """Where the metadata exchange runs: a device this group can use even for bad inputs."""
+    if _nccl_only(group):
+        return torch.device("cuda", torch.cuda.current_device())
     if isinstance(forget, torch.Tensor):
         return forget.device
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
@@ -207,6 +212,9 @@ def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, bac
     error, kernels = None, None
     try:
         check_features(forget, retain, weight, bias)
+        if _nccl_only(group) and not forget.is_cuda:
+            raise ValueError(f"process_group uses NCCL, which needs CUDA tensors, but forget is "
+                             f"on {forget.device}")
         check_temperature(temperature)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -237,6 +245,15 @@ def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, bac
     return plan, kernels, extra, bool(needs_grad.any()), bool(needs_grad[rank])
 
 
+def _project_normalize(kernels, x, weight, bias):
+    """The backend's projection + normalization; a rank's empty block never reaches a kernel."""
+    if x.shape[0]:
+        return kernels.project_normalize(x, weight, bias)
+    width = weight.shape[0] if weight is not None else x.shape[1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_zeros((0, width), dtype=dtype), x.new_zeros((0,), dtype=dtype)
+
+
 class DistributedCLRegFunction(torch.autograd.Function):
     """Forward and backward of the global loss for this rank's rows (see the module docstring)."""
 
@@ -244,8 +261,8 @@ class DistributedCLRegFunction(torch.autograd.Function):
     def forward(ctx, forget, retain, weight, bias, extra, plan: _Plan, kernels: SimilarityKernels):
         nf, nr = forget.shape[0], retain.shape[0]
         nf_total = sum(plan.nf_counts)
-        zf, norm_f = kernels.project_normalize(forget, weight, bias)
-        zr, norm_r = kernels.project_normalize(retain, weight, bias)
+        zf, norm_f = _project_normalize(kernels, forget, weight, bias)
+        zr, norm_r = _project_normalize(kernels, retain, weight, bias)
         # One all-gather of [forget rows; retain rows] (P wide) per rank.
         most_f, most_r = max(plan.nf_counts), max(plan.nr_counts)
         packed = zf.new_zeros((most_f + most_r, zf.shape[1]))
