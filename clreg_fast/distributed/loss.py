@@ -138,7 +138,7 @@ def _local_metadata(forget, retain, weight, bias, labels, temperature, reduction
     return meta
 
 
-def _check_agreement(meta: torch.Tensor, rank: int) -> None:
+def _check_agreement(meta: torch.Tensor) -> None:
     """Raise the same ValueError on every rank when the ranks' inputs do not fit together."""
     bad = [r for r in range(meta.shape[0]) if meta[r, _OK] != 1.0]
     if bad:
@@ -178,22 +178,25 @@ def _check_agreement(meta: torch.Tensor, rank: int) -> None:
                          f"got {nf_total}")
 
 
-def _global_groups(labels, nf_counts, meta, group, world, device) -> LabelGroups:
+def _global_groups(labels, nf_counts, meta, group, world, device):
+    """Dense concept ids of every global forget row (the same on every rank) and the number
+    of anchors with a positive."""
     nf_total = sum(nf_counts)
     labels_given = bool((meta[:, _LABELS] * (meta[:, _NF] > 0)).any())
     if not labels_given:
         return LabelGroups(torch.zeros(nf_total, dtype=torch.long, device=device),
-                           torch.full((1,), nf_total, dtype=torch.long, device=device))
+                           torch.full((1,), nf_total, dtype=torch.long, device=device)), nf_total
     local = (labels.long() if labels is not None
              else torch.zeros(0, dtype=torch.long, device=device))
     all_labels = _gather_rows(local.to(device), nf_counts, group, world)
     _, ids, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-    if int(counts.max()) < 2:
+    n_anchors = int((counts[counts > 1]).sum())  # the one host sync on labels
+    if n_anchors == 0:
         raise ValueError(
             "no forget row has a positive: every label occurs once over all ranks, so the loss "
             "is undefined; give at least two forget rows the same label"
         )
-    return LabelGroups(ids, counts)
+    return LabelGroups(ids, counts), n_anchors
 
 
 def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, backend,
@@ -233,12 +236,11 @@ def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, bac
     meta = _gather_rows(local[None], [1] * world, group, world).cpu()
     if error is not None:
         raise error
-    _check_agreement(meta, rank)
+    _check_agreement(meta)
 
     nf_counts = [int(n) for n in meta[:, _NF]]
     nr_counts = [int(n) for n in meta[:, _NR]]
-    groups = _global_groups(labels, nf_counts, meta, group, world, forget.device)
-    n_anchors = int((groups.counts[groups.ids] > 1).sum())
+    groups, n_anchors = _global_groups(labels, nf_counts, meta, group, world, forget.device)
     plan = _Plan(group, rank, world, nf_counts, nr_counts, sum(nf_counts[:rank]),
                  sum(nr_counts[:rank]), groups, n_anchors, 1.0 / float(temperature), reduction)
     needs_grad = meta[:, _NEEDS_GRAD]
