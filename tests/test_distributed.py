@@ -192,11 +192,11 @@ def test_int64_concept_ids_and_many_chunks(monkeypatch):
     """Concept ids above 2**31 and a column count that spans many chunks (single process)."""
     from clreg_fast.backends.torch_chunked import ops
 
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1000)  # 3 rows per chunk, the last one partial
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1300)  # 8 rows per chunk, the last one partial
     gen = torch.Generator().manual_seed(5)
-    forget = torch.randn(121, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    retain = torch.randn(200, 8, generator=gen, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 4, (121,), generator=gen) * (2 ** 33) + 2 ** 40
+    forget = torch.randn(61, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    retain = torch.randn(100, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 4, (61,), generator=gen) * (2 ** 33) + 2 ** 40
     out = fused_clreg_loss(forget, retain, labels=labels, backend="torch")
     grads = torch.autograd.grad(out, [forget, retain])
     ref = _reference_impl(forget, retain, None, None, labels, 0.1, "mean", torch.float64)
