@@ -46,7 +46,8 @@ def check_extra_negatives(extra_negatives, forget, weight) -> Optional[torch.Ten
     if extra_negatives is None:
         return None
     if not isinstance(extra_negatives, torch.Tensor):
-        raise TypeError(f"extra_negatives must be a torch.Tensor, got {type(extra_negatives).__name__}")
+        raise TypeError("extra_negatives must be a torch.Tensor, got "
+                        f"{type(extra_negatives).__name__}")
     width = weight.shape[0] if weight is not None else forget.shape[1]
     if extra_negatives.dim() != 2 or extra_negatives.shape[1] != width:
         raise ValueError(
@@ -56,7 +57,8 @@ def check_extra_negatives(extra_negatives, forget, weight) -> Optional[torch.Ten
     if not extra_negatives.dtype.is_floating_point:
         raise TypeError(f"extra_negatives must be a floating tensor, got {extra_negatives.dtype}")
     if extra_negatives.device != forget.device:
-        raise ValueError(f"extra_negatives is on {extra_negatives.device} but forget is on {forget.device}")
+        raise ValueError(f"extra_negatives is on {extra_negatives.device} but forget is on "
+                         f"{forget.device}")
     compute = torch.float64 if forget.dtype == torch.float64 else torch.float32
     return F.normalize(extra_negatives.detach().to(compute), dim=1, eps=NORM_EPS)
 
