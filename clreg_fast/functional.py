@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from clreg_fast._validation import LabelGroups, check_inputs
 from clreg_fast.backends import resolve_backend
-from clreg_fast.backends.base import SimilarityKernels
+from clreg_fast.backends.base import NORM_EPS, SimilarityKernels
 
 
 def positive_term(zf: torch.Tensor, groups: LabelGroups):
@@ -36,22 +37,50 @@ def positive_grad(zf, groups: LabelGroups, n_pos, col_sums, anchor_weight, scale
     return -scale * (q[:, None] * (col_sums[groups.ids] - 2 * zf) + weighted_sums[groups.ids])
 
 
+def check_extra_negatives(extra_negatives, forget, weight) -> Optional[torch.Tensor]:
+    """Extra negative columns as the kernels take them: detached, normalized, float32 (float64).
+
+    Rows of a feature queue are normalized already; normalizing again is a no-op up to rounding
+    and guarantees the ``s <= 1`` bound the kernels' fixed-shift exponentials rely on.
+    """
+    if extra_negatives is None:
+        return None
+    if not isinstance(extra_negatives, torch.Tensor):
+        raise TypeError("extra_negatives must be a torch.Tensor, got "
+                        f"{type(extra_negatives).__name__}")
+    width = weight.shape[0] if weight is not None else forget.shape[1]
+    if extra_negatives.dim() != 2 or extra_negatives.shape[1] != width:
+        raise ValueError(
+            f"extra_negatives must have shape (M, {width}) (rows in the projected space), got "
+            f"{tuple(extra_negatives.shape)}"
+        )
+    if not extra_negatives.dtype.is_floating_point:
+        raise TypeError(f"extra_negatives must be a floating tensor, got {extra_negatives.dtype}")
+    if extra_negatives.device != forget.device:
+        raise ValueError(f"extra_negatives is on {extra_negatives.device} but forget is on "
+                         f"{forget.device}")
+    compute = torch.float64 if forget.dtype == torch.float64 else torch.float32
+    return F.normalize(extra_negatives.detach().to(compute), dim=1, eps=NORM_EPS)
+
+
 class CLRegFunction(torch.autograd.Function):
     """CLReg forward and backward for any backend that implements ``SimilarityKernels``."""
 
     @staticmethod
     def forward(ctx, forget, retain, weight, bias, groups_ids, groups_counts, temperature,
-                reduction, kernels: SimilarityKernels):
+                reduction, kernels: SimilarityKernels, extra_negatives=None):
         groups = LabelGroups(groups_ids, groups_counts)
         scale = 1.0 / temperature
         nf = forget.shape[0]
         zf, norm_f = kernels.project_normalize(forget, weight, bias)
+        # Extra negatives (already normalized, no gradient) are columns after the retain rows.
+        extra = [] if extra_negatives is None else [extra_negatives.to(zf.dtype)]
         if retain.shape[0]:
             zr, norm_r = kernels.project_normalize(retain, weight, bias)
-            z_all = torch.cat([zf, zr])
+            z_all = torch.cat([zf, zr] + extra)
         else:
             norm_r = norm_f[:0]
-            z_all = zf
+            z_all = torch.cat([zf] + extra) if extra else zf
 
         n_pos, pos_sum, col_sums = positive_term(zf, groups)
         lse = kernels.lse_forward(zf, z_all, 0, scale, dot_dtype=forget.dtype)
@@ -85,7 +114,7 @@ class CLRegFunction(torch.autograd.Function):
         # when neither asks, the retain columns' work is skipped inside the kernels.
         need_retain_z = retain.shape[0] > 0 and (need_retain or need_weight or need_bias)
         if not (need_forget or need_retain_z or need_weight or need_bias):
-            return (None,) * 9
+            return (None,) * 10
 
         has_pos = n_pos > 0
         grad_loss = grad_loss.to(z_all.dtype)
@@ -97,13 +126,15 @@ class CLRegFunction(torch.autograd.Function):
             anchor_weight = (grad_loss / n_anchors) * has_pos.to(z_all.dtype)
 
         zf = z_all[:nf]
-        n_grad_cols = z_all.shape[0] if need_retain_z else nf
+        nr = retain.shape[0]
+        n_grad_cols = nf + nr if need_retain_z else nf
         dzf, dz_cols = kernels.lse_backward(zf, z_all, lse, anchor_weight, 0, scale, n_grad_cols,
                                             dot_dtype=forget.dtype)
         dzf = dzf + dz_cols[:nf]
         dzf += positive_grad(zf, LabelGroups(ids, counts), n_pos, col_sums, anchor_weight, scale)
         dyf = kernels.normalize_backward(dzf, zf, norm_f)
-        dyr = kernels.normalize_backward(dz_cols[nf:], z_all[nf:], norm_r) if need_retain_z else None
+        dyr = (kernels.normalize_backward(dz_cols[nf:], z_all[nf:nf + nr], norm_r)
+               if need_retain_z else None)
 
         grad_forget = grad_retain = grad_weight = grad_bias = None
         if weight is None:
@@ -129,7 +160,8 @@ class CLRegFunction(torch.autograd.Function):
                 grad_bias = db.to(weight.dtype)
         if need_retain and grad_retain is None:
             grad_retain = torch.zeros_like(retain)
-        return grad_forget, grad_retain, grad_weight, grad_bias, None, None, None, None, None
+        return (grad_forget, grad_retain, grad_weight, grad_bias, None, None, None, None, None,
+                None)
 
 
 def fused_clreg_loss(
@@ -142,6 +174,8 @@ def fused_clreg_loss(
     temperature: float = 0.1,
     reduction: str = "mean",
     backend: str = "auto",
+    extra_negatives: Optional[torch.Tensor] = None,
+    process_group=None,
 ) -> torch.Tensor:
     """CLReg loss of ``clreg_spec.md`` without materializing the similarity matrix.
 
@@ -155,19 +189,37 @@ def fused_clreg_loss(
         temperature: tau > 0.
         reduction: "mean" over anchors with a positive, "sum", or "none" (an (Nf,) vector).
         backend: "auto", "reference", "torch", "triton" or "cuda" (see ``available_backends``).
+        extra_negatives: optional (M, P) rows in the projected, normalized space (e.g.
+            ``RetainFeatureQueue.negatives()``), used as extra negative columns after the retain
+            rows, without gradient. Not supported by ``backend="reference"``.
+        process_group: a ``torch.distributed`` process group: the loss then ranges over the rows
+            of every rank of the group (see ``clreg_fast.distributed``); None: this process only.
 
     Returns:
         float32 loss (a scalar, or (Nf,) for ``reduction="none"``); float64 for float64 inputs.
     """
+    if process_group is not None:
+        from clreg_fast.distributed.loss import distributed_clreg_loss
+
+        return distributed_clreg_loss(forget, retain, weight, bias, labels=labels,
+                                      temperature=temperature, reduction=reduction,
+                                      backend=backend, extra_negatives=extra_negatives,
+                                      process_group=process_group)
     groups = check_inputs(forget, retain, weight, bias, labels, temperature, reduction)
+    extra = check_extra_negatives(extra_negatives, forget, weight)
+    if extra is not None and extra.shape[0] == 0:
+        extra = None  # an empty queue adds nothing
     if retain is None:
         retain = forget.new_zeros((0, forget.shape[1]))
     kernels = resolve_backend(backend, forget)
     if kernels is None:  # the reference backend
+        if extra is not None:
+            raise ValueError("extra_negatives needs a fused backend ('torch', 'triton' or 'cuda'); "
+                             "backend='reference' computes the spec's loss, which has none")
         from clreg_fast.reference import _reference_impl
 
         return _reference_impl(forget, retain, weight, bias, labels, float(temperature), reduction,
                                compute_dtype=torch.float64 if forget.dtype == torch.float64
                                else torch.float32)
     return CLRegFunction.apply(forget, retain, weight, bias, groups.ids, groups.counts,
-                               float(temperature), reduction, kernels)
+                               float(temperature), reduction, kernels, extra)
