@@ -33,6 +33,7 @@ class CLRegLoss(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
+        process_group=None,
     ):
         super().__init__()
         if (in_features is None) != (out_features is None):
@@ -42,19 +43,22 @@ class CLRegLoss(nn.Module):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
         self.backend = backend
+        self.process_group = process_group  # rows of every rank of the group (clreg_fast.distributed)
         self.projection = (
             nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
             if in_features is not None else None
         )
 
     def forward(self, forget: torch.Tensor, retain: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None,
+                extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
         weight = bias = None
         if self.projection is not None:
             weight, bias = self.projection.weight, self.projection.bias
         return fused_clreg_loss(forget, retain, weight, bias, labels=labels,
                                 temperature=self.temperature, reduction=self.reduction,
-                                backend=self.backend)
+                                backend=self.backend, extra_negatives=extra_negatives,
+                                process_group=self.process_group)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, reduction={self.reduction!r}, backend={self.backend!r}"
