@@ -587,6 +587,12 @@ def unlearn(
             the last step, in eval mode under ``torch.no_grad``. Under DDP/FSDP it runs on every
             rank (FSDP needs every rank in each forward); the rank-0 values are logged.
 
+    Under ``parallel="ddp"``/``"fsdp"`` the default process group is initialized from the
+    torchrun environment when needed (NCCL on CUDA, gloo on CPU) and left initialized. After an
+    FSDP run the model's parameters stay sharded (DTensors); save it with ``out_dir`` (the
+    ``final/`` directory holds the full weights) or gather it with
+    ``torch.distributed.checkpoint.state_dict.get_model_state_dict``.
+
     Returns:
         One dict per optimizer step: ``step``, ``epoch``, ``lr``, ``loss``, ``forget_loss``,
         ``retain_loss``, ``clreg_loss``, ``grad_norm``, ... and ``eval_<name>`` on eval steps.
@@ -597,13 +603,10 @@ def unlearn(
     _check_examples("forget_examples", forget_examples)
     _check_examples("retain_examples", retain_examples)
     d = _init_distributed(cfg.parallel)
-    try:
-        return _unlearn(model, list(forget_examples), list(retain_examples), cfg, ref_model,
-                        pad_id, eval_fn, d)
-    finally:
-        if d.created_group:
-            d.barrier()
-            dist.destroy_process_group()
+    # A process group created here stays up: under FSDP the returned model is sharded and
+    # needs it. Call torch.distributed.destroy_process_group() when done (the CLI does).
+    return _unlearn(model, list(forget_examples), list(retain_examples), cfg, ref_model,
+                    pad_id, eval_fn, d)
 
 
 def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_model, pad_id,
@@ -689,8 +692,7 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         if cfg.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=False)
+            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
         elif cfg.parallel == "fsdp":
             fully_shard, MixedPrecisionPolicy = _fsdp_api()
             kwargs = {}
@@ -781,9 +783,9 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            record = _reduce_logs(log_sums, d, device)
-            record.update(step=step + 1, epoch=forget_stream.epochs_done, lr=lr,
-                          grad_norm=grad_norm)
+            record = {"step": step + 1, "epoch": forget_stream.epochs_done, "lr": lr}
+            record.update(_reduce_logs(log_sums, d, device))
+            record["grad_norm"] = grad_norm
             done = step + 1
             if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0
                                                            or done == total_steps):
