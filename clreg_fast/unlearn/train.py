@@ -662,7 +662,7 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         if cfg.method == "rmu":
             _freeze_for_rmu(model, cfg, rmu_layer)
         if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_checkpointing(model)
         if getattr(model, "config", None) is not None:
             model.config.use_cache = False
 
@@ -807,6 +807,11 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         metrics.write_csv()
         return history
     finally:
+        if cfg.grad_checkpointing:
+            for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+                if hasattr(model, name):
+                    getattr(model, name)()
+                    break
         for name, p in model.named_parameters():
             if name in saved_flags:
                 p.requires_grad_(saved_flags[name])
@@ -822,6 +827,17 @@ def _hidden_size(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     return model.get_input_embeddings().weight.shape[1]
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Per-block activation checkpointing, non-reentrant (works with frozen inputs and FSDP2)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
 
 
 def _set_attn_implementation(model: nn.Module, name: str) -> None:
