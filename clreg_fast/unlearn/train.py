@@ -436,12 +436,8 @@ class _FrozenReference(nn.Module):
 
 
 def _autocast(enabled: bool, device: torch.device):
-    if not enabled:
-        # On CUDA, switch off an autocast region the caller may have opened; CPU runs never
-        # autocast here.
-        if device.type == "cuda":
-            return torch.autocast("cuda", enabled=False)
-        return contextlib.nullcontext()
+    if not enabled:  # also switches off an autocast region opened around this one
+        return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -594,8 +590,13 @@ def unlearn(
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict``.
 
     Returns:
-        One dict per optimizer step: ``step``, ``epoch``, ``lr``, ``loss``, ``forget_loss``,
-        ``retain_loss``, ``clreg_loss``, ``grad_norm``, ... and ``eval_<name>`` on eval steps.
+        One dict per optimizer step: ``step``, ``epoch`` (forget epochs done), ``lr`` (used for
+        the step), ``loss``, ``forget_loss`` (before gamma), ``forget_nll``, ``retain_loss``
+        (before alpha), ``clreg_loss`` (before clreg_weight), ``clreg_fallback`` and
+        ``clreg_skipped`` (fractions of micro-batches), ``grad_norm`` (before clipping), and
+        ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
+
+    The global torch RNG is reseeded with ``seed + rank`` (dropout streams).
     """
     cfg = cfg if cfg is not None else UnlearnConfig()
     if not isinstance(cfg, UnlearnConfig):
@@ -623,6 +624,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
 
     if cfg.device is not None:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
     elif torch.cuda.is_available():
         device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
     else:
@@ -712,6 +715,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             optimizer, lambda s: _lr_factor(s, cfg, total_steps))
         params = [p for p in objective.parameters() if p.requires_grad]
 
+        forget_counts = [_answer_counts(ex) for ex in forget_examples]
+        retain_counts = [_answer_counts(ex) for ex in retain_examples]
         forget_stream = IndexStream(len(forget_examples), cfg.seed, salt=1)
         retain_stream = IndexStream(len(retain_examples), cfg.seed, salt=2)
         torch.manual_seed(cfg.seed + d.rank)  # dropout etc.; differs across ranks on purpose
@@ -753,7 +758,7 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         for step in range(start_step, total_steps):
             forget_idx = forget_stream.take(cfg.batch_size)
             retain_idx = retain_stream.take(retain_bs)
-            norms = _normalizers(forget_examples, retain_examples, forget_idx, retain_idx, micro)
+            norms = _normalizers(forget_counts, retain_counts, forget_idx, retain_idx, micro)
             norms["autocast"] = use_autocast
             lr = optimizer.param_groups[0]["lr"]
             log_sums: Dict[str, torch.Tensor] = {}
@@ -874,9 +879,10 @@ def _freeze_for_rmu(model: nn.Module, cfg: UnlearnConfig, rmu_layer: int) -> Non
                          f"decoder layers {indices}")
 
 
-def _normalizers(forget_examples, retain_examples, forget_idx, retain_idx, micro) -> dict:
-    f_counts = [_answer_counts(forget_examples[i]) for i in forget_idx]
-    r_counts = [_answer_counts(retain_examples[i]) for i in retain_idx]
+def _normalizers(forget_counts, retain_counts, forget_idx, retain_idx, micro) -> dict:
+    """Counts over the whole optimizer step (all ranks, all accumulation steps)."""
+    f_counts = [forget_counts[i] for i in forget_idx]
+    r_counts = [retain_counts[i] for i in retain_idx]
     return {
         "forget_tokens": float(max(sum(c[0] for c in f_counts), 1)),
         "retain_tokens": float(max(sum(c[0] for c in r_counts), 1)),
