@@ -500,6 +500,7 @@ def _atomic_dir_write(final_dir: str, write: Callable[[str], None]) -> None:
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final_dir) + "-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         write(tmp)
         if os.path.exists(final_dir):  # rename() cannot replace a non-empty directory
@@ -517,10 +518,19 @@ def _atomic_dir_write(final_dir: str, write: Callable[[str], None]) -> None:
 def _save_pretrained(model: nn.Module, directory: str, state_dict=None) -> None:
     import inspect
 
+    from transformers.utils import logging as hf_logging
+
     kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers < 5; 5.x always writes safetensors
-    model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+    # Keep the loop's own progress bar readable: no nested "writing shards" bar per save.
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def _load_model_weights(model: nn.Module, directory: str) -> None:
@@ -660,7 +670,10 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
     try:
         if resume_dir:
             _load_model_weights(model, resume_dir)
-        model.to(device)
+        if cfg.parallel != "fsdp":
+            # fully_shard moves each block to the device as it shards it, so under FSDP a
+            # model loaded on the CPU never sits whole on one GPU.
+            model.to(device)
         model.train()
         if cfg.method == "rmu":
             _freeze_for_rmu(model, cfg, rmu_layer)
@@ -687,7 +700,9 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
 
         reference = None
         if needs_ref:
-            ref_model.to(device).eval()
+            if cfg.parallel != "fsdp":
+                ref_model.to(device)
+            ref_model.eval()
             ref_model.requires_grad_(False)
             reference = _FrozenReference(ref_model)
 
@@ -968,7 +983,12 @@ def _run_eval(eval_fn, model, objective, cfg) -> Dict[str, float]:
             results = eval_fn(model) or {}
     finally:
         model.train()
-    return {f"eval_{k}": float(v) for k, v in results.items()}
+    def plain(value):  # numbers (and 0-d tensors) become floats; anything else stays as is
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value)
+        return float(value) if isinstance(value, (int, float)) else value
+
+    return {f"eval_{k}": plain(v) for k, v in results.items()}
 
 
 def _load_optimizer(objective, optimizer, state, cfg) -> None:
