@@ -35,7 +35,7 @@ import shutil
 import socket
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -654,6 +654,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
 
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
+    config = getattr(model, "config", None)
+    saved_use_cache = getattr(config, "use_cache", None)
     needs_ref = M.NEEDS_REFERENCE[cfg.method] or (cfg.clreg_weight > 0
                                                   and cfg.clreg_retain_source == "ref")
     if needs_ref and ref_model is None:
@@ -679,8 +681,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             _freeze_for_rmu(model, cfg, rmu_layer)
         if cfg.grad_checkpointing:
             _enable_checkpointing(model)
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
+        if config is not None:
+            config.use_cache = False  # no KV cache in training forwards
 
         head = None
         if cfg.clreg_weight > 0 and cfg.clreg_proj_dim:
@@ -836,6 +838,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             if name in saved_flags:
                 p.requires_grad_(saved_flags[name])
         model.train(was_training)
+        if config is not None and saved_use_cache is not None:
+            config.use_cache = saved_use_cache
 
 
 # --------------------------------------------------------------------------- loop helpers
