@@ -99,6 +99,7 @@ class UnlearnConfig:
     seed: int = 0
     # Runtime.
     parallel: str = "none"                 # "none" | "ddp" | "fsdp" (launch with torchrun)
+    ddp_find_unused_parameters: bool = False  # for models with parameters the loss never uses
     bf16: Union[str, bool] = "auto"        # "auto": on CUDA devices that support bf16
     grad_checkpointing: bool = False
     attn_implementation: Optional[str] = None  # e.g. "flash_attention_2", "sdpa"
@@ -712,7 +713,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         if cfg.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=cfg.ddp_find_unused_parameters)
         elif cfg.parallel == "fsdp":
             fully_shard, MixedPrecisionPolicy = _fsdp_api()
             kwargs = {}
@@ -884,6 +886,12 @@ def _freeze_for_rmu(model: nn.Module, cfg: UnlearnConfig, rmu_layer: int) -> Non
     if layers is None:
         layers = range(max(rmu_layer - 2, 0), rmu_layer + 1)
     indices = sorted({resolve_layer(model, int(i), clamp=True) for i in layers})
+    # RMU forwards stop after the steered layer (or the CLReg layer), so deeper layers get no
+    # gradient: training them would do nothing (and would stall DDP's gradient reduction).
+    deepest = max(rmu_layer, resolve_layer(model, cfg.clreg_layer) if cfg.clreg_weight > 0 else 0)
+    if indices[-1] > deepest:
+        raise ValueError(f"rmu_train_layers={list(layers)} reaches layer {indices[-1]}, past "
+                         f"rmu_layer={rmu_layer} where the RMU forward stops")
     pattern = re.compile(cfg.rmu_param_regex)
     model.requires_grad_(False)
     blocks = decoder_layers(model)
