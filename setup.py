@@ -7,6 +7,7 @@ setup(
     description="Fused Triton/CUDA kernels for the CLReg contrastive unlearning regularizer",
     packages=find_packages(include=["clreg_fast", "clreg_fast.*"]),
     python_requires=">=3.9",
+    entry_points={"console_scripts": ["clreg-unlearn=clreg_fast.unlearn.cli:main"]},
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
