@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -137,10 +138,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: --min-reps is larger than --reps", file=sys.stderr)
         return 2
     if args.dry_run:
-        print(f"plan: {len(tasks)} tasks on {device_type}, preset {args.preset}, budget "
-              f"{opts.budget_s if opts.budget_s is not None else 'none'} s")
-        for i, task in enumerate(tasks, 1):
-            print(f"{i:4d}. {task.provider:<14} {task.config.short()}")
+        try:
+            print(f"plan: {len(tasks)} tasks on {device_type}, preset {args.preset}, budget "
+                  f"{opts.budget_s if opts.budget_s is not None else 'none'} s")
+            for i, task in enumerate(tasks, 1):
+                print(f"{i:4d}. {task.provider:<14} {task.config.short()}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head` closed the pipe: fine for a listing
+            sys.stdout = open(os.devnull, "w")
         return 0
     out = args.out or Path("runs") / f"bench-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     try:

@@ -187,6 +187,9 @@ def target_checks(rows: Sequence[Dict[str, object]]) -> List[Dict[str, str]]:
     """The issue's targets, evaluated on the headline configuration of this run (if present)."""
     key = (TARGET.nf, TARGET.nr, TARGET.d, TARGET.p, TARGET.dtype, TARGET.labels,
            TARGET.retain_detached, TARGET.temperature)
+    big = (262144, 262144) + key[2:]
+    if not any(config_key(r) in (key, big) for r in rows):
+        return []  # this run does not hold the headline configuration (e.g. the CPU mode)
     fused = best_fused(rows, key)
     ref, comp = _find(rows, "reference", key), _find(rows, "compile", key)
     checks = []
@@ -218,7 +221,6 @@ def target_checks(rows: Sequence[Dict[str, object]]) -> List[Dict[str, str]]:
         if fused and row and _ok(row):
             s = _num(row, "fwd_bwd_ms") / _num(fused, "fwd_bwd_ms")
             add(f"{fname} speed-up over {other} (bf16 math; information)", fmt_ratio(s), "-", None)
-    big = (262144, 262144) + key[2:]
     fused_big = best_fused(rows, big)
     ref_big = _find(rows, "reference", big)
     if fused_big is not None or ref_big is not None:
@@ -322,13 +324,18 @@ def _notes(rows) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # Plots
 
-def _plot_groups(rows) -> "OrderedDict[tuple, List[dict]]":
+def _has(row, metric: str) -> bool:
+    key = "fwd_bwd_ms" if metric == "time" else "peak_increase_mib"
+    return _ok(row) and math.isfinite(_num(row, key))
+
+
+def _plot_groups(rows, metric: str) -> "OrderedDict[tuple, List[dict]]":
     """Groups with at least two sizes measured: the ones a curve along N says something about."""
     groups: "OrderedDict[tuple, List[dict]]" = OrderedDict()
     for row in rows:
         groups.setdefault(group_of(row), []).append(row)
     return OrderedDict((k, v) for k, v in groups.items()
-                       if len({r["nf"] for r in v if _ok(r)}) >= 2)
+                       if len({r["nf"] for r in v if _has(r, metric)}) >= 2)
 
 
 def plot(rows: Sequence[Dict[str, object]], path: Path, metric: str) -> Optional[Path]:
@@ -337,11 +344,11 @@ def plot(rows: Sequence[Dict[str, object]], path: Path, metric: str) -> Optional
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullLocator
+    from matplotlib.ticker import NullLocator
 
     from clreg_fast.bench.flops import flop_model, matrix_bytes
 
-    groups = _plot_groups(rows)
+    groups = _plot_groups(rows, metric)
     if not groups:
         return None
     ncols = min(3, len(groups))
@@ -353,7 +360,7 @@ def plot(rows: Sequence[Dict[str, object]], path: Path, metric: str) -> Optional
         all_n = sorted({r["nf"] for r in grows if r["status"] in ("ok", "OOM")})
         for provider in providers:
             color, marker = STYLE.get(provider, ("gray", "o"))
-            ok = sorted((r for r in grows if r["provider"] == provider and _ok(r)),
+            ok = sorted((r for r in grows if r["provider"] == provider and _has(r, metric)),
                         key=lambda r: r["nf"])
             xs = [r["nf"] for r in ok]
             if metric == "time":
@@ -390,8 +397,6 @@ def plot(rows: Sequence[Dict[str, object]], path: Path, metric: str) -> Optional
                 mat = [matrix_bytes(c, 4) / 2**20 for c in configs]
                 ax.plot(all_n, mat, color="gray", linestyle="--", linewidth=1.2,
                         label="one Nf x (Nf+Nr) fp32 matrix")
-            ax.xaxis.set_major_locator(FixedLocator(all_n))
-            ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         if all_n:
