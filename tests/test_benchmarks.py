@@ -73,14 +73,15 @@ def test_config_dict_round_trip():
 
 def test_gpu_plan_puts_target_and_largest_size_first():
     tasks = cfg.expand(cfg.preset_jobs("gpu"))
-    assert tasks[0].config == cfg.TARGET and tasks[0].provider == "reference"
-    first_config = [t.provider for t in tasks if t.config == cfg.TARGET]
-    assert {"reference", "compile", "torch", "triton", "cuda"} <= set(first_config)
-    # right after the target come the 262144-per-side tasks
-    n_target = len(first_config)
-    big = tasks[n_target:n_target + 3]
+    head = [t.provider for t in tasks[:5]]
+    assert all(t.config == cfg.TARGET for t in tasks[:5])
+    assert head == ["reference", "eager_native", "torch", "triton", "cuda"]
+    # then the 262144-per-side tasks, then torch.compile on the target (slow to compile)
+    big = tasks[5:8]
     assert all(t.config.nf == t.config.nr == 262144 for t in big)
     assert {t.provider for t in big} == {"reference", "triton", "cuda"}
+    assert [(t.config, t.provider) for t in tasks[8:10]] == [
+        (cfg.TARGET, "compile"), (cfg.TARGET, "compile_native")]
     assert len(set(tasks)) == len(tasks)
     assert all(t.config.nf <= cfg.GPU_MAX_N["torch"] for t in tasks if t.provider == "torch")
     assert not [t for t in tasks if t.provider.endswith("_native") and t.config.dtype == "fp32"]
@@ -418,6 +419,7 @@ def test_gpu_suite_script_parses_and_dry_runs():
     assert "CLREG_FAST_CUDA_BUILD=1" in out and "build_ext --inplace" in out
     assert "pytest -m gpu" in out and "--preset gpu" in out
     assert "1. reference      N=8192/8192 D=4096, P=256, bf16" in out
+    assert "6. reference      N=262144/262144" in out
     assert "N=262144/262144" in out
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2
