@@ -167,6 +167,12 @@ def test_providers_agree_on_the_loss():
     ref = make_loss_fn("reference", c)(x).detach()
     assert float(make_loss_fn("torch", c)(x).detach()) == pytest.approx(float(ref), rel=1e-5)
     assert x["labels"] is not None and x["retain"].requires_grad
+    low = BenchConfig(48, 40, 24, 8, "bf16")
+    xl = make_inputs(low, CPU, seed=3)
+    ref_low = float(make_loss_fn("reference", low)(xl).detach())
+    native = make_loss_fn("eager_native", low)(xl)
+    assert native.dtype == torch.float32  # bf16 math, float32 out as the spec says
+    assert float(native.detach()) == pytest.approx(ref_low, rel=3e-2)
     d = make_inputs(BenchConfig(48, 40, 24, None, "bf16", retain_detached=True), CPU)
     assert d["weight"] is None and not d["retain"].requires_grad and d["forget"].requires_grad
     assert d["forget"].dtype == torch.bfloat16 and d["forget"].abs().sum() > 0
