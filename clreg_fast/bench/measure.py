@@ -139,7 +139,7 @@ def measure_task(task: Task, device: torch.device, *, warmup: int = 1, reps: int
     if not ok:
         row.update(status="unavailable", note=why)
         return row
-    inputs = fn = None
+    inputs = fn = loss = None
     t_start = time.perf_counter()
     try:
         inputs = make_inputs(task.config, device, seed)
@@ -170,7 +170,8 @@ def measure_task(task: Task, device: torch.device, *, warmup: int = 1, reps: int
         row["status"] = "OOM" if is_oom(exc) else "error"
         row["note"] = short_error(exc)
     finally:
-        inputs = fn = None
+        # Drop the graph of a forward that failed in its backward too, before freeing the cache.
+        inputs = fn = loss = None
         free_memory(device)
     row["wall_s"] = time.perf_counter() - t_start
     return row
