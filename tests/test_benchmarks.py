@@ -296,6 +296,20 @@ def test_budget_skips_tasks_predicted_to_overrun(tmp_path):
     assert "budget" in rows[0]["note"]
 
 
+def test_device_size_rules(tmp_path, monkeypatch):
+    """On a (pretend) 1 MiB device: compile is not run where one matrix cannot fit, eager is run
+    there even with no budget left (its OOM is instant on a GPU), the rest obeys the budget."""
+    monkeypatch.setattr(sweep, "_device_bytes", lambda device: 2**20)
+    c = BenchConfig(512, 512, 8, 4, "fp32")  # one fp32 matrix: 4 MiB
+    tasks = cfg.expand([(c, ["compile", "reference", "torch"])])
+    opts = sweep.SweepOptions(**{**TINY_OPTS, "budget_s": 0.0})
+    rows = sweep.run_sweep(tasks, CPU, tmp_path, opts, log=lambda s: None)
+    status = {r["provider"]: (r["status"], r["note"]) for r in rows}
+    assert status["compile"][0] == "OOM" and "not run" in status["compile"][1]
+    assert status["reference"][0] == "ok"  # run despite the budget (the CPU has the memory)
+    assert status["torch"][0] == "skipped"
+
+
 def test_target_checks_pass_and_fail():
     base = dict(BenchConfig(8192, 8192, 4096, 256, "bf16").to_dict(), status="ok")
 

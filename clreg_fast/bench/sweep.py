@@ -9,7 +9,8 @@ first. Before each task the sweep decides whether to run it:
   the device (recorded as OOM, "not run"): compiling first would only waste the budget;
 * a task whose predicted cost (from the same provider's earlier timings, scaled by the FLOP
   model with the growth rate seen so far, plus the compile time where there is one) exceeds the
-  remaining budget is skipped (recorded as "skipped").
+  remaining budget is skipped (recorded as "skipped"), except an eager task whose matrix alone
+  exceeds the device: it fails at its first allocation, so its OOM is recorded for free.
 
 Everything else runs and is recorded: "ok", "OOM", "error" (the message is kept) or
 "unavailable" (the provider is not usable here). One failing task never ends the sweep; a lost
@@ -168,6 +169,16 @@ def _pre_check(task: Task, device: torch.device, oom_at: Dict[tuple, int]) -> Op
     return None
 
 
+def _fails_at_once(task: Task, device: torch.device) -> bool:
+    """An eager task whose similarity matrix alone exceeds the device: its out-of-memory error
+    comes at the first large allocation, so it is run (and recorded) whatever the budget."""
+    total = _device_bytes(device)
+    if total is None or task.provider not in ("reference", "eager_native"):
+        return False
+    element = 4 if task.provider == "reference" else task.config.torch_dtype.itemsize
+    return matrix_bytes(task.config, element) > total
+
+
 def run_sweep(tasks: Sequence[Task], device: torch.device, out_dir: Path, opts: SweepOptions,
               log: Callable[[str], None] = print) -> List[Dict[str, object]]:
     """Measure ``tasks`` in order; write ``results.csv`` row by row, then markdown and plots."""
@@ -198,7 +209,7 @@ def run_sweep(tasks: Sequence[Task], device: torch.device, out_dir: Path, opts: 
         pre = _pre_check(task, device, oom_at)
         if dead is not None:
             pre = {"status": "skipped", "note": f"not run: the device failed earlier ({dead})"}
-        if pre is None and opts.budget_s is not None:
+        if pre is None and opts.budget_s is not None and not _fails_at_once(task, device):
             remaining = opts.budget_s - elapsed
             predicted = costs.predict(task, runs_per_task + (2 if opts.isolate_memory else 0))
             if predicted is not None and opts.isolate_memory:
