@@ -256,7 +256,8 @@ def run_sweep(tasks: Sequence[Task], device: torch.device, out_dir: Path, opts: 
         _log_row(log, index, len(tasks), row)
     bar.close()
     writer.close()
-    report.write_reports(rows, out_dir, log=log)
+    # Markdown and plots from the CSV as written, so `bench report --csv` reproduces them exactly.
+    report.write_reports(report.read_csv(out_dir / "results.csv"), out_dir, log=log)
     log(f"sweep done in {time.perf_counter() - t_begin:.0f} s; results in {out_dir}")
     return rows
 
