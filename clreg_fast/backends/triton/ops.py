@@ -59,15 +59,39 @@ def _feature_block(p: int, max_block_p: int) -> Tuple[int, int]:
     return block_p, triton.cdiv(p, block_p)
 
 
-def _similarity_config(block_p: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the similarity kernels."""
+def _similarity_config(block_p: int, round_kind: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the similarity kernels.
+
+    Chosen by compiling the variants for sm_90 and sm_80 (``compile_check.py``, ptxas -v): no
+    register spills and shared memory within an A100's 164 KiB. float32 products run on FMA
+    units (no TF32), whose operands live in registers, hence smaller tiles than bf16/fp16.
+    """
     if INTERPRET:
-        return 16, 16, 4
+        return 16, 16, 4, 1
+    if block_p <= 32:
+        return 64, 64, 4, 3
+    if round_kind == K.ROUND_FP32:
+        return 32, 32, 4 if block_p <= 128 else 8, 2
     if block_p <= 64:
-        return 64, 64, 4
-    if block_p <= 128:
-        return 64, 64, 8
-    return 64, 32, 8
+        return 64, 64, 4, 3
+    return 64, 32, 8, 2
+
+
+def _project_config(p: int, round_kind: int, max_block_p: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_P, P tiles, num_warps) of the projection kernel."""
+    block_p, p_tiles = _feature_block(p, max_block_p)
+    if INTERPRET:
+        return 16, 32, block_p, p_tiles, 4
+    # float32 FMA products keep operands in registers: a smaller tile at wide P
+    block_m = 32 if round_kind == K.ROUND_FP32 and block_p >= 128 else 64
+    return block_m, 32, block_p, p_tiles, 4 if block_p <= 64 else 8
+
+
+def _rowwise_config(p: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_P, num_warps) of the memory-bound normalization kernels."""
+    if INTERPRET:  # 64 < 100 lets tests cover the loop over column tiles
+        return 16, min(max(16, triton.next_power_of_2(p)), 64), 4
+    return 16, min(max(16, triton.next_power_of_2(p)), 256), 8
 
 
 class TritonKernels(SimilarityKernels):
@@ -109,16 +133,13 @@ class TritonKernels(SimilarityKernels):
 
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
-        block_p, p_tiles = _feature_block(p, self.max_block_p)
-        block_m = 16 if INTERPRET else 64
-        block_k = 32
+        block_m, block_k, block_p, p_tiles, warps = _project_config(p, round_kind, self.max_block_p)
         grid = (triton.cdiv(n, block_m), p_tiles)
         K.project_kernel[grid](
             x, weight, bias if bias is not None else x, z, norm, n, d, p,
             x.stride(0), weight.stride(0), z.stride(0), NORM_EPS,
             HAS_BIAS=bias is not None, NORMALIZE=p_tiles == 1, BLOCK_M=block_m, BLOCK_K=block_k,
-            BLOCK_P=block_p, ROUND=round_kind, INTERPRET=INTERPRET,
-            num_warps=4 if block_p <= 64 else 8,
+            BLOCK_P=block_p, ROUND=round_kind, INTERPRET=INTERPRET, num_warps=warps,
         )
         if p_tiles > 1:  # z holds y: normalize it in place
             self._normalize_into(z, z, norm)
@@ -126,11 +147,10 @@ class TritonKernels(SimilarityKernels):
 
     def _normalize_into(self, y: torch.Tensor, z: torch.Tensor, norm: torch.Tensor) -> None:
         n, p = y.shape
-        block_m = 16 if INTERPRET else 32
-        block_p = min(max(16, triton.next_power_of_2(p)), 64 if INTERPRET else 256)
+        block_m, block_p, warps = _rowwise_config(p)
         K.normalize_kernel[(triton.cdiv(n, block_m),)](
             y, z, norm, n, p, y.stride(0), z.stride(0), NORM_EPS,
-            BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4,
+            BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps,
         )
 
     def normalize_backward(self, dz, z, norm):
@@ -143,11 +163,10 @@ class TritonKernels(SimilarityKernels):
         dy = torch.empty((n, p), dtype=torch.float32, device=z.device)
         if n == 0:
             return dy
-        block_m = 16 if INTERPRET else 32
-        block_p = min(max(16, triton.next_power_of_2(p)), 64 if INTERPRET else 256)
+        block_m, block_p, warps = _rowwise_config(p)
         K.normalize_backward_kernel[(triton.cdiv(n, block_m),)](
             dz, z, norm, dy, n, p, dz.stride(0), z.stride(0), dy.stride(0), NORM_EPS,
-            BLOCK_M=block_m, BLOCK_P=block_p, num_warps=4,
+            BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps,
         )
         return dy
 
@@ -168,13 +187,13 @@ class TritonKernels(SimilarityKernels):
         if n_rows == 0:
             return lse
         block_p, k_tiles = _feature_block(p, self.max_block_p)
-        block_m, block_n, warps = _similarity_config(block_p)
+        block_m, block_n, warps, stages = _similarity_config(block_p, round_kind)
         K.lse_forward_kernel[(triton.cdiv(n_rows, block_m),)](
             za, zc, lse, n_rows, n_cols, p, za.stride(0), zc.stride(0), int(self_offset),
             float(scale),
             FIXED_SHIFT=self._fixed_shift(float(scale)), BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_P=block_p, K_TILES=k_tiles, ROUND=round_kind, INTERPRET=INTERPRET,
-            num_warps=warps,
+            num_warps=warps, num_stages=stages,
         )
         return lse
 
@@ -191,9 +210,9 @@ class TritonKernels(SimilarityKernels):
         dza = torch.empty_like(za)
         dzc = torch.empty((n_grad_cols, p), dtype=torch.float32, device=za.device)
         block_p, k_tiles = _feature_block(p, self.max_block_p)
-        block_m, block_n, warps = _similarity_config(block_p)
+        block_m, block_n, warps, stages = _similarity_config(block_p, round_kind)
         common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, K_TILES=k_tiles,
-                      ROUND=round_kind, INTERPRET=INTERPRET, num_warps=warps)
+                      ROUND=round_kind, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
         if n_rows:
             K.lse_backward_rows_kernel[(triton.cdiv(n_rows, block_m), k_tiles)](
                 za, zc, lse, w, dza, n_rows, n_cols, p, za.stride(0), zc.stride(0),
