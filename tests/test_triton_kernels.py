@@ -6,6 +6,9 @@ block sizes, P is not a power of two, and ``max_block_p=16`` forces the tiled-P 
 With a GPU the same tests run on CUDA tensors through compiled kernels.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -183,6 +186,7 @@ def test_lse_paths_are_chosen_by_temperature_and_agree():
     assert (fixed - running).abs().max().item() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log(0)
 def test_running_max_survives_where_a_fixed_shift_underflows():
     # Every column points away from the anchor: with scale 100, exp(s * scale - scale) = e^-200
     # underflows to 0 and a fixed shift would give -inf; the running max gives -100 + log(n).
@@ -196,6 +200,7 @@ def test_running_max_survives_where_a_fixed_shift_underflows():
     assert torch.isinf(forced).all()  # why the launcher switches paths at small tau
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
 def test_lse_forward_no_valid_column_is_minus_inf():
     za = unit_rows(2, 24, seed=0)
     lse = DEFAULT.lse_forward(za, za[:1], 0, 10.0)  # row 0's only column is itself
@@ -451,3 +456,18 @@ def test_int64_row_offsets_on_gpu():
                                     torch.ones(40, device="cuda"), 0, 10.0, n)
     want_c = torch.exp((za[-3:].double() @ zc.double().T) * 10.0 - 30.0) @ zc.double() * 10.0
     assert rel_err(dzc[-3:], want_c) < 1e-5
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_and_ampere():
+    """Compile every launched variant for sm_90 and sm_80 with the GPU toolchain (no GPU needed):
+    catches what the interpreter cannot (dot layouts and dtypes, shared memory limits)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "clreg_fast.backends.triton.compile_check", "--arch", "90", "80",
+         "--p", "200", "--dtype", "fp32", "bf16"],  # P = 200: the widest tiles, most shared memory
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok  ") == 2 * 2 * 7

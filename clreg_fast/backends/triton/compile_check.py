@@ -69,7 +69,7 @@ def variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P):
                                          "dy_ptr": f32, "eps": "fp32"},
            dict(BLOCK_M=rbm, BLOCK_P=rbp), rwarps, 3)
     bp, k_tiles = ops._feature_block(p, max_block_p)
-    bm, bn, warps, stages = ops._similarity_config(bp, round_kind)
+    bm, bn, warps, stages = ops._similarity_config(bp, k_tiles, round_kind)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, K_TILES=k_tiles, ROUND=round_kind,
                   INTERPRET=False)
     ptrs = {name: f32 for name in ("za_ptr", "zc_ptr", "lse_ptr", "w_ptr", "dza_ptr", "dzc_ptr")}

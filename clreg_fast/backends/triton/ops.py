@@ -59,7 +59,7 @@ def _feature_block(p: int, max_block_p: int) -> Tuple[int, int]:
     return block_p, triton.cdiv(p, block_p)
 
 
-def _similarity_config(block_p: int, round_kind: int) -> Tuple[int, int, int, int]:
+def _similarity_config(block_p: int, k_tiles: int, round_kind: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the similarity kernels.
 
     Chosen by compiling the variants for sm_90 and sm_80 (``compile_check.py``, ptxas -v): no
@@ -70,7 +70,7 @@ def _similarity_config(block_p: int, round_kind: int) -> Tuple[int, int, int, in
         return 16, 16, 4, 1
     if block_p <= 32:
         return 64, 64, 4, 3
-    if round_kind == K.ROUND_FP32:
+    if round_kind == K.ROUND_FP32 or k_tiles > 1:
         return 32, 32, 4 if block_p <= 128 else 8, 2
     if block_p <= 64:
         return 64, 64, 4, 3
@@ -187,7 +187,7 @@ class TritonKernels(SimilarityKernels):
         if n_rows == 0:
             return lse
         block_p, k_tiles = _feature_block(p, self.max_block_p)
-        block_m, block_n, warps, stages = _similarity_config(block_p, round_kind)
+        block_m, block_n, warps, stages = _similarity_config(block_p, k_tiles, round_kind)
         K.lse_forward_kernel[(triton.cdiv(n_rows, block_m),)](
             za, zc, lse, n_rows, n_cols, p, za.stride(0), zc.stride(0), int(self_offset),
             float(scale),
@@ -210,7 +210,7 @@ class TritonKernels(SimilarityKernels):
         dza = torch.empty_like(za)
         dzc = torch.empty((n_grad_cols, p), dtype=torch.float32, device=za.device)
         block_p, k_tiles = _feature_block(p, self.max_block_p)
-        block_m, block_n, warps, stages = _similarity_config(block_p, round_kind)
+        block_m, block_n, warps, stages = _similarity_config(block_p, k_tiles, round_kind)
         common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, K_TILES=k_tiles,
                       ROUND=round_kind, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
         if n_rows:
