@@ -62,8 +62,9 @@ def _feature_block(p: int, max_block_p: int) -> Tuple[int, int]:
 def _similarity_config(block_p: int, k_tiles: int, round_kind: int) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the similarity kernels.
 
-    Chosen by compiling the variants for sm_90 and sm_80 (``compile_check.py``, ptxas -v): no
-    register spills and shared memory within an A100's 164 KiB. float32 products run on FMA
+    Chosen by compiling the variants for sm_90 and sm_80 (``compile_check.py``, ptxas -v): at
+    most a few hundred bytes of register spills, shared memory within an A100's 164 KiB. Not
+    yet timed on a GPU. float32 products run on FMA
     units (no TF32), whose operands live in registers, hence smaller tiles than bf16/fp16.
     """
     if INTERPRET:
