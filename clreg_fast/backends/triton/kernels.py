@@ -1,0 +1,305 @@
+"""Triton kernels of the ``triton`` backend (launched from ``ops.py``).
+
+Conventions shared by every kernel:
+
+* Feature tiles are row-major with a unit column stride (the launchers make inputs contiguous);
+  row offsets are int64, so ``row * stride`` cannot overflow at millions of rows.
+* ``P`` (the feature width) is covered by tiles of ``BLOCK_P`` columns. ``K_TILES`` is the number
+  of such tiles: with ``K_TILES == 1`` a block of rows is loaded once and kept in registers; with
+  more, scores are accumulated over the tiles and each output tile is its own program.
+* ``ROUND`` is the dtype of the user's inputs (0 float32, 1 bfloat16, 2 float16). On a GPU the
+  operands of the similarity products are rounded to it, so bf16/fp16 products run on tensor
+  cores with float32 accumulation; float32 products use ``input_precision="ieee"`` (no TF32).
+* ``INTERPRET`` is set under ``TRITON_INTERPRET=1``: every ``tl.dot`` then takes float32
+  operands (the interpreter's bf16 products are wrong), and the rounding of the GPU path is
+  emulated exactly, so interpreter tests see the numbers a GPU computes.
+"""
+import triton
+import triton.language as tl
+
+ROUND_FP32 = 0
+ROUND_BF16 = 1
+ROUND_FP16 = 2
+
+
+@triton.jit
+def _dot_operand(x, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """A float32 tile as an operand of ``_dot``: rounded to the inputs' dtype (see module doc)."""
+    if ROUND == 1:
+        if INTERPRET:
+            # The interpreter truncates on a float32 -> bf16 cast; a GPU rounds to nearest even.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            out = bits.to(tl.float32, bitcast=True)
+        else:
+            out = x.to(tl.bfloat16)
+    elif ROUND == 2:
+        if INTERPRET:
+            out = x.to(tl.float16).to(tl.float32)
+        else:
+            out = x.to(tl.float16)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
+def _dot(a, b, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``a @ b`` with float32 accumulation; float32 operands get full float32 products."""
+    if ROUND == 0 or INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _load_tile(ptr, stride, rows64, row_mask, k0, P, BLOCK_P: tl.constexpr, ROUND: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """Columns ``k0 .. k0 + BLOCK_P`` of the given rows, zero outside, as a dot operand."""
+    ks = k0 + tl.arange(0, BLOCK_P)
+    tile = tl.load(ptr + rows64[:, None] * stride + ks[None, :],
+                   mask=row_mask[:, None] & (ks[None, :] < P), other=0.0)
+    return _dot_operand(tile.to(tl.float32), ROUND, INTERPRET)
+
+
+@triton.jit
+def _scores_over_k(a_ptr, stride_a, rows64, row_mask, c_ptr, stride_c, cols64, col_mask, P,
+                   BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                   K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``a[rows] . c[cols]^T`` (float32) summed over ``K_TILES`` column tiles (wide ``P``)."""
+    s = tl.zeros([BLOCK_A, BLOCK_C], dtype=tl.float32)
+    for kt in range(K_TILES):
+        a = _load_tile(a_ptr, stride_a, rows64, row_mask, kt * BLOCK_P, P, BLOCK_P, ROUND, INTERPRET)
+        c = _load_tile(c_ptr, stride_c, cols64, col_mask, kt * BLOCK_P, P, BLOCK_P, ROUND, INTERPRET)
+        s += _dot(a, tl.trans(c), ROUND, INTERPRET)
+    return s
+
+
+# --------------------------------------------------------------------------- projection
+
+
+@triton.jit
+def project_kernel(x_ptr, w_ptr, b_ptr, out_ptr, norm_ptr, n_rows, D, P,
+                   stride_x, stride_w, stride_out, eps,
+                   HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, ROUND: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """``y = x W^T + b`` for BLOCK_M rows and BLOCK_P outputs, float32 accumulation.
+
+    With ``NORMALIZE`` (all of P in this tile) the epilogue writes ``z = y / max(||y||, eps)``
+    and ``||y||``; otherwise it writes ``y`` and ``normalize_kernel`` runs afterwards.
+    """
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    outs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    out_mask = outs < P
+    outs64 = outs.to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        k_mask = kk < D
+        x = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + outs64[:, None] * stride_w + kk[None, :],
+                    mask=out_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += _dot(x, tl.trans(w), ROUND, INTERPRET)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    if NORMALIZE:
+        # Padding rows and columns hold zeros, so they add nothing to the norms.
+        norm = tl.sqrt(tl.sum(acc * acc, axis=1))
+        acc = acc / tl.maximum(norm, eps)[:, None]
+        tl.store(norm_ptr + rows, norm, mask=row_mask)
+    tl.store(out_ptr + rows64[:, None] * stride_out + outs[None, :], acc,
+             mask=row_mask[:, None] & out_mask[None, :])
+
+
+@triton.jit
+def normalize_kernel(y_ptr, z_ptr, norm_ptr, n_rows, P, stride_y, stride_z, eps,
+                     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``z = y / max(||y||, eps)`` (float32) and ``||y||``; ``z`` may alias ``y``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_P)
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        mask = row_mask[:, None] & (p0 + cols[None, :] < P)
+        y = tl.load(y_ptr + rows64[:, None] * stride_y + p0 + cols[None, :], mask=mask, other=0.0)
+        y = y.to(tl.float32)
+        sumsq += tl.sum(y * y, axis=1)
+    norm = tl.sqrt(sumsq)
+    denom = tl.maximum(norm, eps)
+    for p0 in range(0, P, BLOCK_P):
+        mask = row_mask[:, None] & (p0 + cols[None, :] < P)
+        y = tl.load(y_ptr + rows64[:, None] * stride_y + p0 + cols[None, :], mask=mask, other=0.0)
+        tl.store(z_ptr + rows64[:, None] * stride_z + p0 + cols[None, :],
+                 y.to(tl.float32) / denom[:, None], mask=mask)
+    tl.store(norm_ptr + rows, norm, mask=row_mask)
+
+
+@triton.jit
+def normalize_backward_kernel(dz_ptr, z_ptr, norm_ptr, dy_ptr, n_rows, P, stride_dz, stride_z,
+                              stride_dy, eps, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``dy = (dz - z (z . dz)) / max(||y||, eps)``; rows under the clamp get ``dz / eps``."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_P)
+    radial = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        mask = row_mask[:, None] & (p0 + cols[None, :] < P)
+        dz = tl.load(dz_ptr + rows64[:, None] * stride_dz + p0 + cols[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows64[:, None] * stride_z + p0 + cols[None, :], mask=mask, other=0.0)
+        radial += tl.sum(z.to(tl.float32) * dz.to(tl.float32), axis=1)
+    norm = tl.load(norm_ptr + rows, mask=row_mask, other=1.0)
+    # Under the clamp the normalization is y / eps, a plain scaling with no radial part.
+    radial = tl.where(norm > eps, radial, 0.0)
+    denom = tl.maximum(norm, eps)
+    for p0 in range(0, P, BLOCK_P):
+        mask = row_mask[:, None] & (p0 + cols[None, :] < P)
+        dz = tl.load(dz_ptr + rows64[:, None] * stride_dz + p0 + cols[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + rows64[:, None] * stride_z + p0 + cols[None, :], mask=mask, other=0.0)
+        dy = (dz.to(tl.float32) - z.to(tl.float32) * radial[:, None]) / denom[:, None]
+        tl.store(dy_ptr + rows64[:, None] * stride_dy + p0 + cols[None, :], dy, mask=mask)
+
+
+# --------------------------------------------------------------------------- similarity
+
+
+@triton.jit
+def lse_forward_kernel(za_ptr, zc_ptr, lse_ptr, n_rows, n_cols, P, stride_a, stride_c,
+                       self_offset, scale,
+                       FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_P: tl.constexpr, K_TILES: tl.constexpr, ROUND: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """``lse_i = logsumexp_c scale * za_i . zc_c`` over ``c != i + self_offset``, online.
+
+    ``FIXED_SHIFT``: rows have norm <= 1, so ``scale * s - scale <= 0`` and the sum of
+    ``exp(scale * s - scale)`` neither overflows nor (for the scales the launcher allows)
+    underflows; no running max is needed. Otherwise a running max rescales the partial sum.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    if K_TILES == 1:
+        a = _load_tile(za_ptr, stride_a, rows64, row_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
+
+    # A finite start keeps exp(m_old - m_new) free of inf - inf; it never wins a max.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        cols64 = cols.to(tl.int64)
+        if K_TILES == 1:
+            c = _load_tile(zc_ptr, stride_c, cols64, col_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
+            s = _dot(a, tl.trans(c), ROUND, INTERPRET)
+        else:
+            s = _scores_over_k(za_ptr, stride_a, rows64, row_mask, zc_ptr, stride_c, cols64,
+                               col_mask, P, BLOCK_M, BLOCK_N, BLOCK_P, K_TILES, ROUND, INTERPRET)
+        s = s * scale
+        valid = col_mask[None, :] & (cols[None, :] != rows[:, None] + self_offset)
+        if FIXED_SHIFT:
+            l_i += tl.sum(tl.where(valid, tl.exp(s - scale), 0.0), axis=1)
+        else:
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+            m_i = m_new
+    if FIXED_SHIFT:
+        lse = scale + tl.log(l_i)
+    else:
+        lse = m_i + tl.log(l_i)  # no valid column: log(0) = -inf, as torch.logsumexp
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
+
+
+@triton.jit
+def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_cols, P,
+                             stride_a, stride_c, stride_d, self_offset, scale,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                             K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``dza_i = sum_c (scale * w_i * Pr_ic) zc_c`` for a block of anchors and output tile pid(1).
+
+    ``Pr_ic = exp(scale * s_ic - lse_i)`` is recomputed tile by tile from the stored lse.
+    """
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    coef = scale * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+    if K_TILES == 1:
+        a = _load_tile(za_ptr, stride_a, rows64, row_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        cols64 = cols.to(tl.int64)
+        if K_TILES == 1:
+            c_out = _load_tile(zc_ptr, stride_c, cols64, col_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
+            s = _dot(a, tl.trans(c_out), ROUND, INTERPRET)
+        else:
+            s = _scores_over_k(za_ptr, stride_a, rows64, row_mask, zc_ptr, stride_c, cols64,
+                               col_mask, P, BLOCK_M, BLOCK_N, BLOCK_P, K_TILES, ROUND, INTERPRET)
+            c_out = _load_tile(zc_ptr, stride_c, cols64, col_mask, pid_p * BLOCK_P, P, BLOCK_P,
+                               ROUND, INTERPRET)
+        valid = (row_mask[:, None] & col_mask[None, :]
+                 & (cols[None, :] != rows[:, None] + self_offset))
+        # where() first: masked entries may hold exp(+inf) when lse is -inf.
+        p = tl.where(valid, tl.exp(s * scale - lse[:, None]), 0.0) * coef[:, None]
+        acc += _dot(_dot_operand(p, ROUND, INTERPRET), c_out, ROUND, INTERPRET)
+    outs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    tl.store(dza_ptr + rows64[:, None] * stride_d + outs[None, :], acc,
+             mask=row_mask[:, None] & (outs[None, :] < P))
+
+
+@triton.jit
+def lse_backward_cols_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dzc_ptr, n_rows, n_grad_cols, P,
+                             stride_a, stride_c, stride_d, self_offset, scale,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+                             K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``dzc_c = sum_i (scale * w_i * Pr_ic) za_i`` for a block of the first n_grad_cols columns.
+
+    Each column block loops over every anchor block itself (no atomics: deterministic).
+    """
+    pid_n = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_grad_cols
+    cols64 = cols.to(tl.int64)
+    if K_TILES == 1:
+        c = _load_tile(zc_ptr, stride_c, cols64, col_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_P], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        if K_TILES == 1:
+            a_out = _load_tile(za_ptr, stride_a, rows64, row_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
+            s_t = _dot(c, tl.trans(a_out), ROUND, INTERPRET)  # (columns, anchors)
+        else:
+            s_t = _scores_over_k(zc_ptr, stride_c, cols64, col_mask, za_ptr, stride_a, rows64,
+                                 row_mask, P, BLOCK_N, BLOCK_M, BLOCK_P, K_TILES, ROUND, INTERPRET)
+            a_out = _load_tile(za_ptr, stride_a, rows64, row_mask, pid_p * BLOCK_P, P, BLOCK_P,
+                               ROUND, INTERPRET)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+        coef = scale * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+        valid = (col_mask[:, None] & row_mask[None, :]
+                 & (cols[:, None] != rows[None, :] + self_offset))
+        p_t = tl.where(valid, tl.exp(s_t * scale - lse[None, :]), 0.0) * coef[None, :]
+        acc += _dot(_dot_operand(p_t, ROUND, INTERPRET), a_out, ROUND, INTERPRET)
+    outs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    tl.store(dzc_ptr + cols64[:, None] * stride_d + outs[None, :], acc,
+             mask=col_mask[:, None] & (outs[None, :] < P))
