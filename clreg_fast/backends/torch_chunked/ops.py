@@ -8,11 +8,15 @@ from clreg_fast.backends.base import SimilarityKernels
 # Elements of one similarity chunk (float32), whatever N is: 16 MiB on CPU; 256 MiB on GPU,
 # where fewer, larger matmuls matter more than the memory.
 CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+# At millions of columns the budget alone would leave a handful of rows per matmul on GPU;
+# below this many rows per chunk, launch overhead dominates, so the chunk grows past the budget.
+MIN_CHUNK_ROWS = {"cpu": 1, "cuda": 64}
 
 
 def _chunk_rows(n_cols: int, device: torch.device) -> int:
     budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])
-    return max(1, min(8192, budget // max(n_cols, 1)))
+    floor = MIN_CHUNK_ROWS.get(device.type, 1)
+    return max(floor, min(8192, budget // max(n_cols, 1)))
 
 
 def _mask_self(block: torch.Tensor, row0: int, self_offset: int, fill: float) -> None:
