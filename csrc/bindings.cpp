@@ -153,8 +153,11 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
                                         n_anchor, n_col, dim, self_offset, scale_f,
                                         row_splits.count, row_splits.tiles_per_split, dot, stream),
                "lse_backward_rows_kernel");
+  // fp16 tiles held the probabilities times kFp16ProbScale; undo it with the other factors.
+  const float tile_scale = dot == DotType::kFloat16 ? 1.f / kFp16ProbScale : 1.f;
   auto rows = row_splits.count == 1 ? acc_rows.select(0, 0) : acc_rows.sum(0);
-  auto dza = rows.narrow(0, 0, n_anchor).narrow(1, 0, dim) * (w * scale_f).unsqueeze(1);
+  auto dza =
+      rows.narrow(0, 0, n_anchor).narrow(1, 0, dim) * (w * (scale_f * tile_scale)).unsqueeze(1);
 
   if (n_grad_cols == 0) return {dza, torch::zeros({0, dim}, options)};
 
@@ -173,7 +176,7 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
                                         col_splits.tiles_per_split, dot, stream),
                "lse_backward_cols_kernel");
   auto cols = col_splits.count == 1 ? acc_cols.select(0, 0) : acc_cols.sum(0);
-  auto dzc = cols.narrow(0, 0, n_grad_cols).narrow(1, 0, dim) * (w_max * scale_f);
+  auto dzc = cols.narrow(0, 0, n_grad_cols).narrow(1, 0, dim) * (w_max * (scale_f * tile_scale));
   return {dza, dzc};
 }
 

@@ -19,6 +19,11 @@ enum class DotType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kTile = 64;
 constexpr int kThreads = 128;
 
+// fp16 probability tiles are stored times 2^12 (Pr <= 1, so at most 4096 < 65504): small
+// probabilities stay normal fp16 numbers instead of losing bits as subnormals. The workspaces
+// then hold 2^12 times the sums and the caller divides (exactly, a power of two).
+constexpr float kFp16ProbScale = 4096.f;
+
 // Callable from host and device code (this header is also read by the C++ compiler).
 #ifdef __CUDACC__
 #define CLREG_HOST_DEVICE __host__ __device__
@@ -44,7 +49,7 @@ cudaError_t launch_lse_forward(const float* za, const float* zc, float* lse_part
 // Row pass of the backward: acc_rows (n_splits, round_up(n_anchor, 64), round_up(dim, 64)),
 // zero-filled by the caller, gets sum_c Pr_ic zc_c for the column tiles of each split, with
 // Pr_ic = exp(scale * za_i . zc_c - lse_i) (0 on the left-out pair). The caller multiplies by
-// scale * w_i and sums the splits.
+// scale * w_i (and 1 / kFp16ProbScale for fp16) and sums the splits.
 cudaError_t launch_lse_backward_rows(const float* za, const float* zc, const float* lse,
                                      float* acc_rows, int64_t n_anchor, int64_t n_col,
                                      int64_t dim, int64_t self_offset, float scale, int n_splits,
@@ -53,7 +58,7 @@ cudaError_t launch_lse_backward_rows(const float* za, const float* zc, const flo
 // Column pass: acc_cols (n_splits, round_up(n_grad_cols, 64), round_up(dim, 64)), zero-filled,
 // gets sum_i w_rel_i Pr_ic za_i for the first n_grad_cols columns, over the anchor tiles of each
 // split. w_rel = w / max|w| keeps the fp16/bf16 tiles in range; the caller multiplies by
-// scale * max|w| and sums the splits.
+// scale * max|w| (and 1 / kFp16ProbScale for fp16) and sums the splits.
 cudaError_t launch_lse_backward_cols(const float* za, const float* zc, const float* lse,
                                      const float* w_rel, float* acc_cols, int64_t n_anchor,
                                      int64_t n_col, int64_t n_grad_cols, int64_t dim,

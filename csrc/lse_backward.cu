@@ -12,7 +12,8 @@
 namespace clreg {
 namespace {
 
-// sm.g[m][n] = w_m * Pr(row0 + m, col0 + n), 0 outside the matrix and on the left-out pair;
+// sm.g[m][n] = w_m * Pr(row0 + m, col0 + n) (times kFp16ProbScale for fp16), 0 outside the
+// matrix and on the left-out pair;
 // sm.vec_lse / sm.vec_w hold lse and the weight of rows row0..row0+63 (w = 1 for the row pass).
 template <typename T, bool WEIGHTED>
 __device__ __forceinline__ void probabilities(const tiles::Smem<T>& sm, int64_t row0,
@@ -31,6 +32,7 @@ __device__ __forceinline__ void probabilities(const tiles::Smem<T>& sm, int64_t 
     if (row < n_anchor && col < n_col && col != row + self_offset) {
       p = expf(scale * sm.s[m * L::kSLd + n] - sm.vec_lse[m]);
       if (WEIGHTED) p *= sm.vec_w[m];
+      if (std::is_same<T, __half>::value) p *= kFp16ProbScale;
     }
     // On the SIMT path g aliases s with the same stride: each element is read, then written,
     // by the same thread.

@@ -16,7 +16,10 @@ import torch
 
 import clreg_fast
 from clreg_fast import available_backends, fused_clreg_loss
+from clreg_fast._validation import check_inputs
+from clreg_fast.backends.base import SimilarityKernels
 from clreg_fast.backends.cuda import CudaKernels, build_env, load_extension
+from clreg_fast.functional import CLRegFunction
 from clreg_fast.reference import _reference_impl
 
 
@@ -209,7 +212,9 @@ def test_lse_forward_matches_float64(dot, na, nc, p, off, tau):
     lse = CudaKernels(EXT).lse_forward(za, zc, off, scale, dot)
     expected = torch.logsumexp(_scores64(za, zc, off, scale, dot), dim=1)
     assert lse.dtype == torch.float32 and lse.shape == (na,)
-    torch.testing.assert_close(lse.double(), expected, rtol=2e-5, atol=2e-5 * scale)
+    # Products of rounded operands are exact in float32; what is left is the accumulation.
+    atol = (2e-5 if dot == torch.float32 else 5e-5) * scale
+    torch.testing.assert_close(lse.double(), expected, rtol=2e-5, atol=atol)
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
@@ -238,10 +243,16 @@ def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols):
     if n_grad_cols:
         assert _rel_err(dzc, exp_dzc) < BACKWARD_TOL[dot]
         # Column by column too: a wrong column would hide in the global norm.
-        col_err = (dzc.double() - exp_dzc).norm(dim=1)
-        assert (col_err <= 4 * BACKWARD_TOL[dot] * exp_dzc.norm(dim=1) + 1e-7).all()
-    row_err = (dza.double() - exp_dza).norm(dim=1)
-    assert (row_err <= 4 * BACKWARD_TOL[dot] * exp_dza.norm(dim=1) + 1e-7).all()
+        _assert_rows_close(dzc, exp_dzc, BACKWARD_TOL[dot])
+    _assert_rows_close(dza, exp_dza, BACKWARD_TOL[dot])
+
+
+def _assert_rows_close(got, want, tol):
+    """Row by row: a wrong row or column would hide in the global norm."""
+    norms = want.norm(dim=1)
+    err = (got.double() - want).norm(dim=1)
+    bound = 4 * tol * norms + 1e-2 * tol * norms.max() + 1e-12
+    assert (err <= bound).all(), f"rows {torch.nonzero(err > bound).flatten().tolist()[:10]}"
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
@@ -284,7 +295,7 @@ FUSED_CASES = [  # (Nf, Nr, D, P or None, n_labels, bias, tau)
 def _fused_inputs(nf, nr, d, p, n_labels, bias, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     forget = torch.randn(nf, d, generator=g)
-    forget[: nf // 2] += forget[:1]
+    forget[: nf // 2] += forget[:1].clone()  # a tight cluster: large similarities
     retain = torch.randn(nr, d, generator=g)
     weight = torch.randn(p, d, generator=g) / d ** 0.5 if p else None
     b = torch.randn(p, generator=g) * 0.1 if (p and bias) else None
@@ -307,6 +318,38 @@ def _loss_and_grads(fn, tensors, labels, tau, reduction, upstream, **kw):
     leaves = [t for t in (forget, retain, weight, bias) if t is not None]
     grads = torch.autograd.grad(out, leaves, allow_unused=True) if out.requires_grad else [None] * len(leaves)
     return loss.detach(), [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
+
+
+class _Float64Kernels(SimilarityKernels):
+    """The kernels' rounding, emulated: float64 math on operands and probability tiles rounded
+    to the dot dtype exactly where the kernels round them (csrc/lse_backward.cu).
+
+    Run through the same autograd function as the cuda backend, this isolates the kernels' own
+    error (float32 accumulation) from the dtype's rounding, which a low-precision plain
+    reference cannot separate, and which can dwarf a gradient whose terms cancel (Nf = 2).
+    """
+
+    name = "float64-emulation"
+
+    def lse_forward(self, za, zc, self_offset, scale, dot_dtype=torch.float32):
+        return torch.logsumexp(_scores64(za, zc, self_offset, scale, dot_dtype), dim=1).float()
+
+    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32):
+        prob = torch.exp(_scores64(za, zc, self_offset, scale, dot_dtype) - lse.double()[:, None])
+        tile_scale = 4096.0 if dot_dtype == torch.float16 else 1.0  # kFp16ProbScale
+        w = w.double()
+        dza = _rounded64(prob * tile_scale, dot_dtype) @ _rounded64(zc, dot_dtype)
+        dza *= (scale / tile_scale) * w[:, None]
+        w_max = w.abs().max().clamp_min(1e-30)
+        g_cols = _rounded64(prob * (w / w_max)[:, None] * tile_scale, dot_dtype)
+        dzc = g_cols.T[:n_grad_cols] @ _rounded64(za, dot_dtype) * (scale * w_max / tile_scale)
+        return dza.float(), dzc.float()
+
+
+def _emulated_loss(forget, retain, weight, bias, *, labels, temperature, reduction):
+    groups = check_inputs(forget, retain, weight, bias, labels, temperature, reduction)
+    return CLRegFunction.apply(forget, retain, weight, bias, groups.ids, groups.counts,
+                               float(temperature), reduction, _Float64Kernels())
 
 
 def _reference(dtype):
@@ -338,18 +381,21 @@ def test_fused_loss_matches_reference(dtype, case, reduction):
         for got, want in zip(grads, gold_grads):
             assert _rel_err(got, want) < 1e-4 or (got - want).abs().max() < 1e-6
         return
-    # Low precision (FlashAttention's bar): no worse than twice the error of the plain
-    # implementation run in the same dtype, plus the rounding of the result itself.
-    plain_loss, plain_grads = _loss_and_grads(_reference(dtype), tensors, labels, tau, reduction,
-                                              upstream.to(dtype))
+    # Low precision: the similarities are rounded to the dtype by design, so the kernels are
+    # held to float64 math on the same rounded operands, through the same autograd function.
+    emu_loss, emu_grads = _loss_and_grads(_emulated_loss, tensors, labels, tau, reduction, upstream)
+    torch.testing.assert_close(loss, emu_loss, rtol=1e-4, atol=5e-5 / tau)
     eps = torch.finfo(dtype).eps
-    loss_err = (loss.double() - gold_loss).abs().max()
-    plain_loss_err = (plain_loss.double() - gold_loss).abs().max()
-    assert loss_err <= 2 * plain_loss_err + 4 * eps * gold_loss.abs().max() + 1e-6
-    for got, plain, want in zip(grads, plain_grads, gold_grads):
-        err = (got.double() - want).abs().max()
-        plain_err = (plain.double() - want).abs().max()
-        assert err <= 2 * plain_err + 4 * eps * want.abs().max() + 1e-6
+    for got, want in zip(grads, emu_grads):
+        if want.numel() == 0:  # retain with Nr = 0
+            continue
+        # Left: float32 accumulation, the rare tile element that rounds the other way, and
+        # the rounding of the result to the input dtype.
+        err = (got.double() - want.double()).abs().max()
+        assert err <= (2 * eps + 1e-3) * want.double().abs().max() + 1e-6
+    # And the whole still agrees with the float64 definition up to the dtype's rounding of
+    # the similarities (|ds| <= 2 eps for unit rows; the loss moves by at most 2 eps / tau).
+    assert (loss.double() - gold_loss).abs().max() <= 4 * eps / tau + 1e-4
 
 
 @pytest.mark.gpu
