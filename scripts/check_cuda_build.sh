@@ -144,7 +144,7 @@ check_install() {  # $1: label, $2...: extra pip arguments
   grep -q "without the CUDA extension" "$TMP/install_$label.log" \
     || { echo "FAILED: setup.py did not say that it skipped the extension ($label)" >&2; exit 1; }
   grep -m1 "without the CUDA extension" "$TMP/install_$label.log" | sed 's/^ */   /'
-  (cd /tmp && "$VPY" - "$CPU_TORCH_VERSION" <<'EOF'
+  (cd /tmp && "$VPY" -W ignore::UserWarning - "$CPU_TORCH_VERSION" <<'EOF'
 import importlib, sys
 import torch
 import clreg_fast
