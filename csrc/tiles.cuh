@@ -91,7 +91,28 @@ template <typename T, int K_WIDTH, int LD>
 __device__ __forceinline__ void load_rows(const float* __restrict__ src, int64_t row0,
                                           int64_t n_rows, int64_t dim, int64_t k0, T* dst) {
   constexpr int kPerThread = kTile * K_WIDTH / kThreads;
-  static_assert(kTile * K_WIDTH % kThreads == 0, "whole loads per thread");
+  static_assert(kTile * K_WIDTH % (4 * kThreads) == 0, "whole loads per thread");
+  if (dim % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    // 16-byte loads: with dim and k0 multiples of 4, a group of 4 features is either wholly
+    // inside the row or wholly past its end, and every group starts 16-byte aligned.
+    constexpr int kGroups = K_WIDTH / 4;
+#pragma unroll 2
+    for (int it = 0; it < kPerThread / 4; ++it) {
+      const int e = threadIdx.x + it * kThreads;
+      const int r = e / kGroups;
+      const int k = (e % kGroups) * 4;
+      const int64_t row = row0 + r;
+      const int64_t col = k0 + k;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (row < n_rows && col < dim) v = __ldg(reinterpret_cast<const float4*>(src + row * dim + col));
+      T* out = dst + r * LD + k;
+      out[0] = from_float<T>(v.x);
+      out[1] = from_float<T>(v.y);
+      out[2] = from_float<T>(v.z);
+      out[3] = from_float<T>(v.w);
+    }
+    return;
+  }
 #pragma unroll 4
   for (int it = 0; it < kPerThread; ++it) {
     const int e = threadIdx.x + it * kThreads;

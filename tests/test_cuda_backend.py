@@ -269,14 +269,28 @@ def test_lse_backward_is_deterministic(dot):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
 @pytest.mark.gpu
 @needs_cuda_ext
-def test_primitives_accept_non_contiguous_inputs():
+def test_primitives_accept_strided_and_misaligned_inputs(dot):
     za = _unit_rows(40, 24, seed=5)
     zc = _unit_rows(90, 24, seed=6)
     kernels = CudaKernels(EXT)
-    lse_t = kernels.lse_forward(za.T.contiguous().T, zc.T.contiguous().T, 0, 10.0, torch.float32)
-    assert torch.equal(lse_t, kernels.lse_forward(za, zc, 0, 10.0, torch.float32))
+    lse = kernels.lse_forward(za, zc, 0, 10.0, dot)
+    lse_t = kernels.lse_forward(za.T.contiguous().T, zc.T.contiguous().T, 0, 10.0, dot)
+    assert torch.equal(lse_t, lse)
+    # Rows starting 4 bytes past a 16-byte boundary take the scalar-load path: same numbers.
+    buf_a = torch.empty(za.numel() + 1, device="cuda")
+    buf_c = torch.empty(zc.numel() + 1, device="cuda")
+    za_odd = buf_a[1:].view_as(za).copy_(za)
+    zc_odd = buf_c[1:].view_as(zc).copy_(zc)
+    torch.testing.assert_close(kernels.lse_forward(za_odd, zc_odd, 0, 10.0, dot), lse,
+                               rtol=1e-6, atol=1e-6)
+    w = torch.linspace(-1, 1, 40, device="cuda")
+    aligned = kernels.lse_backward(za, zc, lse, w, 0, 10.0, 90, dot)
+    odd = kernels.lse_backward(za_odd, zc_odd, lse, w, 0, 10.0, 90, dot)
+    for got, want in zip(odd, aligned):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
