@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build checks of the CUDA extension clreg_fast._C (no GPU needed).
 #
-#   scripts/check_cuda_build.sh [--python PY] [--log FILE] [--incremental]
+#   scripts/check_cuda_build.sh [[--python] PY] [--log FILE] [--incremental]
 #       pip-installs this checkout with PY (default: $PYTHON, else python3; a CUDA build of
 #       torch) into a throwaway --target directory with CLREG_FAST_CUDA_BUILD=1, keeps the full
 #       build output, including ptxas' registers/spills/shared-memory report of every kernel,
@@ -11,7 +11,7 @@
 #       objects in build/ (seconds when csrc/ is unchanged, but then ptxas reports nothing new
 #       and the summary of the last full build, build/cuda_resource_usage.txt, is shown).
 #
-#   scripts/check_cuda_build.sh --cpu-torch [--python PY]
+#   scripts/check_cuda_build.sh --cpu-torch [[--python] PY]
 #       makes a throwaway venv with torch==2.13.0 (CPU build), pip-installs a copy of this
 #       checkout there (with and without build isolation) and checks that the install succeeds
 #       without the extension and that the cuda backend is reported unavailable.
@@ -34,7 +34,8 @@ while [[ $# -gt 0 ]]; do
     --incremental) CLEAN=0; shift ;;
     --cpu-torch) MODE="cpu-torch"; shift ;;
     -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
-    *) echo "check_cuda_build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    -*) echo "check_cuda_build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    *) PY="$1"; shift ;;  # `check_cuda_build.sh PY` as the Makefile calls it
   esac
 done
 
