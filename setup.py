@@ -76,6 +76,25 @@ def cuda_extension_or_reason():
     _say(f"building {build_env.EXTENSION_NAME} with CUDA_HOME={cuda_home} (from {how}) for "
          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS="
          f"{os.environ.get('MAX_JOBS', 'all cores')}")
+    class BuildCudaExtension(BuildExtension.with_options(use_ninja=True)):
+        """torch's build_ext, with compiler failures reported the way setuptools expects, so
+        that an optional extension (auto mode) is skipped with a warning instead of failing."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except RuntimeError as exc:
+                from setuptools.errors import CompileError
+
+                # A module left by an earlier build must not be installed in place of this one.
+                stale = self.get_ext_fullpath(ext.name)
+                if os.path.exists(stale):
+                    os.remove(stale)
+                if ext.optional:
+                    _say(f"the CUDA extension failed to build ({exc}); installing without it. "
+                         f"{build_env.ENV_BUILD}=1 turns this into an error.")
+                raise CompileError(str(exc)) from exc
+
     ext = CUDAExtension(
         name=build_env.EXTENSION_NAME,
         sources=[os.path.join(CSRC, name) for name in build_env.SOURCES],
@@ -84,7 +103,7 @@ def cuda_extension_or_reason():
     )
     # Without a forced build a failed compile leaves the pure-Python package installed.
     ext.optional = mode == "auto"
-    return (ext, BuildExtension.with_options(use_ninja=True)), None
+    return (ext, BuildCudaExtension), None
 
 
 built, reason = cuda_extension_or_reason()
