@@ -1,0 +1,198 @@
+// PyTorch glue for the CUDA kernels: tensor checks, workspaces, split sizes, the reduction of
+// the splits and the pybind11 module clreg_fast._C. The contract of the two functions is the
+// one of clreg_fast/backends/base.py (lse_forward, lse_backward).
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <tuple>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/extension.h>
+
+#include "clreg.h"
+
+namespace clreg {
+namespace {
+
+// Below this temperature exp(-2 / tau) leaves the normal float32 range and the fixed shift of
+// 1/tau could underflow whole rows; the kernels then keep a running maximum instead.
+constexpr double kMaxFixedShiftScale = 40.0;
+// Splits of the sweep give small batches enough blocks to fill the GPU; each split of the
+// backward costs one more float32 workspace slice, capped here.
+constexpr int kMaxSplits = 32;
+constexpr int64_t kMaxWorkspaceElements = int64_t(1) << 24;  // 64 MiB of float32
+constexpr int kBlocksPerSm = 4;
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "clreg_fast._C: launch of ", what,
+              " failed: ", cudaGetErrorString(err));
+}
+
+DotType parse_dot(const std::string& name) {
+  if (name == "float32") return DotType::kFloat32;
+  if (name == "float16") return DotType::kFloat16;
+  if (name == "bfloat16") return DotType::kBFloat16;
+  TORCH_CHECK_VALUE(false, "dot_dtype must be 'float32', 'float16' or 'bfloat16', got '", name,
+                    "'");
+  return DotType::kFloat32;  // unreachable
+}
+
+void check_features(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name,
+                   " must be float32 (normalized features), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got shape ", t.sizes());
+}
+
+void check_row_vector(const torch::Tensor& t, const char* name, const torch::Tensor& za) {
+  TORCH_CHECK_VALUE(t.device() == za.device(), name, " is on ", t.device(), " but za is on ",
+                    za.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == za.size(0), name, " must have shape (",
+                    za.size(0), ",), got ", t.sizes());
+}
+
+void check_pair(const torch::Tensor& za, const torch::Tensor& zc) {
+  check_features(za, "za");
+  check_features(zc, "zc");
+  TORCH_CHECK_VALUE(zc.device() == za.device(), "zc is on ", zc.device(), " but za is on ",
+                    za.device());
+  TORCH_CHECK_VALUE(zc.size(1) == za.size(1), "za and zc must have the same feature size, got ",
+                    za.size(1), " and ", zc.size(1));
+}
+
+int multiprocessors(int device) {
+  int count = 0;
+  check_launch(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device),
+               "cudaDeviceGetAttribute");
+  return std::max(count, 1);
+}
+
+// How many slices the sweep over `n_swept_tiles` tiles is cut into, for a grid of `n_blocks`
+// blocks per slice, each slice holding `slice_elements` workspace floats (0: no workspace).
+struct Splits {
+  int count;
+  int tiles_per_split;
+};
+
+Splits choose_splits(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements, int device) {
+  const int64_t target_blocks = int64_t(kBlocksPerSm) * multiprocessors(device);
+  int64_t count = std::max<int64_t>(1, ceil_div(target_blocks, std::max<int64_t>(n_blocks, 1)));
+  count = std::min<int64_t>({count, int64_t(kMaxSplits), std::max<int64_t>(n_swept_tiles, 1)});
+  if (slice_elements > 0)
+    count = std::max<int64_t>(1, std::min(count, kMaxWorkspaceElements / slice_elements));
+  const int64_t per_split = ceil_div(std::max<int64_t>(n_swept_tiles, 1), count);
+  // Recount so that no split is empty.
+  return {static_cast<int>(ceil_div(std::max<int64_t>(n_swept_tiles, 1), per_split)),
+          static_cast<int>(per_split)};
+}
+
+torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offset, double scale,
+                          const std::string& dot_dtype) {
+  check_pair(za, zc);
+  const DotType dot = parse_dot(dot_dtype);
+  za = za.contiguous();
+  zc = zc.contiguous();
+  const int64_t n_anchor = za.size(0), n_col = zc.size(0), dim = za.size(1);
+  auto options = za.options().dtype(torch::kFloat32);
+  if (n_anchor == 0) return torch::empty({0}, options);
+  if (n_col == 0) return torch::full({n_anchor}, -std::numeric_limits<float>::infinity(), options);
+
+  const c10::cuda::CUDAGuard guard(za.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(za.get_device()).stream();
+  const Splits splits =
+      choose_splits(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), 0, za.get_device());
+  auto partial = torch::empty({splits.count, n_anchor}, options);
+  check_launch(launch_lse_forward(za.data_ptr<float>(), zc.data_ptr<float>(),
+                                  partial.data_ptr<float>(), n_anchor, n_col, dim, self_offset,
+                                  static_cast<float>(scale), scale <= kMaxFixedShiftScale,
+                                  splits.count, splits.tiles_per_split, dot, stream),
+               "lse_forward_kernel");
+  if (splits.count == 1) return partial.select(0, 0);
+  return torch::logsumexp(partial, 0);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::Tensor zc,
+                                                      torch::Tensor lse, torch::Tensor w,
+                                                      int64_t self_offset, double scale,
+                                                      int64_t n_grad_cols,
+                                                      const std::string& dot_dtype) {
+  check_pair(za, zc);
+  check_row_vector(lse, "lse", za);
+  check_row_vector(w, "w", za);
+  const DotType dot = parse_dot(dot_dtype);
+  const int64_t n_anchor = za.size(0), n_col = zc.size(0), dim = za.size(1);
+  TORCH_CHECK_VALUE(n_grad_cols >= 0 && n_grad_cols <= n_col, "n_grad_cols must be in [0, ",
+                    n_col, "], got ", n_grad_cols);
+  za = za.contiguous();
+  zc = zc.contiguous();
+  lse = lse.contiguous();
+  w = w.contiguous();
+  auto options = za.options().dtype(torch::kFloat32);
+  if (n_anchor == 0 || n_col == 0) {
+    return {torch::zeros({n_anchor, dim}, options), torch::zeros({n_grad_cols, dim}, options)};
+  }
+
+  const c10::cuda::CUDAGuard guard(za.device());
+  const int device = za.get_device();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const float scale_f = static_cast<float>(scale);
+  const int64_t dim_pad = round_up(dim, kTile);
+  const int64_t n_anchor_tiles = ceil_div(n_anchor, kTile);
+  const int64_t n_col_tiles = ceil_div(n_col, kTile);
+
+  // Row pass: dza_i = scale * w_i * sum_c Pr_ic zc_c.
+  const Splits row_splits =
+      choose_splits(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad, device);
+  auto acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
+  check_launch(launch_lse_backward_rows(za.data_ptr<float>(), zc.data_ptr<float>(),
+                                        lse.data_ptr<float>(), acc_rows.data_ptr<float>(),
+                                        n_anchor, n_col, dim, self_offset, scale_f,
+                                        row_splits.count, row_splits.tiles_per_split, dot, stream),
+               "lse_backward_rows_kernel");
+  // fp16 tiles held the probabilities times kFp16ProbScale; undo it with the other factors.
+  const float tile_scale = dot == DotType::kFloat16 ? 1.f / kFp16ProbScale : 1.f;
+  auto rows = row_splits.count == 1 ? acc_rows.select(0, 0) : acc_rows.sum(0);
+  auto dza =
+      rows.narrow(0, 0, n_anchor).narrow(1, 0, dim) * (w * (scale_f * tile_scale)).unsqueeze(1);
+
+  if (n_grad_cols == 0) return {dza, torch::zeros({0, dim}, options)};
+
+  // Column pass: dzc_c = scale * sum_i w_i Pr_ic za_i, with w rescaled to [-1, 1] so that the
+  // fp16/bf16 probability tiles neither overflow nor flush small weights to zero.
+  auto w_max = w.abs().max().clamp_min(1e-30);  // stays on the device: no host sync
+  auto w_rel = (w / w_max).contiguous();
+  const int64_t n_grad_tiles = ceil_div(n_grad_cols, kTile);
+  const Splits col_splits =
+      choose_splits(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad, device);
+  auto acc_cols = torch::zeros({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
+  check_launch(launch_lse_backward_cols(za.data_ptr<float>(), zc.data_ptr<float>(),
+                                        lse.data_ptr<float>(), w_rel.data_ptr<float>(),
+                                        acc_cols.data_ptr<float>(), n_anchor, n_col, n_grad_cols,
+                                        dim, self_offset, scale_f, col_splits.count,
+                                        col_splits.tiles_per_split, dot, stream),
+               "lse_backward_cols_kernel");
+  auto cols = col_splits.count == 1 ? acc_cols.select(0, 0) : acc_cols.sum(0);
+  auto dzc = cols.narrow(0, 0, n_grad_cols).narrow(1, 0, dim) * (w_max * (scale_f * tile_scale));
+  return {dza, dzc};
+}
+
+}  // namespace
+}  // namespace clreg
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "clreg_fast CUDA kernels: fused similarity / log-sum-exp forward and backward";
+  m.def("lse_forward", &clreg::lse_forward, "Per-anchor log-sum-exp of scaled similarities",
+        pybind11::arg("za"), pybind11::arg("zc"), pybind11::arg("self_offset"),
+        pybind11::arg("scale"), pybind11::arg("dot_dtype"));
+  m.def("lse_backward", &clreg::lse_backward,
+        "Gradients of sum_i w_i lse_i w.r.t. za and the first n_grad_cols rows of zc",
+        pybind11::arg("za"), pybind11::arg("zc"), pybind11::arg("lse"), pybind11::arg("w"),
+        pybind11::arg("self_offset"), pybind11::arg("scale"), pybind11::arg("n_grad_cols"),
+        pybind11::arg("dot_dtype"));
+  m.attr("tile_size") = clreg::kTile;
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+}
