@@ -19,7 +19,7 @@ set -uo pipefail
 
 TOTAL_S=540
 BUILD_S=200
-GPU_TESTS_S=90
+GPU_TESTS_S=150
 SWEEP_S=""
 SUITE_MIN_S=45      # the whole suite runs only if at least this much is left
 REPORT_RESERVE_S=25 # kept for rewriting the report at the end
@@ -81,7 +81,7 @@ if [ "$DRY_RUN" = 1 ]; then
     if [ "$SKIP_BUILD" = 1 ]; then echo "  2. build: skipped (--skip-build)"; else
     echo "  2. build (<= ${BUILD_S} s): CLREG_FAST_CUDA_BUILD=1 $PY setup.py build_ext --inplace; then check available_backends()"; fi
     if [ "$SKIP_TESTS" = 1 ]; then echo "  3. GPU tests: skipped (--skip-tests)"; else
-    echo "  3. GPU tests (<= ${GPU_TESTS_S} s): $PY -m pytest -m gpu -q"; fi
+    echo "  3. GPU tests (<= ${GPU_TESTS_S} s): $PY -m pytest -m 'gpu or not slow' tests/test_backends.py tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_token_scale.py"; fi
     echo "  4. sweep (budget ${SWEEP_S:-what is left minus ${SUITE_MIN_S}+${REPORT_RESERVE_S} s}): $PY -m clreg_fast.bench --preset gpu --budget-s B --out \$OUT"
     if [ "$SKIP_TESTS" = 1 ]; then echo "  5. whole test suite: skipped (--skip-tests)"; else
     echo "  5. whole test suite (what is left, if >= ${SUITE_MIN_S} s): $PY -m pytest -q"; fi
@@ -158,8 +158,11 @@ fi
 run_step backends 30 "$PY" -c "import clreg_fast, torch; print('available_backends:', clreg_fast.available_backends(), '| cuda:', torch.cuda.is_available())"
 
 if [ "$SKIP_TESTS" = 0 ]; then
+    # Correctness of every GPU backend first: the cross-backend tests (triton and cuda against
+    # the reference), each backend's own tests, and the gpu-marked rest.
     run_step gpu-tests "$(min "$GPU_TESTS_S" $(( $(left) - 150 )))" \
-        "$PY" -m pytest -m gpu -q -p no:cacheprovider
+        "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_backends.py \
+        tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_token_scale.py
 fi
 
 BUDGET="$(sweep_budget)"

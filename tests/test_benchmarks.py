@@ -437,7 +437,7 @@ def test_gpu_suite_script_parses_and_dry_runs():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "CLREG_FAST_CUDA_BUILD=1" in out and "build_ext --inplace" in out
-    assert "pytest -m gpu" in out and "--preset gpu" in out
+    assert "pytest -m 'gpu or not slow'" in out and "--preset gpu" in out
     assert "1. reference      N=8192/8192 D=4096, P=256, bf16" in out
     assert "6. reference      N=262144/262144" in out
     assert "N=262144/262144" in out
