@@ -171,7 +171,7 @@ def _dense_lse(za, zc, offset, scale):
 def test_primitives_with_cross_rank_offsets(backend, offset, monkeypatch):
     from clreg_fast.backends.torch_chunked import ops
 
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 37)  # chunks of 1-2 rows: many partial chunks
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", {"cpu": 37})  # 1-2 rows: many partial chunks
     gen = torch.Generator().manual_seed(offset + 100)
     za = torch.nn.functional.normalize(torch.randn(11, 6, generator=gen), dim=1)
     zc = torch.nn.functional.normalize(torch.randn(9, 6, generator=gen), dim=1)
@@ -192,7 +192,7 @@ def test_int64_concept_ids_and_many_chunks(monkeypatch):
     """Concept ids above 2**31 and a column count that spans many chunks (single process)."""
     from clreg_fast.backends.torch_chunked import ops
 
-    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 1300)  # 8 rows per chunk, the last one partial
+    monkeypatch.setattr(ops, "CHUNK_ELEMENTS", {"cpu": 1300})  # 8 rows per chunk, the last one partial
     gen = torch.Generator().manual_seed(5)
     forget = torch.randn(61, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     retain = torch.randn(100, 8, generator=gen, dtype=torch.float64, requires_grad=True)

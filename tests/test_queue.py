@@ -162,23 +162,31 @@ def test_extra_negatives_match_reference(backend, reduction, projection, retain_
                                dtype=torch.float64)
     queue.enqueue(extra_raw, weight, bias)  # 9 rows, 6 kept
     extra = queue.negatives()
-    leaves = [forget.requires_grad_(), retain.requires_grad_(retain_grad)]
-    leaves += [t.requires_grad_() for t in (weight, bias) if t is not None]
+    # torch runs float64 (exact comparison); the kernel backends take float32 and are held to
+    # the spec's float32 bar against the float64 reference.
+    exact = backend == "torch"
+    dtype = torch.float64 if exact else torch.float32
+    tol = dict(rtol=1e-10, atol=1e-12) if exact else dict(rtol=1e-4, atol=1e-5)
+    grad_tol = dict(rtol=1e-9, atol=1e-12) if exact else dict(rtol=1e-4, atol=1e-5)
+    ref_leaves = [forget.requires_grad_(), retain.requires_grad_(retain_grad)]
+    ref_leaves += [t.requires_grad_() for t in (weight, bias) if t is not None]
+    cast = [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+            for t in (forget, retain, weight, bias)]
+    leaves = [t for t in cast if t is not None]
     grad_out = torch.linspace(-1, 2, forget.shape[0], dtype=torch.float64) \
         if reduction == "none" else torch.tensor(1.3, dtype=torch.float64)
 
-    out = fused_clreg_loss(forget, retain, weight, bias, labels=labels, reduction=reduction,
-                           backend=backend, extra_negatives=extra)
+    out = fused_clreg_loss(*cast, labels=labels, reduction=reduction, backend=backend,
+                           extra_negatives=extra.to(dtype))
     ref = reference_with_extra(forget, retain, weight, bias, labels, extra, 0.1, reduction)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    wanted = [t for t in leaves if t.requires_grad]
-    got = torch.autograd.grad(out, wanted, grad_out)
-    want = torch.autograd.grad(ref, wanted, grad_out)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad],
+                              grad_out.to(out.dtype))
+    want = torch.autograd.grad(ref, [t for t in ref_leaves if t.requires_grad], grad_out)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(g.double(), w, **grad_tol)
     # The extra columns really count: without them the loss differs.
-    plain = fused_clreg_loss(forget, retain, weight, bias, labels=labels, reduction=reduction,
-                             backend=backend)
+    plain = fused_clreg_loss(*cast, labels=labels, reduction=reduction, backend=backend)
     assert not torch.allclose(out, plain)
 
 

@@ -57,7 +57,7 @@ def run(backend, forget, retain, weight, bias, labels, *, retain_grad=False, red
 def run_torch_backend(*problem, **kw):
     """The chunked PyTorch backend with chunks large enough to finish at 10**6 rows."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch_ops, "CHUNK_ELEMENTS", BIG_CHUNK)
+        mp.setattr(torch_ops, "CHUNK_ELEMENTS", {"cpu": BIG_CHUNK, "cuda": BIG_CHUNK})
         return run("torch", *problem, **kw)
 
 
