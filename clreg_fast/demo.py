@@ -1,0 +1,425 @@
+"""The default experiment: unlearning synthetic author facts with and without CLReg.
+
+    python -m clreg_fast.demo            # full run (about 5 minutes on 2 CPU cores, first time)
+    python -m clreg_fast.demo --quick    # CI-sized run
+
+1. Generate a fictitious-author dataset (forget / retain / never-trained holdout authors,
+   paraphrased and perturbed answers) with its own word-level tokenizer: nothing is downloaded.
+2. Train a tiny random-init LLaMA on forget + retain (the *target*) and on retain only (the
+   *oracle*); both are cached (``--cache-dir``) so reruns skip this.
+3. Unlearn the forget authors from copies of the target with GradDiff and NPO, each with and
+   without CLReg, over a sweep of learning rates (a forget/retain trade-off curve per arm).
+4. Print a table, write ``metrics.json`` (one entry per arm at the default learning rate, with
+   its sweep) and ``tradeoff.png`` (forget vs retain value accuracy; kNN mixing).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from clreg_fast.unlearn.data import build_examples, collate
+from clreg_fast.unlearn.metrics import evaluate_model
+from clreg_fast.unlearn.synthetic import SyntheticConfig, WordTokenizer, make_synthetic
+from clreg_fast.unlearn.tiny_model import finetune, make_tiny_llama
+
+CACHE_VERSION = 1
+METHODS = ("graddiff", "npo")
+
+
+@dataclass
+class DemoConfig:
+    data: SyntheticConfig = field(default_factory=SyntheticConfig)
+    hidden_size: int = 128
+    num_layers: int = 4
+    train_epochs: int = 60
+    train_lr: float = 3e-3
+    train_batch_size: int = 32
+    # Unlearning: every arm runs the same steps at each learning rate of the sweep.
+    lrs: Sequence[float] = (5e-5, 1e-4, 2e-4, 4e-4)
+    default_lr: float = 1e-4
+    max_steps: int = 30
+    batch_size: int = 8
+    # CLReg at the output of a middle decoder layer, mean-pooled over the answer tokens.
+    clreg_layer: int = 2
+    clreg_pooling: str = "mean"
+    clreg_weight: float = 1.0
+    clreg_temperature: float = 0.1
+    knn_k: int = 5
+    seed: int = 0
+
+
+def quick_config(seed: int = 0) -> DemoConfig:
+    return DemoConfig(
+        data=SyntheticConfig(n_authors=16, n_forget_authors=3, n_holdout_authors=3, n_facts=4,
+                             seed=seed),
+        train_epochs=40, lrs=(1e-4, 4e-4), default_lr=4e-4, max_steps=15, seed=seed)
+
+
+# --------------------------------------------------------------------------- target / oracle
+
+
+def _cache_key(cfg: DemoConfig, role: str) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, "role": role, "data": asdict(cfg.data),
+                       "hidden": cfg.hidden_size, "layers": cfg.num_layers,
+                       "epochs": cfg.train_epochs, "lr": cfg.train_lr,
+                       "batch": cfg.train_batch_size, "seed": cfg.seed}, sort_keys=True)
+    return f"{role}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def trained_model(role: str, examples: List[Dict], tokenizer: WordTokenizer, cfg: DemoConfig,
+                  cache_dir: Optional[str], progress: bool):
+    """Train (or load from the cache) the target or the oracle."""
+    from transformers import LlamaForCausalLM
+
+    path = os.path.join(cache_dir, _cache_key(cfg, role)) if cache_dir else None
+    if path and os.path.exists(os.path.join(path, "config.json")):
+        saved = WordTokenizer.load(os.path.join(path, "tokenizer.json"))
+        if saved.vocab == tokenizer.vocab:
+            model = LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
+            return model.eval(), True
+    model = make_tiny_llama(len(tokenizer), seed=cfg.seed, hidden_size=cfg.hidden_size,
+                            num_layers=cfg.num_layers)
+    finetune(model, examples, epochs=cfg.train_epochs, lr=cfg.train_lr,
+             batch_size=cfg.train_batch_size, seed=cfg.seed, pad_id=tokenizer.pad_token_id,
+             progress=progress, desc=f"train {role}")
+    if path:
+        tmp = path + f".tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process cached it first
+            pass
+    return model, False
+
+
+# --------------------------------------------------------------------------- unlearning
+
+
+def _get_unlearn():
+    """The package's training loop, or the demo's small internal one when it is missing."""
+    try:
+        from clreg_fast.unlearn.train import UnlearnConfig, unlearn
+        return UnlearnConfig, unlearn, "clreg_fast.unlearn.train"
+    except ImportError:
+        return _FallbackConfig, _fallback_unlearn, "demo fallback loop"
+
+
+@dataclass
+class _FallbackConfig:
+    method: str = "graddiff"
+    clreg_weight: float = 0.0
+    clreg_layer: int = 2
+    clreg_pooling: str = "mean"
+    clreg_temperature: float = 0.1
+    clreg_proj_dim: Optional[int] = None
+    lr: float = 1e-4
+    max_steps: int = 30
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    seed: int = 0
+    eval_every: int = 0
+    out_dir: Optional[str] = None
+    progress: bool = True
+    npo_beta: float = 0.1
+
+
+def _answer_logprob_sum(logits, labels):
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    logp = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return (logp * mask).sum(1), mask.sum(1)
+
+
+def _pool_answer(hidden, labels, mode):
+    mask = (labels != -100).to(hidden.dtype)
+    if mode == "mean":
+        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _fallback_unlearn(model, forget_examples, retain_examples, cfg, ref_model=None, pad_id=0,
+                      eval_fn=None):
+    """GradDiff / NPO (+ CLReg) in a plain single-process loop (used only when
+    ``clreg_fast.unlearn.train`` is not available)."""
+    from tqdm.auto import tqdm
+
+    from clreg_fast import fused_clreg_loss
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"the demo's fallback loop knows {METHODS}, not {cfg.method!r}")
+    device = next(model.parameters()).device
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if cfg.method == "npo" and ref_model is None:
+        ref_model = copy.deepcopy(model)
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    history = []
+    for step in tqdm(range(cfg.max_steps), desc=f"unlearn {cfg.method}", disable=not cfg.progress,
+                     leave=False):
+        fb = collate(rng.sample(forget_examples, min(cfg.batch_size, len(forget_examples))), pad_id)
+        rb = collate(rng.sample(retain_examples, min(cfg.batch_size, len(retain_examples))), pad_id)
+        fb = {k: v.to(device) for k, v in fb.items()}
+        rb = {k: v.to(device) for k, v in rb.items()}
+        want_hidden = cfg.clreg_weight > 0
+        fout = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"],
+                     output_hidden_states=want_hidden)
+        rout = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"],
+                     output_hidden_states=want_hidden)
+        f_lp, f_n = _answer_logprob_sum(fout.logits, fb["labels"])
+        r_lp, r_n = _answer_logprob_sum(rout.logits, rb["labels"])
+        retain_nll = -(r_lp.sum() / r_n.sum())
+        if cfg.method == "graddiff":
+            forget_loss = f_lp.sum() / f_n.sum()  # minus the NLL: gradient ascent
+        else:
+            with torch.no_grad():
+                ref = ref_model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"])
+                ref_lp, _ = _answer_logprob_sum(ref.logits, fb["labels"])
+            beta = cfg.npo_beta
+            forget_loss = -(2 / beta) * torch.nn.functional.logsigmoid(-beta * (f_lp - ref_lp)).mean()
+        loss = forget_loss + retain_nll
+        log = {"step": step, "forget_loss": forget_loss.item(), "retain_nll": retain_nll.item()}
+        if want_hidden:
+            layer = cfg.clreg_layer + 1
+            ff = _pool_answer(fout.hidden_states[layer], fb["labels"], cfg.clreg_pooling)
+            rf = _pool_answer(rout.hidden_states[layer], rb["labels"], cfg.clreg_pooling)
+            clreg = fused_clreg_loss(ff, rf.detach(), labels=fb["concept_ids"],
+                                     temperature=cfg.clreg_temperature)
+            loss = loss + cfg.clreg_weight * clreg
+            log["clreg"] = clreg.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        history.append(log)
+    model.eval()
+    return history
+
+
+def make_unlearn_config(ConfigCls, cfg: DemoConfig, method: str, clreg: bool, lr: float,
+                        progress: bool):
+    kwargs = dict(method=method, clreg_weight=cfg.clreg_weight if clreg else 0.0,
+                  clreg_layer=cfg.clreg_layer, clreg_pooling=cfg.clreg_pooling,
+                  clreg_temperature=cfg.clreg_temperature, lr=lr, max_steps=cfg.max_steps,
+                  batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+    return ConfigCls(**kwargs)
+
+
+# --------------------------------------------------------------------------- report
+
+TABLE_COLUMNS = [
+    ("forget_value_acc", "forget acc", "{:.3f}"),
+    ("retain_value_acc", "retain acc", "{:.3f}"),
+    ("holdout_value_acc", "holdout acc", "{:.3f}"),
+    ("forget_quality", "forget Q", "{:.2g}"),
+    ("forget_truth_ratio", "truth ratio", "{:.3f}"),
+    ("forget_extraction_strength", "extract", "{:.3f}"),
+    ("mink_auc", "MinK AUC", "{:.3f}"),
+    ("privleak", "privleak%", "{:+.1f}"),
+    ("knn_mixing", "kNN mix", "{:.3f}"),
+    ("forget_retain_cos", "f/r cos", "{:.3f}"),
+    ("retain_drift", "drift", "{:.4f}"),
+]
+
+
+def format_table(rows: Dict[str, Dict]) -> str:
+    header = ["arm"] + [title for _, title, _ in TABLE_COLUMNS]
+    lines = [header]
+    for arm, m in rows.items():
+        cells = [arm]
+        for key, _, fmt in TABLE_COLUMNS:
+            value = m.get(key)
+            cells.append("-" if value is None or (isinstance(value, float) and math.isnan(value))
+                         else fmt.format(value))
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+ARM_STYLE = {
+    "graddiff": ("tab:blue", "--", "o"), "graddiff+clreg": ("tab:blue", "-", "s"),
+    "npo": ("tab:orange", "--", "o"), "npo+clreg": ("tab:orange", "-", "s"),
+}
+
+
+def plot(results: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
+    for arm, entry in results.items():
+        if arm not in ARM_STYLE:
+            continue
+        color, ls, marker = ARM_STYLE[arm]
+        sweep = entry["sweep"]
+        fx = [p["forget_value_acc"] for p in sweep]
+        ry = [p["retain_value_acc"] for p in sweep]
+        mix = [p["knn_mixing"] for p in sweep]
+        ax1.plot(fx, ry, ls=ls, marker=marker, color=color, label=arm)
+        ax2.plot(fx, mix, ls=ls, marker=marker, color=color, label=arm)
+        for p, x, y in zip(sweep, fx, ry):
+            ax1.annotate(f"{p['lr']:.0e}", (x, y), textcoords="offset points", xytext=(4, 4),
+                         fontsize=7, color=color)
+    for arm, marker in (("target", "*"), ("oracle", "P")):
+        m = results[arm]
+        ax1.scatter([m["forget_value_acc"]], [m["retain_value_acc"]], marker=marker, s=160,
+                    color="black" if arm == "target" else "tab:green", zorder=5, label=arm)
+        ax2.scatter([m["forget_value_acc"]], [m["knn_mixing"]], marker=marker, s=160,
+                    color="black" if arm == "target" else "tab:green", zorder=5, label=arm)
+    ax1.set_xlabel("forget value-token accuracy (lower = more forgotten)")
+    ax1.set_ylabel("retain value-token accuracy (higher = better kept)")
+    ax1.set_title("Forget/retain trade-off over the learning-rate sweep")
+    ax2.set_xlabel("forget value-token accuracy")
+    ax2.set_ylabel("kNN mixing of forget among retain features\n(1 = mixed, 0 = separated)")
+    ax2.set_title("Entanglement at the CLReg layer")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool = True,
+        make_plot: bool = True, log=print) -> Dict:
+    """Run the experiment; returns the metrics dict it writes to ``out_dir/metrics.json``."""
+    t_start = time.time()
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(out_dir, exist_ok=True)
+    rows, tokenizer = make_synthetic(cfg.data)
+    splits = {name: build_examples(split_rows, tokenizer) for name, split_rows in rows.items()}
+    pad = tokenizer.pad_token_id
+    log(f"data: {len(splits['forget'])} forget, {len(splits['retain'])} retain, "
+        f"{len(splits['holdout'])} holdout rows; vocabulary {len(tokenizer)} words")
+
+    t0 = time.time()
+    target, cached_t = trained_model("target", splits["forget"] + splits["retain"], tokenizer,
+                                     cfg, cache_dir, progress)
+    oracle, cached_o = trained_model("oracle", splits["retain"], tokenizer, cfg, cache_dir,
+                                     progress)
+    t_train = time.time() - t0
+    log(f"target/oracle: {'cached' if cached_t and cached_o else 'trained'} in {t_train:.1f}s")
+
+    def evaluate(model, oracle_raw=None, reference=None):
+        return evaluate_model(model, splits, layer=cfg.clreg_layer, pooling=cfg.clreg_pooling,
+                              oracle=oracle_raw, reference_features=reference, knn_k=cfg.knn_k,
+                              pad_id=pad)
+
+    oracle_m = evaluate(oracle)
+    oracle_raw = oracle_m.pop("_raw")
+    target_m = evaluate(target, oracle_raw)
+    target_raw = target_m.pop("_raw")
+    oracle_m = evaluate(oracle, oracle_raw)  # again, now with the oracle's own forget quality
+    oracle_m.pop("_raw")
+    reference = {"retain": target_raw["features"]["retain"]}
+
+    ConfigCls, unlearn_fn, loop_name = _get_unlearn()
+    log(f"unlearning loop: {loop_name}")
+    results: Dict[str, Dict] = {}
+    arms = [(m, c) for m in METHODS for c in (False, True)]
+    t0 = time.time()
+    for method, clreg in arms:
+        arm = method + ("+clreg" if clreg else "")
+        sweep = []
+        for lr in cfg.lrs:
+            model = copy.deepcopy(target)
+            ucfg = make_unlearn_config(ConfigCls, cfg, method, clreg, lr, progress)
+            torch.manual_seed(cfg.seed)
+            unlearn_fn(model, splits["forget"], splits["retain"], ucfg, pad_id=pad)
+            m = evaluate(model, oracle_raw, reference)
+            m.pop("_raw")
+            m["lr"] = lr
+            sweep.append(m)
+            log(f"  {arm:15s} lr={lr:.0e}  forget acc {m['forget_value_acc']:.3f}  retain acc "
+                f"{m['retain_value_acc']:.3f}  kNN mixing {m['knn_mixing']:.3f}")
+        main = min(sweep, key=lambda p: abs(math.log(p["lr"] / cfg.default_lr)))
+        results[arm] = {**main, "sweep": sweep}
+    t_unlearn = time.time() - t0
+    results["target"] = target_m
+    results["oracle"] = oracle_m
+
+    table = format_table({arm: results[arm] for arm in
+                          ["target", "oracle"] + [m + s for m in METHODS for s in ("", "+clreg")]})
+    log(f"\nAt lr={cfg.default_lr:g}, {cfg.max_steps} steps (CLReg: layer {cfg.clreg_layer}, "
+        f"{cfg.clreg_pooling} pooling, weight {cfg.clreg_weight}, tau {cfg.clreg_temperature}):")
+    log(table)
+    summary = {
+        "config": {**asdict(cfg), "lrs": list(cfg.lrs), "unlearn_loop": loop_name},
+        "arms": results,
+        "seconds": {"train_or_load": t_train, "unlearn_sweep": t_unlearn,
+                    "total": time.time() - t_start},
+    }
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(_jsonable(summary), f, indent=2)
+    if make_plot:
+        plot(results, os.path.join(out_dir, "tradeoff.png"))
+    log(f"\nwrote {os.path.join(out_dir, 'metrics.json')}"
+        + (f" and {os.path.join(out_dir, 'tradeoff.png')}" if make_plot else "")
+        + f" in {time.time() - t_start:.1f}s")
+    return summary
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item"):
+        return x.item()
+    return x
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clreg_fast.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small data and sweep (CI)")
+    parser.add_argument("--out-dir", default=os.path.join("runs", "demo"))
+    parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache",
+                                                           "clreg_fast", "demo"))
+    parser.add_argument("--no-cache", action="store_true", help="always retrain target/oracle")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = quick_config(args.seed) if args.quick else DemoConfig(
+        data=SyntheticConfig(seed=args.seed), seed=args.seed)
+    run(cfg, args.out_dir, None if args.no_cache else args.cache_dir,
+        progress=not args.no_progress and sys.stderr.isatty(), make_plot=not args.no_plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
