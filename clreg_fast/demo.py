@@ -46,9 +46,9 @@ class DemoConfig:
     train_lr: float = 3e-3
     train_batch_size: int = 32
     # Unlearning: every arm runs the same steps at each learning rate of the sweep.
-    lrs: Sequence[float] = (5e-5, 1e-4, 2e-4, 4e-4)
-    default_lr: float = 1e-4
-    max_steps: int = 30
+    lrs: Sequence[float] = (2.5e-5, 5e-5, 1e-4, 2e-4)
+    default_lr: float = 5e-5
+    max_steps: int = 60
     batch_size: int = 8
     # CLReg at the output of a middle decoder layer, mean-pooled over the answer tokens.
     clreg_layer: int = 2
@@ -63,7 +63,7 @@ def quick_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         data=SyntheticConfig(n_authors=16, n_forget_authors=3, n_holdout_authors=3, n_facts=4,
                              seed=seed),
-        train_epochs=40, lrs=(1e-4, 4e-4), default_lr=4e-4, max_steps=15, seed=seed)
+        train_epochs=80, lrs=(5e-5, 2e-4), default_lr=2e-4, max_steps=30, seed=seed)
 
 
 # --------------------------------------------------------------------------- target / oracle
@@ -283,7 +283,7 @@ def plot(results: Dict, path: str) -> None:
         ax1.plot(fx, ry, ls=ls, marker=marker, color=color, label=arm)
         ax2.plot(fx, mix, ls=ls, marker=marker, color=color, label=arm)
         for p, x, y in zip(sweep, fx, ry):
-            ax1.annotate(f"{p['lr']:.0e}", (x, y), textcoords="offset points", xytext=(4, 4),
+            ax1.annotate(f"{p['lr']:.2g}", (x, y), textcoords="offset points", xytext=(4, 4),
                          fontsize=7, color=color)
     for arm, marker in (("target", "*"), ("oracle", "P")):
         m = results[arm]
@@ -309,8 +309,11 @@ def plot(results: Dict, path: str) -> None:
 
 
 def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool = True,
-        make_plot: bool = True, log=print) -> Dict:
+        make_plot: bool = True, log=None) -> Dict:
     """Run the experiment; returns the metrics dict it writes to ``out_dir/metrics.json``."""
+    if log is None:
+        def log(text):
+            print(text, flush=True)
     t_start = time.time()
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -410,10 +413,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the model is tiny, and more threads "
+                             "slow it down badly on a busy machine)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     cfg = quick_config(args.seed) if args.quick else DemoConfig(
         data=SyntheticConfig(seed=args.seed), seed=args.seed)
     run(cfg, args.out_dir, None if args.no_cache else args.cache_dir,
