@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,7 @@ class DemoConfig:
     clreg_pooling: str = "mean"
     clreg_weight: float = 1.0
     clreg_temperature: float = 0.1
+    # kNN mixing neighbours: at most n_facts - 1, so an author's own rows can fill them all.
     knn_k: int = 5
     seed: int = 0
 
@@ -63,7 +65,7 @@ def quick_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         data=SyntheticConfig(n_authors=16, n_forget_authors=3, n_holdout_authors=3, n_facts=4,
                              seed=seed),
-        train_epochs=80, lrs=(5e-5, 2e-4), default_lr=2e-4, max_steps=30, seed=seed)
+        train_epochs=80, lrs=(5e-5, 2e-4), default_lr=2e-4, max_steps=30, knn_k=3, seed=seed)
 
 
 # --------------------------------------------------------------------------- target / oracle
@@ -100,126 +102,21 @@ def trained_model(role: str, examples: List[Dict], tokenizer: WordTokenizer, cfg
         try:
             os.replace(tmp, path)
         except OSError:  # another process cached it first
-            pass
+            shutil.rmtree(tmp, ignore_errors=True)
     return model, False
 
 
 # --------------------------------------------------------------------------- unlearning
 
 
-def _get_unlearn():
-    """The package's training loop, or the demo's small internal one when it is missing."""
-    try:
-        from clreg_fast.unlearn.train import UnlearnConfig, unlearn
-        return UnlearnConfig, unlearn, "clreg_fast.unlearn.train"
-    except ImportError:
-        return _FallbackConfig, _fallback_unlearn, "demo fallback loop"
+def make_unlearn_config(cfg: DemoConfig, method: str, clreg: bool, lr: float, progress: bool):
+    from clreg_fast.unlearn.train import UnlearnConfig
 
-
-@dataclass
-class _FallbackConfig:
-    method: str = "graddiff"
-    clreg_weight: float = 0.0
-    clreg_layer: int = 2
-    clreg_pooling: str = "mean"
-    clreg_temperature: float = 0.1
-    clreg_proj_dim: Optional[int] = None
-    lr: float = 1e-4
-    max_steps: int = 30
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    seed: int = 0
-    eval_every: int = 0
-    out_dir: Optional[str] = None
-    progress: bool = True
-    npo_beta: float = 0.1
-
-
-def _answer_logprob_sum(logits, labels):
-    targets = labels[:, 1:]
-    mask = targets != -100
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    logp = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    return (logp * mask).sum(1), mask.sum(1)
-
-
-def _pool_answer(hidden, labels, mode):
-    mask = (labels != -100).to(hidden.dtype)
-    if mode == "mean":
-        return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-    last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
-def _fallback_unlearn(model, forget_examples, retain_examples, cfg, ref_model=None, pad_id=0,
-                      eval_fn=None):
-    """GradDiff / NPO (+ CLReg) in a plain single-process loop (used only when
-    ``clreg_fast.unlearn.train`` is not available)."""
-    from tqdm.auto import tqdm
-
-    from clreg_fast import fused_clreg_loss
-
-    if cfg.method not in METHODS:
-        raise ValueError(f"the demo's fallback loop knows {METHODS}, not {cfg.method!r}")
-    device = next(model.parameters()).device
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.method == "npo" and ref_model is None:
-        ref_model = copy.deepcopy(model)
-    if ref_model is not None:
-        ref_model.eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    model.train()
-    history = []
-    for step in tqdm(range(cfg.max_steps), desc=f"unlearn {cfg.method}", disable=not cfg.progress,
-                     leave=False):
-        fb = collate(rng.sample(forget_examples, min(cfg.batch_size, len(forget_examples))), pad_id)
-        rb = collate(rng.sample(retain_examples, min(cfg.batch_size, len(retain_examples))), pad_id)
-        fb = {k: v.to(device) for k, v in fb.items()}
-        rb = {k: v.to(device) for k, v in rb.items()}
-        want_hidden = cfg.clreg_weight > 0
-        fout = model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"],
-                     output_hidden_states=want_hidden)
-        rout = model(input_ids=rb["input_ids"], attention_mask=rb["attention_mask"],
-                     output_hidden_states=want_hidden)
-        f_lp, f_n = _answer_logprob_sum(fout.logits, fb["labels"])
-        r_lp, r_n = _answer_logprob_sum(rout.logits, rb["labels"])
-        retain_nll = -(r_lp.sum() / r_n.sum())
-        if cfg.method == "graddiff":
-            forget_loss = f_lp.sum() / f_n.sum()  # minus the NLL: gradient ascent
-        else:
-            with torch.no_grad():
-                ref = ref_model(input_ids=fb["input_ids"], attention_mask=fb["attention_mask"])
-                ref_lp, _ = _answer_logprob_sum(ref.logits, fb["labels"])
-            beta = cfg.npo_beta
-            forget_loss = -(2 / beta) * torch.nn.functional.logsigmoid(-beta * (f_lp - ref_lp)).mean()
-        loss = forget_loss + retain_nll
-        log = {"step": step, "forget_loss": forget_loss.item(), "retain_nll": retain_nll.item()}
-        if want_hidden:
-            layer = cfg.clreg_layer + 1
-            ff = _pool_answer(fout.hidden_states[layer], fb["labels"], cfg.clreg_pooling)
-            rf = _pool_answer(rout.hidden_states[layer], rb["labels"], cfg.clreg_pooling)
-            clreg = fused_clreg_loss(ff, rf.detach(), labels=fb["concept_ids"],
-                                     temperature=cfg.clreg_temperature)
-            loss = loss + cfg.clreg_weight * clreg
-            log["clreg"] = clreg.item()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        history.append(log)
-    model.eval()
-    return history
-
-
-def make_unlearn_config(ConfigCls, cfg: DemoConfig, method: str, clreg: bool, lr: float,
-                        progress: bool):
     kwargs = dict(method=method, clreg_weight=cfg.clreg_weight if clreg else 0.0,
                   clreg_layer=cfg.clreg_layer, clreg_pooling=cfg.clreg_pooling,
                   clreg_temperature=cfg.clreg_temperature, lr=lr, max_steps=cfg.max_steps,
                   batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
-    return ConfigCls(**kwargs)
+    return UnlearnConfig(**kwargs)
 
 
 # --------------------------------------------------------------------------- report
@@ -345,8 +242,8 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     oracle_m.pop("_raw")
     reference = {"retain": target_raw["features"]["retain"]}
 
-    ConfigCls, unlearn_fn, loop_name = _get_unlearn()
-    log(f"unlearning loop: {loop_name}")
+    from clreg_fast.unlearn.train import unlearn
+
     results: Dict[str, Dict] = {}
     arms = [(m, c) for m in METHODS for c in (False, True)]
     t0 = time.time()
@@ -355,9 +252,8 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
         sweep = []
         for lr in cfg.lrs:
             model = copy.deepcopy(target)
-            ucfg = make_unlearn_config(ConfigCls, cfg, method, clreg, lr, progress)
-            torch.manual_seed(cfg.seed)
-            unlearn_fn(model, splits["forget"], splits["retain"], ucfg, pad_id=pad)
+            ucfg = make_unlearn_config(cfg, method, clreg, lr, progress)
+            unlearn(model, splits["forget"], splits["retain"], ucfg, pad_id=pad)
             m = evaluate(model, oracle_raw, reference)
             m.pop("_raw")
             m["lr"] = lr
@@ -376,7 +272,7 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
         f"{cfg.clreg_pooling} pooling, weight {cfg.clreg_weight}, tau {cfg.clreg_temperature}):")
     log(table)
     summary = {
-        "config": {**asdict(cfg), "lrs": list(cfg.lrs), "unlearn_loop": loop_name},
+        "config": {**asdict(cfg), "lrs": list(cfg.lrs)},
         "arms": results,
         "seconds": {"train_or_load": t_train, "unlearn_sweep": t_unlearn,
                     "total": time.time() - t_start},
