@@ -105,6 +105,11 @@ def test_rmu_trains_only_the_chosen_parameters():
     assert changed == {f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2, 3)}
 
 
+def test_rmu_rejects_layers_past_the_steered_one():
+    with pytest.raises(ValueError, match="rmu_train_layers"):
+        run("rmu", rmu_layer=1, rmu_train_layers=[1, 2])
+
+
 def test_reference_model_is_not_trained():
     model, ref = W.tiny_model(), W.tiny_model()
     ref_before = params_of(ref)

@@ -173,6 +173,10 @@ def layer_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
         return cap[layer]
 
 
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
 def pool_features(
     hidden: torch.Tensor,
     mask: torch.Tensor,
@@ -197,11 +201,10 @@ def pool_features(
         ``(features, labels)``: features in the dtype of ``hidden``, labels int64 on its device.
     """
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        raise ValueError(f"hidden must be a (B, T, D) tensor, got "
-                         f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden)}")
+        raise ValueError(f"hidden must be a (B, T, D) tensor, got {_describe(hidden)}")
     if not isinstance(mask, torch.Tensor) or mask.shape != hidden.shape[:2]:
         raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (B, T) to match hidden, "
-                         f"got {tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask)}")
+                         f"got {_describe(mask)}")
     if mode not in POOLINGS:
         raise ValueError(f"mode must be one of {POOLINGS}, got {mode!r}")
     if label_by not in LABEL_BY:
@@ -213,8 +216,7 @@ def pool_features(
         concept_ids = torch.zeros(batch, dtype=torch.long, device=device)
     else:
         if not isinstance(concept_ids, torch.Tensor) or concept_ids.shape != (batch,):
-            raise ValueError(f"concept_ids must be a ({batch},) tensor, got "
-                             f"{tuple(concept_ids.shape) if isinstance(concept_ids, torch.Tensor) else type(concept_ids)}")
+            raise ValueError(f"concept_ids must be a ({batch},) tensor, got {_describe(concept_ids)}")
         if concept_ids.dtype.is_floating_point or concept_ids.dtype == torch.bool:
             raise TypeError(f"concept_ids must be an integer tensor, got {concept_ids.dtype}")
         concept_ids = concept_ids.to(device=device, dtype=torch.long)

@@ -35,7 +35,7 @@ import shutil
 import socket
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -99,6 +99,7 @@ class UnlearnConfig:
     seed: int = 0
     # Runtime.
     parallel: str = "none"                 # "none" | "ddp" | "fsdp" (launch with torchrun)
+    ddp_find_unused_parameters: bool = False  # for models with parameters the loss never uses
     bf16: Union[str, bool] = "auto"        # "auto": on CUDA devices that support bf16
     grad_checkpointing: bool = False
     attn_implementation: Optional[str] = None  # e.g. "flash_attention_2", "sdpa"
@@ -436,12 +437,8 @@ class _FrozenReference(nn.Module):
 
 
 def _autocast(enabled: bool, device: torch.device):
-    if not enabled:
-        # On CUDA, switch off an autocast region the caller may have opened; CPU runs never
-        # autocast here.
-        if device.type == "cuda":
-            return torch.autocast("cuda", enabled=False)
-        return contextlib.nullcontext()
+    if not enabled:  # also switches off an autocast region opened around this one
+        return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
@@ -504,6 +501,7 @@ def _atomic_dir_write(final_dir: str, write: Callable[[str], None]) -> None:
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final_dir) + "-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         write(tmp)
         if os.path.exists(final_dir):  # rename() cannot replace a non-empty directory
@@ -521,10 +519,19 @@ def _atomic_dir_write(final_dir: str, write: Callable[[str], None]) -> None:
 def _save_pretrained(model: nn.Module, directory: str, state_dict=None) -> None:
     import inspect
 
+    from transformers.utils import logging as hf_logging
+
     kwargs = {}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True  # transformers < 5; 5.x always writes safetensors
-    model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+    # Keep the loop's own progress bar readable: no nested "writing shards" bar per save.
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+    finally:
+        if bars_on:
+            hf_logging.enable_progress_bar()
 
 
 def _load_model_weights(model: nn.Module, directory: str) -> None:
@@ -594,8 +601,13 @@ def unlearn(
     ``torch.distributed.checkpoint.state_dict.get_model_state_dict``.
 
     Returns:
-        One dict per optimizer step: ``step``, ``epoch``, ``lr``, ``loss``, ``forget_loss``,
-        ``retain_loss``, ``clreg_loss``, ``grad_norm``, ... and ``eval_<name>`` on eval steps.
+        One dict per optimizer step: ``step``, ``epoch`` (forget epochs done), ``lr`` (used for
+        the step), ``loss``, ``forget_loss`` (before gamma), ``forget_nll``, ``retain_loss``
+        (before alpha), ``clreg_loss`` (before clreg_weight), ``clreg_fallback`` and
+        ``clreg_skipped`` (fractions of micro-batches), ``grad_norm`` (before clipping), and
+        ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
+
+    The global torch RNG is reseeded with ``seed + rank`` (dropout streams).
     """
     cfg = cfg if cfg is not None else UnlearnConfig()
     if not isinstance(cfg, UnlearnConfig):
@@ -623,6 +635,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
 
     if cfg.device is not None:
         device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
     elif torch.cuda.is_available():
         device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
     else:
@@ -641,6 +655,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
 
     saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
+    config = getattr(model, "config", None)
+    saved_use_cache = getattr(config, "use_cache", None)
     needs_ref = M.NEEDS_REFERENCE[cfg.method] or (cfg.clreg_weight > 0
                                                   and cfg.clreg_retain_source == "ref")
     if needs_ref and ref_model is None:
@@ -657,14 +673,17 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
     try:
         if resume_dir:
             _load_model_weights(model, resume_dir)
-        model.to(device)
+        if cfg.parallel != "fsdp":
+            # fully_shard moves each block to the device as it shards it, so under FSDP a
+            # model loaded on the CPU never sits whole on one GPU.
+            model.to(device)
         model.train()
         if cfg.method == "rmu":
             _freeze_for_rmu(model, cfg, rmu_layer)
         if cfg.grad_checkpointing:
             _enable_checkpointing(model)
-        if getattr(model, "config", None) is not None:
-            model.config.use_cache = False
+        if config is not None:
+            config.use_cache = False  # no KV cache in training forwards
 
         head = None
         if cfg.clreg_weight > 0 and cfg.clreg_proj_dim:
@@ -684,7 +703,9 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
 
         reference = None
         if needs_ref:
-            ref_model.to(device).eval()
+            if cfg.parallel != "fsdp":
+                ref_model.to(device)
+            ref_model.eval()
             ref_model.requires_grad_(False)
             reference = _FrozenReference(ref_model)
 
@@ -692,7 +713,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         if cfg.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                          find_unused_parameters=cfg.ddp_find_unused_parameters)
         elif cfg.parallel == "fsdp":
             fully_shard, MixedPrecisionPolicy = _fsdp_api()
             kwargs = {}
@@ -712,6 +734,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             optimizer, lambda s: _lr_factor(s, cfg, total_steps))
         params = [p for p in objective.parameters() if p.requires_grad]
 
+        forget_counts = [_answer_counts(ex) for ex in forget_examples]
+        retain_counts = [_answer_counts(ex) for ex in retain_examples]
         forget_stream = IndexStream(len(forget_examples), cfg.seed, salt=1)
         retain_stream = IndexStream(len(retain_examples), cfg.seed, salt=2)
         torch.manual_seed(cfg.seed + d.rank)  # dropout etc.; differs across ranks on purpose
@@ -753,7 +777,7 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         for step in range(start_step, total_steps):
             forget_idx = forget_stream.take(cfg.batch_size)
             retain_idx = retain_stream.take(retain_bs)
-            norms = _normalizers(forget_examples, retain_examples, forget_idx, retain_idx, micro)
+            norms = _normalizers(forget_counts, retain_counts, forget_idx, retain_idx, micro)
             norms["autocast"] = use_autocast
             lr = optimizer.param_groups[0]["lr"]
             log_sums: Dict[str, torch.Tensor] = {}
@@ -816,6 +840,8 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             if name in saved_flags:
                 p.requires_grad_(saved_flags[name])
         model.train(was_training)
+        if config is not None and saved_use_cache is not None:
+            config.use_cache = saved_use_cache
 
 
 # --------------------------------------------------------------------------- loop helpers
@@ -860,6 +886,12 @@ def _freeze_for_rmu(model: nn.Module, cfg: UnlearnConfig, rmu_layer: int) -> Non
     if layers is None:
         layers = range(max(rmu_layer - 2, 0), rmu_layer + 1)
     indices = sorted({resolve_layer(model, int(i), clamp=True) for i in layers})
+    # RMU forwards stop after the steered layer (or the CLReg layer), so deeper layers get no
+    # gradient: training them would do nothing (and would stall DDP's gradient reduction).
+    deepest = max(rmu_layer, resolve_layer(model, cfg.clreg_layer) if cfg.clreg_weight > 0 else 0)
+    if indices[-1] > deepest:
+        raise ValueError(f"rmu_train_layers={list(layers)} reaches layer {indices[-1]}, past "
+                         f"rmu_layer={rmu_layer} where the RMU forward stops")
     pattern = re.compile(cfg.rmu_param_regex)
     model.requires_grad_(False)
     blocks = decoder_layers(model)
@@ -874,9 +906,10 @@ def _freeze_for_rmu(model: nn.Module, cfg: UnlearnConfig, rmu_layer: int) -> Non
                          f"decoder layers {indices}")
 
 
-def _normalizers(forget_examples, retain_examples, forget_idx, retain_idx, micro) -> dict:
-    f_counts = [_answer_counts(forget_examples[i]) for i in forget_idx]
-    r_counts = [_answer_counts(retain_examples[i]) for i in retain_idx]
+def _normalizers(forget_counts, retain_counts, forget_idx, retain_idx, micro) -> dict:
+    """Counts over the whole optimizer step (all ranks, all accumulation steps)."""
+    f_counts = [forget_counts[i] for i in forget_idx]
+    r_counts = [retain_counts[i] for i in retain_idx]
     return {
         "forget_tokens": float(max(sum(c[0] for c in f_counts), 1)),
         "retain_tokens": float(max(sum(c[0] for c in r_counts), 1)),
@@ -962,7 +995,12 @@ def _run_eval(eval_fn, model, objective, cfg) -> Dict[str, float]:
             results = eval_fn(model) or {}
     finally:
         model.train()
-    return {f"eval_{k}": float(v) for k, v in results.items()}
+    def plain(value):  # numbers (and 0-d tensors) become floats; anything else stays as is
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value)
+        return float(value) if isinstance(value, (int, float)) else value
+
+    return {f"eval_{k}": plain(v) for k, v in results.items()}
 
 
 def _load_optimizer(objective, optimizer, state, cfg) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import torch
 import torch.distributed as dist
@@ -27,11 +26,12 @@ VOCAB = 64
 # name -> (config overrides, steps). Distributed runs use grad_accum from the overrides; the
 # single-process baseline uses world_size times as many accumulation steps (same micro-batches).
 SCENARIOS = {
-    # Plain GradDiff with SGD: the update is -lr * gradient, so the gradient scale is checked.
-    "graddiff_sgd": (dict(method="graddiff", optimizer="sgd", lr=0.5), 1),
+    # Plain GradDiff with SGD and no clipping: the update is -lr * gradient, so the parameters
+    # alone check the gradient's scale.
+    "graddiff_sgd": (dict(method="graddiff", optimizer="sgd", lr=0.5, max_grad_norm=None), 1),
     # NPO + CLReg with a projection head (mean pooling), SGD, a fresh deep-copied reference.
-    "npo_clreg_head": (dict(method="npo", optimizer="sgd", lr=0.5, clreg_weight=0.5,
-                            clreg_proj_dim=8, clreg_pooling="mean"), 1),
+    "npo_clreg_head": (dict(method="npo", optimizer="sgd", lr=0.05, clreg_weight=0.5,
+                            clreg_proj_dim=8, clreg_pooling="mean", max_grad_norm=None), 1),
     # RMU (frozen layers, early-stopped forwards) + token-level CLReg on reference features.
     "rmu_token_clreg": (dict(method="rmu", rmu_layer=2, rmu_steering=4.0, lr=1e-3,
                              clreg_weight=0.3, clreg_layer=1, clreg_pooling="token",
