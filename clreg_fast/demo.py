@@ -9,8 +9,11 @@
    *oracle*); both are cached (``--cache-dir``) so reruns skip this.
 3. Unlearn the forget authors from copies of the target with GradDiff and NPO, each with and
    without CLReg, over a sweep of learning rates (a forget/retain trade-off curve per arm).
-4. Print a table, write ``metrics.json`` (one entry per arm at the default learning rate, with
-   its sweep) and ``tradeoff.png`` (forget vs retain value accuracy; kNN mixing).
+4. Print a table, write ``metrics.json`` (one entry per arm: ``target``, ``oracle``,
+   ``graddiff``, ``graddiff+clreg``, ``npo``, ``npo+clreg``; an unlearned arm's entry holds its
+   metrics at the default learning rate and, under ``sweep``, those at every learning rate),
+   ``run.json`` (configuration, timings) and ``tradeoff.png`` (forget vs retain value accuracy
+   over the sweep; kNN mixing).
 """
 from __future__ import annotations
 
@@ -207,7 +210,8 @@ def plot(results: Dict, path: str) -> None:
 
 def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool = True,
         make_plot: bool = True, log=None) -> Dict:
-    """Run the experiment; returns the metrics dict it writes to ``out_dir/metrics.json``."""
+    """Run the experiment; returns the per-arm metrics it writes to ``out_dir/metrics.json``
+    (``run.json`` gets the configuration and timings)."""
     if log is None:
         def log(text):
             print(text, flush=True)
@@ -271,20 +275,21 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     log(f"\nAt lr={cfg.default_lr:g}, {cfg.max_steps} steps (CLReg: layer {cfg.clreg_layer}, "
         f"{cfg.clreg_pooling} pooling, weight {cfg.clreg_weight}, tau {cfg.clreg_temperature}):")
     log(table)
-    summary = {
+    run_info = {
         "config": {**asdict(cfg), "lrs": list(cfg.lrs)},
-        "arms": results,
         "seconds": {"train_or_load": t_train, "unlearn_sweep": t_unlearn,
                     "total": time.time() - t_start},
+        "cached_models": bool(cached_t and cached_o),
     }
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(_jsonable(summary), f, indent=2)
+        json.dump(_jsonable(results), f, indent=2)
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(_jsonable(run_info), f, indent=2)
     if make_plot:
         plot(results, os.path.join(out_dir, "tradeoff.png"))
-    log(f"\nwrote {os.path.join(out_dir, 'metrics.json')}"
-        + (f" and {os.path.join(out_dir, 'tradeoff.png')}" if make_plot else "")
-        + f" in {time.time() - t_start:.1f}s")
-    return summary
+    log(f"\nwrote metrics.json, run.json" + (", tradeoff.png" if make_plot else "")
+        + f" to {out_dir} in {time.time() - t_start:.1f}s")
+    return results
 
 
 def _jsonable(x):
@@ -302,13 +307,15 @@ def _jsonable(x):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clreg_fast.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data and sweep (CI)")
-    parser.add_argument("--out-dir", default=os.path.join("runs", "demo"))
+    parser.add_argument("--out-dir", default=os.path.join("runs", "demo"),
+                        help="where metrics.json, run.json and tradeoff.png go (default: %(default)s)")
     parser.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache",
-                                                           "clreg_fast", "demo"))
+                                                           "clreg_fast", "demo"),
+                        help="trained target/oracle models (default: %(default)s)")
     parser.add_argument("--no-cache", action="store_true", help="always retrain target/oracle")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true", help="skip tradeoff.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--seed", type=int, default=0, help="data, model and unlearning seed")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the model is tiny, and more threads "
                              "slow it down badly on a busy machine)")
