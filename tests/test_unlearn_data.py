@@ -162,3 +162,17 @@ def test_word_tokenizer():
         SyntheticConfig(n_authors=3, n_forget_authors=3)
     with pytest.raises(ValueError, match="n_facts"):
         SyntheticConfig(n_facts=99)
+
+
+def test_load_edge_cases(tmp_path):
+    row = {"question": "q ?", "answer": "a ."}
+    (tmp_path / "one.jsonl").write_text(json.dumps(row) + "\n")
+    assert load_qa_file(str(tmp_path / "one.jsonl")) == [row]
+    (tmp_path / "pretty.json").write_text(json.dumps({"data": [row, row]}, indent=0))
+    assert load_qa_file(str(tmp_path / "pretty.json")) == [row, row]
+    (tmp_path / "broken.json").write_text('{"question": ')
+    with pytest.raises(ValueError, match="neither JSON"):
+        load_qa_file(str(tmp_path / "broken.json"))
+    (tmp_path / "nums.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list of JSON objects"):
+        load_qa_file(str(tmp_path / "nums.json"))

@@ -148,12 +148,17 @@ def load_qa_file(path: str) -> List[Dict]:
     """Rows of a local JSON (a list, or ``{"data": [...]}``) or JSON-lines file."""
     with open(path) as f:
         text = f.read()
-    stripped = text.lstrip()
-    if path.endswith(".jsonl") or not stripped.startswith(("[", "{")) or (
-            stripped.startswith("{") and "\n{" in stripped):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
+    try:
         data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if data is None or (path.endswith(".jsonl") and isinstance(data, dict) and "data" not in data):
+        # JSON lines: one object per line (a one-line .jsonl file also parses as one object).
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: neither JSON nor JSON lines ({err})") from None
+    else:
         rows = data["data"] if isinstance(data, dict) and "data" in data else data
         if isinstance(rows, dict):
             rows = [rows]
