@@ -1,0 +1,308 @@
+"""Unlearning metrics: memorization, forget quality, membership inference, entanglement.
+
+Two layers:
+
+* pure functions on numbers (``knn_mixing``, ``ks_pvalue``, ``auc``, ``min_k_score``,
+  ``extraction_strength``, ...), tested on hand-checked cases;
+* model-level helpers that run a causal LM teacher-forced over examples
+  (:func:`token_stats`, :func:`pooled_features`) and :func:`evaluate_model`, which returns one
+  flat dict of metrics for a model.
+
+Definitions (the answer is ``y``, its tokens include the final EOS; ``p`` = model probability
+of the right token with the true prefix, i.e. teacher forcing):
+
+* ``value_acc``: share of fact-value tokens whose argmax prediction is right (value tokens are
+  the ones ``value_mask`` marks; template tokens inflate whole-answer scores on a small model).
+* ``value_prob``: mean over examples of ``P(value | prompt, answer prefix)``, the product of
+  ``p`` over the value tokens.
+* ``answer_prob``: mean over examples of ``P(y | x) ** (1 / |y|)``.
+* ``exact_mem``: mean over examples of the share of answer tokens predicted right.
+* ``extraction_strength``: mean over examples of ``1 - k / |y|``, ``k`` the shortest answer
+  prefix after which greedy decoding reproduces the rest (with teacher-forced argmax, that is
+  one past the last wrong position).
+* ``truth_ratio``: per example ``R = (prod_j P(perturbed_j)^(1/|y_j|))^(1/m) /
+  P(paraphrased)^(1/|y|)``; reported is the mean of ``R`` (about 1 when the model does not know
+  the fact, well below 1 when it does).
+* ``forget_quality``: two-sample KS-test p-value between the forget-set truth ratios of the
+  model and of the oracle (a model never trained on the forget set); high = indistinguishable.
+* ``mink_auc``: AUC of the Min-K% score (mean of the lowest 40% token log-probabilities of the
+  answer) separating forget (members) from never-trained holdout rows; ``privleak`` =
+  ``(auc - oracle_auc) / oracle_auc * 100`` (0 is ideal, large positive leaks membership).
+* ``knn_mixing``: entanglement of forget and retain features at one layer (see
+  :func:`knn_mixing`); ``forget_retain_cos``: mean cosine between forget and retain features;
+  ``retain_drift``: mean ``1 - cos`` between retain features now and before unlearning.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from clreg_fast.unlearn.data import IGNORE_INDEX, collate
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def _as_2d_float(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(x).detach().to("cpu", torch.float64)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
+    return t
+
+
+def knn_mixing(forget, retain, k: int = 5) -> float:
+    """How entangled forget rows are with retain rows, by cosine k-nearest neighbours.
+
+    For each forget row, take its ``k`` nearest rows (cosine similarity) in the pool of all
+    other rows (forget and retain, itself excluded) and count the retain share among them.
+    The mean share is divided by the retain share of that pool, ``Nr / (Nf - 1 + Nr)``: 1 means
+    forget rows are as mixed with retain rows as a random draw, 0 that they are separated.
+    """
+    f, r = _as_2d_float(forget, "forget"), _as_2d_float(retain, "retain")
+    if f.shape[1] != r.shape[1]:
+        raise ValueError(f"forget and retain have {f.shape[1]} and {r.shape[1]} features")
+    nf, nr = f.shape[0], r.shape[0]
+    if nf < 1 or nr < 1:
+        raise ValueError(f"knn_mixing needs forget and retain rows, got {nf} and {nr}")
+    pool = nf - 1 + nr
+    if not 1 <= k <= pool:
+        raise ValueError(f"k must be in [1, {pool}] (the pool size), got {k}")
+    z = torch.nn.functional.normalize(torch.cat([f, r]), dim=1)
+    sim = z[:nf] @ z.T
+    sim[torch.arange(nf), torch.arange(nf)] = -math.inf  # a row is not its own neighbour
+    # Ties broken toward lower indices (forget rows): never overstates mixing.
+    neighbours = sim.topk(k, dim=1).indices
+    retain_share = (neighbours >= nf).double().mean().item()
+    return retain_share / (nr / pool)
+
+
+def mean_cosine(a, b) -> float:
+    """Mean cosine similarity over all pairs of rows of ``a`` and ``b``."""
+    a, b = _as_2d_float(a, "a"), _as_2d_float(b, "b")
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        raise ValueError("mean_cosine needs rows in both inputs")
+    za = torch.nn.functional.normalize(a, dim=1)
+    zb = torch.nn.functional.normalize(b, dim=1)
+    return (za.mean(0) @ zb.mean(0)).item()  # mean of all pairwise dots, in O((Na + Nb) D)
+
+
+def feature_drift(before, after) -> float:
+    """Mean ``1 - cos`` between matching rows of ``before`` and ``after`` (0 = unchanged)."""
+    b, a = _as_2d_float(before, "before"), _as_2d_float(after, "after")
+    if a.shape != b.shape:
+        raise ValueError(f"before and after differ in shape: {tuple(b.shape)} vs {tuple(a.shape)}")
+    return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).mean().item()
+
+
+def ks_pvalue(sample, reference) -> float:
+    """Two-sample Kolmogorov-Smirnov test p-value (scipy's ``ks_2samp``, two-sided)."""
+    from scipy.stats import ks_2samp
+
+    sample, reference = np.asarray(sample, float), np.asarray(reference, float)
+    if sample.size == 0 or reference.size == 0:
+        raise ValueError("ks_pvalue needs non-empty samples")
+    return float(ks_2samp(sample, reference).pvalue)
+
+
+def auc(positive_scores, negative_scores) -> float:
+    """ROC AUC of scores where positives should score higher (ties count one half)."""
+    pos = np.asarray(positive_scores, float)
+    neg = np.asarray(negative_scores, float)
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("auc needs at least one positive and one negative score")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (pos.size * neg.size))
+
+
+def privleak(model_auc: float, oracle_auc: float) -> float:
+    """Relative membership-inference gap to the oracle, in percent (0 is ideal)."""
+    if oracle_auc <= 0:
+        raise ValueError(f"oracle_auc must be positive, got {oracle_auc}")
+    return (model_auc - oracle_auc) / oracle_auc * 100.0
+
+
+def min_k_score(token_logprobs, k: float = 0.4) -> float:
+    """Min-K% membership score: mean of the lowest ``ceil(k * n)`` token log-probabilities."""
+    lp = np.sort(np.asarray(token_logprobs, float))
+    if lp.size == 0:
+        raise ValueError("min_k_score needs at least one token")
+    if not 0 < k <= 1:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    return float(lp[: max(1, math.ceil(k * lp.size))].mean())
+
+
+def extraction_strength(correct) -> float:
+    """``1 - k / n`` with ``k`` one past the last wrong position of a teacher-forced argmax
+    match vector (greedy decoding from the first ``k`` true tokens then reproduces the rest)."""
+    c = np.asarray(correct, bool)
+    if c.size == 0:
+        raise ValueError("extraction_strength needs at least one token")
+    wrong = np.flatnonzero(~c)
+    k = 0 if wrong.size == 0 else int(wrong[-1]) + 1
+    return 1.0 - k / c.size
+
+
+def exact_memorization(correct) -> float:
+    """Share of answer tokens whose teacher-forced argmax prediction is right."""
+    c = np.asarray(correct, bool)
+    if c.size == 0:
+        raise ValueError("exact_memorization needs at least one token")
+    return float(c.mean())
+
+
+def truth_ratio(paraphrased_logprob: float, perturbed_logprobs: Sequence[float]) -> float:
+    """``exp(mean(perturbed) - paraphrased)`` of per-token mean log-probabilities."""
+    if len(perturbed_logprobs) == 0:
+        raise ValueError("truth_ratio needs at least one perturbed answer")
+    return float(math.exp(float(np.mean(perturbed_logprobs)) - paraphrased_logprob))
+
+
+# --------------------------------------------------------------------------- model level
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def token_stats(model, examples: Sequence[Dict], batch_size: int = 64, pad_id: int = 0,
+                layer: Optional[int] = None, pooling: str = "mean") -> List[Dict]:
+    """Teacher-forced per-example statistics over the answer tokens.
+
+    Each result has ``logprobs`` and ``correct`` (numpy, one entry per answer token) and
+    ``value`` (bool mask of the value tokens among them). With ``layer`` (a decoder layer
+    index) it also has ``feature``: that layer's output pooled over the answer tokens
+    (``mean``) or taken at the last answer token (``last``).
+    """
+    if pooling not in ("mean", "last"):
+        raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    results: List[Dict] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        batch = collate(chunk, pad_id)
+        out = model(input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    output_hidden_states=layer is not None)
+        logits = out.logits[:, :-1].float()
+        targets = batch["labels"][:, 1:].to(device)
+        mask = targets != IGNORE_INDEX
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        correct = logits.argmax(-1) == targets
+        value = batch.get("value_mask")
+        value = value[:, 1:].to(device) if value is not None else mask
+        if layer is not None:
+            hidden = out.hidden_states[layer + 1].float()
+            # Answer-token positions in the input (labels are not shifted here).
+            amask = (batch["labels"] != IGNORE_INDEX).to(device)
+            if pooling == "mean":
+                feats = (hidden * amask[..., None]).sum(1) / amask.sum(1, keepdim=True).clamp_min(1)
+            else:
+                last = (amask.long() * torch.arange(amask.shape[1], device=device)).argmax(1)
+                feats = hidden[torch.arange(hidden.shape[0], device=device), last]
+        for row in range(len(chunk)):
+            m = mask[row]
+            item = {"logprobs": logp[row][m].cpu().numpy(), "correct": correct[row][m].cpu().numpy(),
+                    "value": value[row][m].cpu().numpy().astype(bool)}
+            if layer is not None:
+                item["feature"] = feats[row].cpu()
+            results.append(item)
+    if was_training:
+        model.train()
+    return results
+
+
+def pooled_features(model, examples: Sequence[Dict], layer: int, pooling: str = "mean",
+                    batch_size: int = 64, pad_id: int = 0) -> torch.Tensor:
+    """(N, hidden) features of decoder layer ``layer`` pooled over each answer."""
+    stats = token_stats(model, examples, batch_size, pad_id, layer=layer, pooling=pooling)
+    return torch.stack([s["feature"] for s in stats])
+
+
+def memorization_metrics(stats: Sequence[Dict], min_k: float = 0.4) -> Dict[str, float]:
+    """Aggregate :func:`token_stats` results of one split."""
+    if not stats:
+        raise ValueError("no examples to score")
+    value_correct = np.concatenate([s["correct"][s["value"]] for s in stats])
+    return {
+        "value_acc": float(value_correct.mean()) if value_correct.size else float("nan"),
+        "value_prob": float(np.mean([math.exp(s["logprobs"][s["value"]].sum()) for s in stats])),
+        "answer_prob": float(np.mean([math.exp(s["logprobs"].mean()) for s in stats])),
+        "exact_mem": float(np.mean([exact_memorization(s["correct"]) for s in stats])),
+        "extraction_strength": float(np.mean([extraction_strength(s["correct"]) for s in stats])),
+        "mink_score": float(np.mean([min_k_score(s["logprobs"], min_k) for s in stats])),
+    }
+
+
+def truth_ratios(model, examples: Sequence[Dict], batch_size: int = 64,
+                 pad_id: int = 0) -> np.ndarray:
+    """Per-example truth ratio for examples with paraphrased and perturbed ``alternatives``."""
+    paraphrased, perturbed, owners = [], [], []
+    for i, ex in enumerate(examples):
+        alt = ex.get("alternatives") or {}
+        if alt.get("paraphrased") is None or not alt.get("perturbed"):
+            continue
+        paraphrased.append(alt["paraphrased"])
+        perturbed.extend(alt["perturbed"])
+        owners.append(len(alt["perturbed"]))
+    if not paraphrased:
+        raise ValueError("no example has both a paraphrased and perturbed answers")
+    para = [s["logprobs"].mean() for s in token_stats(model, paraphrased, batch_size, pad_id)]
+    pert = [s["logprobs"].mean() for s in token_stats(model, perturbed, batch_size, pad_id)]
+    out, pos = [], 0
+    for p, n in zip(para, owners):
+        out.append(truth_ratio(p, pert[pos:pos + n]))
+        pos += n
+    return np.asarray(out)
+
+
+def evaluate_model(model, splits: Dict[str, Sequence[Dict]], layer: Optional[int] = None,
+                   pooling: str = "mean", oracle: Optional[Dict] = None,
+                   reference_features: Optional[Dict[str, torch.Tensor]] = None,
+                   knn_k: int = 5, min_k: float = 0.4, batch_size: int = 64,
+                   pad_id: int = 0) -> Dict:
+    """All metrics of one model as a flat dict, plus ``"_raw"`` data for later comparisons.
+
+    ``splits``: ``forget`` and ``retain`` (required) and ``holdout`` (optional) example lists.
+    ``oracle``: the ``_raw`` entry of the oracle's own result; with it come ``forget_quality``
+    and ``privleak``. ``reference_features``: ``{"retain": tensor}`` of the model before
+    unlearning; with it comes ``retain_drift``. ``layer``: the decoder layer (CLReg's) for the
+    entanglement metrics.
+    """
+    for name in ("forget", "retain"):
+        if not splits.get(name):
+            raise ValueError(f"splits[{name!r}] must be a non-empty example list")
+    metrics: Dict = {}
+    raw: Dict = {"features": {}}
+    for name, examples in splits.items():
+        if not examples:
+            continue
+        stats = token_stats(model, examples, batch_size, pad_id, layer=layer, pooling=pooling)
+        for key, value in memorization_metrics(stats, min_k).items():
+            metrics[f"{name}_{key}"] = value
+        raw[f"{name}_mink"] = [min_k_score(s["logprobs"], min_k) for s in stats]
+        if layer is not None:
+            raw["features"][name] = torch.stack([s["feature"] for s in stats])
+    tr = truth_ratios(model, splits["forget"], batch_size, pad_id)
+    raw["forget_truth_ratios"] = tr.tolist()
+    metrics["forget_truth_ratio"] = float(tr.mean())
+    if splits.get("holdout"):
+        metrics["mink_auc"] = auc(raw["forget_mink"], raw["holdout_mink"])
+    if oracle is not None:
+        metrics["forget_quality"] = ks_pvalue(tr, oracle["forget_truth_ratios"])
+        if "mink_auc" in metrics and oracle.get("mink_auc") is not None:
+            metrics["privleak"] = privleak(metrics["mink_auc"], oracle["mink_auc"])
+    raw["mink_auc"] = metrics.get("mink_auc")
+    if layer is not None:
+        f, r = raw["features"]["forget"], raw["features"]["retain"]
+        metrics["knn_mixing"] = knn_mixing(f, r, k=knn_k)
+        metrics["forget_retain_cos"] = mean_cosine(f, r)
+        if reference_features is not None and "retain" in reference_features:
+            metrics["retain_drift"] = feature_drift(reference_features["retain"], r)
+    metrics["_raw"] = raw
+    return metrics
