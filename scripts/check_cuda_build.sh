@@ -39,6 +39,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# The checks run from other folders (the import from /tmp): make a relative PY absolute.
+if [[ "$PY" == */* && "$PY" != /* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi
+
 TMP="$(mktemp -d -t clreg_cuda_check.XXXXXX)"
 trap 'rm -rf "$TMP"' EXIT
 
