@@ -84,9 +84,18 @@ class RetainFeatureQueue(nn.Module):
         ``enqueue``; a rank may push 0 rows). When more rows arrive than ``capacity``, only the
         last ``capacity`` of them are kept.
         """
-        rows = self._normalized(features, weight, bias)
-        if self.process_group is not None:
-            rows = _gather_variable_rows(rows, self.process_group)
+        if self.process_group is None:
+            rows = self._normalized(features, weight, bias)
+        else:
+            # A rank with bad input still joins the row-count exchange (with a count of -1), so
+            # that every rank raises instead of the others waiting in the gather.
+            try:
+                rows, error = self._normalized(features, weight, bias), None
+            except (TypeError, ValueError) as exc:
+                rows, error = None, exc
+            rows = _gather_variable_rows(rows, self.process_group, self.features)
+            if error is not None:
+                raise error
         rows = rows[-self.capacity:] if rows.shape[0] > self.capacity else rows
         n = rows.shape[0]
         if n == 0:
@@ -136,13 +145,26 @@ class RetainFeatureQueue(nn.Module):
         self._next, self._filled = nxt, filled
 
 
-def _gather_variable_rows(rows: torch.Tensor, group) -> torch.Tensor:
-    """Rows of every rank of ``group`` in rank order (ranks may hold different numbers)."""
+def _gather_variable_rows(rows: Optional[torch.Tensor], group,
+                          buffer: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows of every rank of ``group`` in rank order (ranks may hold different numbers).
+
+    ``rows`` is None on a rank whose input was invalid: it returns None (its caller raises the
+    real error) and every other rank raises a ValueError naming it.
+    """
     world = dist.get_world_size(group)
-    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    count = torch.tensor([-1 if rows is None else rows.shape[0]], dtype=torch.long,
+                         device=buffer.device)
     counts = [torch.empty_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     counts = [int(c) for c in counts]
+    bad = [r for r, c in enumerate(counts) if c < 0]
+    if rows is None:
+        return None
+    if bad:
+        raise ValueError(f"RetainFeatureQueue.enqueue: the rows of rank(s) {bad} of the process "
+                         "group are invalid (the error is raised on those ranks); every rank "
+                         "stops here")
     most = max(counts)
     if most == 0:
         return rows
