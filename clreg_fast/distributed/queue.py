@@ -36,7 +36,8 @@ class RetainFeatureQueue(nn.Module):
         dim: row width: the projected width P when a projection is used, else the feature size D.
         process_group: if given, ``enqueue`` gathers the rows of every rank of this group, so all
             ranks hold the same queue. None: rows stay local (single-process training).
-        device, dtype: of the buffer (float32 by default, as the kernels compute in float32).
+        device, dtype: of the buffer (float32 by default, as the kernels compute in float32); a
+            CUDA device with an NCCL ``process_group``.
 
     Example::
 
@@ -87,6 +88,11 @@ class RetainFeatureQueue(nn.Module):
         if self.process_group is None:
             rows = self._normalized(features, weight, bias)
         else:
+            if str(dist.get_backend(self.process_group)).lower() == "nccl" and \
+                    not self.features.is_cuda:
+                raise ValueError(f"the queue's process_group uses NCCL, which needs CUDA tensors, "
+                                 f"but the queue is on {self.features.device}; move it with "
+                                 "queue.to(device)")
             # A rank with bad input still joins the row-count exchange (with a count of -1), so
             # that every rank raises instead of the others waiting in the gather.
             try:
