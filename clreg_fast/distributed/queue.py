@@ -97,7 +97,7 @@ class RetainFeatureQueue(nn.Module):
             # that every rank raises instead of the others waiting in the gather.
             try:
                 rows, error = self._normalized(features, weight, bias), None
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, RuntimeError) as exc:  # e.g. weight on another device
                 rows, error = None, exc
             rows = _gather_variable_rows(rows, self.process_group, self.features)
             if error is not None:
