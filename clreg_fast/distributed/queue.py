@@ -13,8 +13,10 @@ negatives are columns shared by all ranks.
 
 The queue is an ``nn.Module``: its rows are a buffer (moved by ``.to(device)``), its write
 position and fill level are extra state, so ``state_dict()`` / ``load_state_dict()`` save and
-restore it with a checkpoint. Attach it to the model (``model.clreg_queue = queue``) or save its
-state dict next to the optimizer's.
+restore it with a checkpoint. Save its state dict next to the optimizer's, or attach it to a model
+that is not wrapped in DistributedDataParallel: DDP (``broadcast_buffers=True``, the default)
+would broadcast the whole buffer from rank 0 at every forward, ``capacity x dim`` numbers per
+step, and overwrite a local queue's rows on the other ranks without their fill level.
 """
 from __future__ import annotations
 
