@@ -260,3 +260,11 @@ def test_queue_in_a_training_loop():
         queue.enqueue(retain, proj.weight, proj.bias)
         assert len(queue) == min(10, 4 * (step + 1))
         assert torch.isfinite(loss)
+
+
+def test_gathering_queue_on_cpu_with_nccl_is_a_clear_error(monkeypatch):
+    """NCCL moves CUDA tensors only: a CPU queue must say so before any collective."""
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    queue = RetainFeatureQueue(capacity=4, dim=3, process_group=object())
+    with pytest.raises(ValueError, match="NCCL.*queue.to"):
+        queue.enqueue(torch.randn(2, 3))

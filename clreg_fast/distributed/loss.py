@@ -34,8 +34,9 @@ Communication per step (P = projected width, Nf/Nr = rows of the largest rank)
   rows against all global anchors, from the gathered features and the per-anchor scalars.
 
 The label column sums ``u_c`` of the positive term are computed on every rank from the gathered
-forget features, which each rank holds anyway for the negatives: no extra all-reduce is needed
-and every rank gets bitwise the same sums.
+forget features, which each rank holds anyway for the negatives: no extra all-reduce is needed.
+On CPU every rank gets bitwise the same sums (and loss); on GPU ``index_add_`` accumulates with
+atomics, so the ranks' sums, and loss values, may differ in the last bits.
 
 ``backend="reference"`` is an independent plain-autograd implementation for testing: it gathers
 the raw (D wide) rows with an all-gather whose backward all-reduces the gradient, and runs the

@@ -13,8 +13,10 @@ negatives are columns shared by all ranks.
 
 The queue is an ``nn.Module``: its rows are a buffer (moved by ``.to(device)``), its write
 position and fill level are extra state, so ``state_dict()`` / ``load_state_dict()`` save and
-restore it with a checkpoint. Attach it to the model (``model.clreg_queue = queue``) or save its
-state dict next to the optimizer's.
+restore it with a checkpoint. Save its state dict next to the optimizer's, or attach it to a model
+that is not wrapped in DistributedDataParallel: DDP (``broadcast_buffers=True``, the default)
+would broadcast the whole buffer from rank 0 at every forward, ``capacity x dim`` numbers per
+step, and overwrite a local queue's rows on the other ranks without their fill level.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class RetainFeatureQueue(nn.Module):
         dim: row width: the projected width P when a projection is used, else the feature size D.
         process_group: if given, ``enqueue`` gathers the rows of every rank of this group, so all
             ranks hold the same queue. None: rows stay local (single-process training).
-        device, dtype: of the buffer (float32 by default, as the kernels compute in float32).
+        device, dtype: of the buffer (float32 by default, as the kernels compute in float32); a
+            CUDA device with an NCCL ``process_group``.
 
     Example::
 
@@ -84,9 +87,23 @@ class RetainFeatureQueue(nn.Module):
         ``enqueue``; a rank may push 0 rows). When more rows arrive than ``capacity``, only the
         last ``capacity`` of them are kept.
         """
-        rows = self._normalized(features, weight, bias)
-        if self.process_group is not None:
-            rows = _gather_variable_rows(rows, self.process_group)
+        if self.process_group is None:
+            rows = self._normalized(features, weight, bias)
+        else:
+            if str(dist.get_backend(self.process_group)).lower() == "nccl" and \
+                    not self.features.is_cuda:
+                raise ValueError(f"the queue's process_group uses NCCL, which needs CUDA tensors, "
+                                 f"but the queue is on {self.features.device}; move it with "
+                                 "queue.to(device)")
+            # A rank with bad input still joins the row-count exchange (with a count of -1), so
+            # that every rank raises instead of the others waiting in the gather.
+            try:
+                rows, error = self._normalized(features, weight, bias), None
+            except (TypeError, ValueError, RuntimeError) as exc:  # e.g. weight on another device
+                rows, error = None, exc
+            rows = _gather_variable_rows(rows, self.process_group, self.features)
+            if error is not None:
+                raise error
         rows = rows[-self.capacity:] if rows.shape[0] > self.capacity else rows
         n = rows.shape[0]
         if n == 0:
@@ -136,13 +153,26 @@ class RetainFeatureQueue(nn.Module):
         self._next, self._filled = nxt, filled
 
 
-def _gather_variable_rows(rows: torch.Tensor, group) -> torch.Tensor:
-    """Rows of every rank of ``group`` in rank order (ranks may hold different numbers)."""
+def _gather_variable_rows(rows: Optional[torch.Tensor], group,
+                          buffer: torch.Tensor) -> Optional[torch.Tensor]:
+    """Rows of every rank of ``group`` in rank order (ranks may hold different numbers).
+
+    ``rows`` is None on a rank whose input was invalid: it returns None (its caller raises the
+    real error) and every other rank raises a ValueError naming it.
+    """
     world = dist.get_world_size(group)
-    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    count = torch.tensor([-1 if rows is None else rows.shape[0]], dtype=torch.long,
+                         device=buffer.device)
     counts = [torch.empty_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     counts = [int(c) for c in counts]
+    bad = [r for r, c in enumerate(counts) if c < 0]
+    if rows is None:
+        return None
+    if bad:
+        raise ValueError(f"RetainFeatureQueue.enqueue: the rows of rank(s) {bad} of the process "
+                         "group are invalid (the error is raised on those ranks); every rank "
+                         "stops here")
     most = max(counts)
     if most == 0:
         return rows

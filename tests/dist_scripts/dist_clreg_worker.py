@@ -297,6 +297,13 @@ def raises_case(kind):
             temperature = 0.1 + 0.05 * rank
         if kind == "labels_on_some_ranks_only" and rank == 1:
             lab = None
+        if kind == "queue_bad_rows_on_rank_1":
+            # A gathering queue: rank 1's rows do not fit the weight; no rank may wait forever.
+            queue = RetainFeatureQueue(capacity=4, dim=3, process_group=group,
+                                       dtype=torch.float64)
+            rows = torch.randn(2, 5 if rank == 1 else 4, dtype=torch.float64)
+            queue.enqueue(rows, loc["weight"], loc["bias"])
+            return {"checks": {"did_not_raise": [1.0, 0.0]}}
         if kind == "extra_differs":
             gen = torch.Generator().manual_seed(rank)  # different rows on every rank
             extra = torch.nn.functional.normalize(
@@ -352,7 +359,7 @@ CASES = {
     "triton_interpreter": triton_case,
 }
 RAISING = ("too_few_forget_rows", "no_positive", "bad_input_on_rank_1", "temperature_differs",
-           "labels_on_some_ranks_only", "extra_differs")
+           "labels_on_some_ranks_only", "extra_differs", "queue_bad_rows_on_rank_1")
 for _kind in RAISING:
     CASES[f"raises_{_kind}"] = raises_case(_kind)
 
