@@ -717,13 +717,18 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
                           find_unused_parameters=cfg.ddp_find_unused_parameters)
         elif cfg.parallel == "fsdp":
             fully_shard, MixedPrecisionPolicy = _fsdp_api()
-            kwargs = {}
+            kwargs, root_kwargs = {}, {}
             if fsdp_mp:
                 kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                            reduce_dtype=torch.float32)
+                # The objective's float inputs are the reference's float32 NLL sums (NPO):
+                # cast to bf16 they would shift log p - log p_ref by up to ~1%.
+                root_kwargs["mp_policy"] = MixedPrecisionPolicy(
+                    param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                    cast_forward_inputs=False)
             for block in decoder_layers(model):
                 fully_shard(block, **kwargs)
-            fully_shard(objective, **kwargs)
+            fully_shard(objective, **root_kwargs)
             if reference is not None:
                 for block in decoder_layers(ref_model):
                     fully_shard(block, **kwargs)
