@@ -296,6 +296,7 @@ print(json.dumps(history[0]))
 """
 
 
+@pytest.mark.slow
 def test_fsdp_bf16_keeps_the_reference_log_probs_in_float32():
     """FSDP2 with the bf16 policy (one process, its own group): at the first NPO step the model
     is its reference, so log p - log p_ref = 0 and the loss is exactly (2/beta) log 2. Cast to
