@@ -110,20 +110,26 @@ def test_truth_ratio():
 
 # ----------------------------------------------------------------------------- model level
 
+class Double(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
 class LookupLM(torch.nn.Module):
     """A 'model' whose next-token distribution is a fixed table row of the current token, so
-    its teacher-forced statistics can be computed by hand."""
+    its teacher-forced statistics can be computed by hand; its one decoder layer doubles the
+    embedding."""
 
     def __init__(self, table):
         super().__init__()
         self.table = torch.nn.Parameter(torch.as_tensor(table, dtype=torch.float32).log())
         self.hidden = torch.nn.Embedding(len(table), 3)
+        self.layers = torch.nn.ModuleList([Double()])
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_ids, attention_mask=None):
         from types import SimpleNamespace
-        h = self.hidden(input_ids)
-        return SimpleNamespace(logits=self.table[input_ids],
-                               hidden_states=(h, h * 2) if output_hidden_states else None)
+        self.layers[0](self.hidden(input_ids))
+        return SimpleNamespace(logits=self.table[input_ids])
 
 
 def test_token_stats_by_hand():
@@ -143,7 +149,7 @@ def test_token_stats_by_hand():
     np.testing.assert_allclose(s["logprobs"], expected_lp, rtol=1e-5)
     assert s["correct"].tolist() == [True, False, True]
     assert s["value"].tolist() == [False, True, False]
-    # layer 0 -> hidden_states[1] = 2 * embedding, mean over the answer positions 2, 3, 4
+    # layer 0 outputs 2 * embedding; mean over the answer positions 2, 3, 4
     want = (model.hidden.weight[[4, 5, 2]] * 2).mean(0)
     torch.testing.assert_close(s["feature"], want.detach())
     agg = M.memorization_metrics([s])
@@ -178,6 +184,24 @@ def test_batched_stats_match_one_by_one():
         (alone,) = M.token_stats(model, [e], layer=1)
         np.testing.assert_allclose(t["logprobs"], alone["logprobs"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(t["feature"], alone["feature"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_token_stats_features_are_what_clreg_trains_on(pooling):
+    """``layer`` means what it means for CLReg: the output of that decoder layer (negative
+    indices from the last), pooled over the answer tokens, not the post-norm final state."""
+    from clreg_fast.unlearn.data import answer_mask, collate
+    from clreg_fast.unlearn.features import capture_layer, pool_features
+
+    model, ex = _tiny_llama_and_examples()  # two decoder layers
+    batch = collate(ex, pad_id=0)
+    for layer, same_as in ((0, 0), (1, 1), (-1, 1), (-2, 0)):
+        with torch.no_grad(), capture_layer(model, same_as) as cap:
+            cap.run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            want, _ = pool_features(cap[same_as], answer_mask(batch["labels"]), pooling)
+        got = torch.stack([s["feature"] for s in M.token_stats(model, ex, layer=layer,
+                                                                pooling=pooling)])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
 
 
 def test_evaluate_model_keys_and_oracle_comparison():

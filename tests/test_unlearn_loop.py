@@ -2,6 +2,7 @@
 make the same update as one process on the same global batch."""
 import importlib.util
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -279,6 +280,38 @@ def _torchrun(parallel, tmp_path, resume=False):
     if proc.returncode:
         pytest.fail(f"torchrun {parallel} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return torch.load(out, weights_only=False)
+
+
+_FSDP_BF16_NPO = """
+import json, sys
+import torch
+sys.path[:0] = [{root!r}, {scripts!r}]
+import unlearn_worker as W
+from clreg_fast.unlearn.train import UnlearnConfig, unlearn
+torch.set_num_threads(1)
+history = unlearn(W.tiny_model(), W.FORGET, W.RETAIN,
+                  UnlearnConfig(method="npo", parallel="fsdp", bf16=True, max_steps=1,
+                                batch_size=4, lr=1e-6, progress=False), pad_id=0)
+print(json.dumps(history[0]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_keeps_the_reference_log_probs_in_float32():
+    """FSDP2 with the bf16 policy (one process, its own group): at the first NPO step the model
+    is its reference, so log p - log p_ref = 0 and the loss is exactly (2/beta) log 2. Cast to
+    bf16 on the way into the wrapped forward, the float32 reference NLL sums would not be."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    script = _FSDP_BF16_NPO.format(root=ROOT, scripts=os.path.dirname(WORKER_PATH))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    if proc.returncode:
+        pytest.fail(f"FSDP bf16 run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    first = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first["forget_loss"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-6)
 
 
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])

@@ -129,43 +129,6 @@ def _choices(name: str):
             "clreg_fallback": ("one_concept", "skip")}.get(name)
 
 
-def _load_examples(path: str, tokenizer, max_length: int, id_map: Dict) -> List[Dict]:
-    """TOFU-style rows -> training examples (the data module's loader when it has one)."""
-    from clreg_fast.unlearn import data
-
-    loader = getattr(data, "load_qa_examples", None)
-    if loader is not None:
-        return loader(path, tokenizer, max_length=max_length, id_map=id_map)
-    return _fallback_load(path, tokenizer, max_length, id_map)
-
-
-def _fallback_load(path, tokenizer, max_length, id_map) -> List[Dict]:
-    with open(path) as fh:
-        text = fh.read()
-    if path.endswith(".jsonl"):
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        rows = json.loads(text)
-        rows = rows["data"] if isinstance(rows, dict) and "data" in rows else rows
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token_id")
-    examples = []
-    for i, row in enumerate(rows):
-        if "question" not in row or "answer" not in row:
-            raise ValueError(f"{path}: row {i} lacks 'question' or 'answer'")
-        raw = next((row[k] for k in ("concept_id", "author_id", "author") if k in row), 0)
-        concept = raw if isinstance(raw, int) else id_map.setdefault(raw, len(id_map))
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        prompt = bos + tokenizer.encode(f"Question: {row['question']}\nAnswer:",
-                                        add_special_tokens=False)
-        answer = tokenizer.encode(" " + row["answer"], add_special_tokens=False)
-        answer.append(tokenizer.eos_token_id)
-        ids = (prompt + answer)[:max_length]
-        labels = ([-100] * len(prompt) + answer)[:max_length]
-        examples.append({"input_ids": ids, "labels": labels, "concept_id": concept})
-    return examples
-
-
 def _nll_eval(examples_by_split: Dict[str, List[Dict]], pad_id: int):
     """eval_fn: mean answer-token NLL of a few forget and retain examples."""
     import torch
@@ -198,6 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from clreg_fast.unlearn.data import load_qa_examples
     from clreg_fast.unlearn.train import unlearn
 
     fields = {f.name for f in dataclasses.fields(UnlearnConfig)}
@@ -222,9 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
                                                      **load_kwargs)
 
-    id_map: Dict = {}
-    forget = _load_examples(args.forget, tokenizer, args.max_length, id_map)
-    retain = _load_examples(args.retain, tokenizer, args.max_length, id_map)
+    id_map: Dict = {}  # concept names -> ids, shared by both files
+    forget = load_qa_examples(args.forget, tokenizer, max_length=args.max_length, id_map=id_map)
+    retain = load_qa_examples(args.retain, tokenizer, max_length=args.max_length, id_map=id_map)
     eval_fn = None
     if cfg.eval_every:
         eval_fn = _nll_eval({"forget": forget[:args.eval_examples],

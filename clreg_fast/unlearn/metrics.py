@@ -34,6 +34,7 @@ of the right token with the true prefix, i.e. teacher forcing):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from clreg_fast.unlearn.data import IGNORE_INDEX, collate
+from clreg_fast.unlearn.features import capture_layer
 
 # --------------------------------------------------------------------------- pure functions
 
@@ -174,21 +176,26 @@ def token_stats(model, examples: Sequence[Dict], batch_size: int = 64, pad_id: i
 
     Each result has ``logprobs`` and ``correct`` (numpy, one entry per answer token) and
     ``value`` (bool mask of the value tokens among them). With ``layer`` (a decoder layer
-    index) it also has ``feature``: that layer's output pooled over the answer tokens
-    (``mean``) or taken at the last answer token (``last``).
+    index, negative from the last) it also has ``feature``: the output of that decoder layer,
+    the state CLReg trains on (for the last layer: before the final norm), pooled over the
+    answer tokens (``mean``) or taken at the last answer token (``last``).
     """
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
     device = _device_of(model)
+    # A hook on the decoder layer, as in training: ``output_hidden_states`` would give the
+    # embeddings for layer -1 and the post-norm state for the last layer.
+    capture = capture_layer(model, layer) if layer is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     results: List[Dict] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start:start + batch_size])
         batch = collate(chunk, pad_id)
-        out = model(input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    output_hidden_states=layer is not None)
+        with capture as cap:
+            out = model(input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device))
+            hidden = cap[layer].float() if layer is not None else None
         logits = out.logits[:, :-1].float()
         targets = batch["labels"][:, 1:].to(device)
         mask = targets != IGNORE_INDEX
@@ -197,7 +204,6 @@ def token_stats(model, examples: Sequence[Dict], batch_size: int = 64, pad_id: i
         value = batch.get("value_mask")
         value = value[:, 1:].to(device) if value is not None else mask
         if layer is not None:
-            hidden = out.hidden_states[layer + 1].float()
             # Answer-token positions in the input (labels are not shifted here).
             amask = (batch["labels"] != IGNORE_INDEX).to(device)
             if pooling == "mean":

@@ -4,7 +4,9 @@ One file, nothing hidden in a framework: single process, DDP or FSDP2 under ``to
 gradient accumulation; bf16 autocast on GPU; gradient checkpointing; AdamW with warm-up; one
 forget mini-batch paired with one random retain mini-batch per step; periodic evaluation;
 JSONL/CSV metrics; atomic checkpoints (``save_pretrained`` safetensors + optimizer, scheduler,
-sampler and RNG state) and exact resume.
+sampler and RNG state) and exact resume. The plumbing lives next door: ``distributed.py``
+(process group, DDP/FSDP2 wrapping), ``checkpoint.py`` (save, load, resume) and
+``metrics_log.py`` (log files); the losses are in ``methods.py``.
 
 Batches. ``batch_size`` is the number of forget examples per *optimizer step over all ranks*;
 each step takes ``batch_size`` forget and ``retain_batch_size`` retain indices from two
@@ -25,34 +27,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
-import json
 import math
 import os
 import re
-import shutil
-import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from clreg_fast.unlearn import checkpoint
 from clreg_fast.unlearn import methods as M
 from clreg_fast.unlearn.data import IGNORE_INDEX, answer_mask, collate
+from clreg_fast.unlearn.distributed import DistInfo, full_params, init_distributed, reduce_logs, wrap
 from clreg_fast.unlearn.features import (POOLINGS, capture_layer, decoder_layers, pool_features,
                                          resolve_layer)
+from clreg_fast.unlearn.metrics_log import MetricsLog
 
 PARALLEL = ("none", "ddp", "fsdp")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
-TRAINER_STATE = "trainer_state.pt"
-HEAD_FILE = "clreg_head.safetensors"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -160,70 +156,8 @@ class UnlearnConfig:
         return out
 
 
-# --------------------------------------------------------------------------- distributed setup
 
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    created_group: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled and self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def barrier(self):
-        if self.enabled and self.world > 1:
-            dist.barrier()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_distributed(parallel: str) -> _Dist:
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if parallel == "none":
-        if env_world > 1 or (dist.is_available() and dist.is_initialized()
-                             and dist.get_world_size() > 1):
-            raise ValueError(f"launched with WORLD_SIZE={env_world} but parallel='none'; "
-                             "use parallel='ddp' or 'fsdp' under torchrun")
-        return _Dist()
-    if not dist.is_available():
-        raise RuntimeError("torch.distributed is not available in this PyTorch build")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend)
-        else:  # a plain `python` run: a one-process group so the same code path runs
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
-        created = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, created)
-
-
-def _fsdp_api():
-    """``(fully_shard, MixedPrecisionPolicy)`` from wherever this torch keeps FSDP2."""
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-    return fully_shard, MixedPrecisionPolicy
-
-
-# --------------------------------------------------------------------------- data streams
+# --------------------------------------------------------------------------- data
 
 class IndexStream:
     """Endless epoch-shuffled indices of a dataset; the state is ``(epoch, position)``.
@@ -269,13 +203,6 @@ class IndexStream:
         self._perm = self._permutation(self.epoch)
 
 
-def _answer_counts(example: dict) -> Tuple[int, int]:
-    """(shifted NLL tokens, answer tokens) of one example."""
-    labels = example["labels"]
-    return (sum(1 for t in labels[1:] if t != IGNORE_INDEX),
-            sum(1 for t in labels if t != IGNORE_INDEX))
-
-
 def _check_examples(name: str, examples) -> None:
     if not isinstance(examples, (list, tuple)) or not examples:
         raise ValueError(f"{name} must be a non-empty list of examples")
@@ -287,10 +214,34 @@ def _check_examples(name: str, examples) -> None:
                              f"{len(ex['labels'])} labels")
 
 
+def _nll_tokens(example: dict) -> int:
+    """Answer tokens the (shifted) NLL of one example scores."""
+    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
+
+
+def _normalizers(forget_tokens: List[int], retain_tokens: List[int], forget_idx: List[int],
+                 retain_idx: List[int], micro: int) -> Dict[str, float]:
+    """Counts over the whole optimizer step (all ranks, all accumulation steps)."""
+    return {
+        "forget_tokens": float(max(sum(forget_tokens[i] for i in forget_idx), 1)),
+        "retain_tokens": float(max(sum(retain_tokens[i] for i in retain_idx), 1)),
+        "forget_seqs": float(len(forget_idx)),
+        "retain_seqs": float(len(retain_idx)),
+        "micro_batches": float(micro),
+    }
+
+
+def _batch(examples: Sequence[dict], ids: List[int], pad_id: int, device) -> Dict[str, torch.Tensor]:
+    batch = collate([examples[i] for i in ids], pad_id)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # --------------------------------------------------------------------------- the objective
 
-def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _autocast(enabled: bool, device: torch.device):
+    if not enabled:  # also switches off an autocast region opened around this one
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 class _Objective(nn.Module):
@@ -302,7 +253,8 @@ class _Objective(nn.Module):
     """
 
     def __init__(self, model: nn.Module, cfg: UnlearnConfig, head: Optional[nn.Linear],
-                 clreg_layer: int, rmu_layer: int, control: Optional[torch.Tensor]):
+                 clreg_layer: int, rmu_layer: int, control: Optional[torch.Tensor],
+                 use_autocast: bool):
         super().__init__()
         self.model = model
         self.head = head
@@ -310,8 +262,8 @@ class _Objective(nn.Module):
         self.clreg_layer = clreg_layer
         self.rmu_layer = rmu_layer
         self._control = control  # a plain attribute: not a parameter, not in the state dict
+        self.use_autocast = use_autocast
 
-    # -- pieces
     def _run(self, batch, layers: Sequence[int], want_logits: bool):
         """Forward of the model; returns (logits or None, {layer: hidden})."""
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -322,6 +274,51 @@ class _Objective(nn.Module):
             out = cap.run(**kwargs)
             hidden = {layer: cap[layer] for layer in layers}
         return (out.logits if want_logits else None), hidden
+
+    def _rmu_terms(self, forget, retain, norms, ref):
+        """RMU's terms from early-stopped forwards; (forget, retain, forget hidden, retain
+        hidden for CLReg or None)."""
+        cfg, cl = self.cfg, self.clreg_layer
+        use_clreg = cfg.clreg_weight > 0
+        retain_feats_from_model = use_clreg and cfg.clreg_retain_source == "model"
+        _, f_hidden = self._run(forget, sorted({self.rmu_layer} | ({cl} if use_clreg else set())),
+                                want_logits=False)
+        _, r_hidden = self._run(retain, sorted({self.rmu_layer} | ({cl} if retain_feats_from_model
+                                                                   else set())),
+                                want_logits=False)
+        forget_term = M.masked_token_mse(f_hidden[self.rmu_layer], self._control,
+                                         answer_mask(forget["labels"]), norms["forget_seqs"])
+        retain_term = M.masked_token_mse(r_hidden[self.rmu_layer], ref["rmu_retain_hidden"],
+                                         answer_mask(retain["labels"]), norms["retain_seqs"])
+        retain_for_clreg = r_hidden[cl] if retain_feats_from_model else None
+        return forget_term, retain_term, f_hidden, retain_for_clreg
+
+    def _logit_terms(self, forget, retain, norms, ref, logs):
+        """GradAscent/GradDiff/NPO/SimNPO terms from the logits; same return as _rmu_terms."""
+        cfg, cl = self.cfg, self.clreg_layer
+        use_clreg = cfg.clreg_weight > 0
+        retain_feats_from_model = use_clreg and cfg.clreg_retain_source == "model"
+        f_logits, f_hidden = self._run(forget, [cl] if use_clreg else [], want_logits=True)
+        nll_sum, n_tok = M.sequence_nll(f_logits, forget["labels"])
+        if cfg.method in ("gradascent", "graddiff"):
+            forget_term = -nll_sum.sum() / norms["forget_tokens"]
+        elif cfg.method == "npo":
+            forget_term = M.npo_loss(nll_sum, ref["forget_nll"], cfg.npo_beta, norms["forget_seqs"])
+        else:
+            forget_term = M.simnpo_loss(nll_sum, n_tok, cfg.simnpo_beta, cfg.simnpo_delta,
+                                        norms["forget_seqs"])
+        logs["forget_nll"] = (nll_sum.sum() / norms["forget_tokens"]).detach()
+        retain_term, r_hidden = None, {}
+        if M.USES_RETAIN_LOSS[cfg.method]:
+            r_logits, r_hidden = self._run(retain, [cl] if retain_feats_from_model else [],
+                                           want_logits=True)
+            retain_term = M.sequence_nll(r_logits, retain["labels"])[0].sum() \
+                / norms["retain_tokens"]
+        elif retain_feats_from_model:
+            with torch.no_grad():  # features only: stop after the CLReg layer
+                _, r_hidden = self._run(retain, [cl], want_logits=False)
+        retain_for_clreg = r_hidden[cl] if retain_feats_from_model else None
+        return forget_term, retain_term, f_hidden, retain_for_clreg
 
     def _clreg(self, forget_hidden, forget, retain_hidden, retain):
         cfg = self.cfg
@@ -351,61 +348,27 @@ class _Objective(nn.Module):
 
     def forward(self, forget, retain, norms: Dict[str, float], ref: Dict[str, torch.Tensor]):
         cfg = self.cfg
-        use_clreg = cfg.clreg_weight > 0
-        cl = self.clreg_layer
+        device = forget["input_ids"].device
         logs: Dict[str, torch.Tensor] = {}
-        retain_hidden_for_clreg = ref.get("clreg_retain_hidden")
-
-        with _autocast(norms["autocast"], forget["input_ids"].device):
+        with _autocast(self.use_autocast, device):
             if cfg.method == "rmu":
-                layers = sorted({self.rmu_layer} | ({cl} if use_clreg else set()))
-                _, f_hidden = self._run(forget, layers, want_logits=False)
-                r_layers = sorted({self.rmu_layer} | (
-                    {cl} if use_clreg and cfg.clreg_retain_source == "model" else set()))
-                _, r_hidden = self._run(retain, r_layers, want_logits=False)
-                forget_term = M.masked_token_mse(f_hidden[self.rmu_layer], self._control,
-                                                 answer_mask(forget["labels"]), norms["forget_seqs"])
-                retain_term = M.masked_token_mse(r_hidden[self.rmu_layer], ref["rmu_retain_hidden"],
-                                                 answer_mask(retain["labels"]), norms["retain_seqs"])
-                if use_clreg and cfg.clreg_retain_source == "model":
-                    retain_hidden_for_clreg = r_hidden[cl]
+                forget_term, retain_term, f_hidden, r_hidden = self._rmu_terms(
+                    forget, retain, norms, ref)
             else:
-                f_layers = [cl] if use_clreg else []
-                f_logits, f_hidden = self._run(forget, f_layers, want_logits=True)
-                nll_sum, n_tok = M.sequence_nll(f_logits, forget["labels"])
-                if cfg.method in ("gradascent", "graddiff"):
-                    forget_term = -nll_sum.sum() / norms["forget_tokens"]
-                elif cfg.method == "npo":
-                    forget_term = M.npo_loss(nll_sum, ref["forget_nll"], cfg.npo_beta,
-                                             norms["forget_seqs"])
-                else:
-                    forget_term = M.simnpo_loss(nll_sum, n_tok, cfg.simnpo_beta, cfg.simnpo_delta,
-                                                norms["forget_seqs"])
-                logs["forget_nll"] = (nll_sum.sum() / norms["forget_tokens"]).detach()
-                want_retain_feats = use_clreg and cfg.clreg_retain_source == "model"
-                if M.USES_RETAIN_LOSS[cfg.method]:
-                    r_logits, r_hidden = self._run(retain, [cl] if want_retain_feats else [],
-                                                   want_logits=True)
-                    retain_term = M.sequence_nll(r_logits, retain["labels"])[0].sum() \
-                        / norms["retain_tokens"]
-                    if want_retain_feats:
-                        retain_hidden_for_clreg = r_hidden[cl]
-                else:
-                    retain_term = None
-                    if want_retain_feats:
-                        with torch.no_grad():  # features only: stop after the CLReg layer
-                            _, r_hidden = self._run(retain, [cl], want_logits=False)
-                        retain_hidden_for_clreg = r_hidden[cl]
+                forget_term, retain_term, f_hidden, r_hidden = self._logit_terms(
+                    forget, retain, norms, ref, logs)
 
         loss = cfg.gamma * forget_term
         logs["forget_loss"] = forget_term.detach()
         if retain_term is not None:
             loss = loss + cfg.retain_weight * retain_term
             logs["retain_loss"] = retain_term.detach()
-        if use_clreg:
+        if cfg.clreg_weight > 0:
+            if r_hidden is None:  # retain features from the frozen reference, if any
+                r_hidden = ref.get("clreg_retain_hidden")
             # CLReg in its own precision (autocast would push the similarity GEMMs to bf16).
-            with _autocast(False, forget["input_ids"].device):
-                clreg, info = self._clreg(f_hidden[cl], forget, retain_hidden_for_clreg, retain)
+            with _autocast(False, device):
+                clreg, info = self._clreg(f_hidden[self.clreg_layer], forget, r_hidden, retain)
             clreg = clreg / norms["micro_batches"]
             loss = loss + cfg.clreg_weight * clreg
             logs["clreg_loss"] = clreg.detach()
@@ -418,15 +381,16 @@ class _Objective(nn.Module):
 class _FrozenReference(nn.Module):
     """The frozen reference model: NLL sums and/or early-stopped layer features, no grad."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, use_autocast: bool):
         super().__init__()
         self.model = model
+        self.use_autocast = use_autocast
 
     @torch.no_grad()
-    def forward(self, batch, layers: Tuple[int, ...], want_nll: bool, use_autocast: bool):
+    def forward(self, batch, layers: Tuple[int, ...], want_nll: bool):
         kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       use_cache=False)
-        with _autocast(use_autocast, batch["input_ids"].device):
+        with _autocast(self.use_autocast, batch["input_ids"].device):
             if not layers:
                 return M.sequence_nll(self.model(**kwargs).logits, batch["labels"])[0], {}
             with capture_layer(self.model, layers, stop=not want_nll) as cap:
@@ -436,10 +400,158 @@ class _FrozenReference(nn.Module):
         return nll, hidden
 
 
-def _autocast(enabled: bool, device: torch.device):
-    if not enabled:  # also switches off an autocast region opened around this one
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def _reference_inputs(reference, cfg: UnlearnConfig, forget, retain, f_ids, ref_forget_nll,
+                      rmu_layer: int, clreg_layer: int) -> Dict[str, torch.Tensor]:
+    """What the objective needs from the frozen reference for one micro-batch."""
+    ref: Dict[str, torch.Tensor] = {}
+    if cfg.method == "npo":
+        if ref_forget_nll is not None:
+            ref["forget_nll"] = ref_forget_nll[f_ids].to(forget["input_ids"].device)
+        else:
+            ref["forget_nll"] = reference(forget, (), True)[0]
+    clreg_from_ref = cfg.clreg_weight > 0 and cfg.clreg_retain_source == "ref"
+    layers = ({rmu_layer} if cfg.method == "rmu" else set()) | ({clreg_layer} if clreg_from_ref
+                                                              else set())
+    if layers:
+        _, hidden = reference(retain, tuple(sorted(layers)), False)
+        if cfg.method == "rmu":
+            ref["rmu_retain_hidden"] = hidden[rmu_layer]
+        if clreg_from_ref:
+            ref["clreg_retain_hidden"] = hidden[clreg_layer]
+    return ref
+
+
+def _precompute_ref_nll(reference, examples, micro_bs: int, pad_id: int, device, d: DistInfo,
+                        progress: bool) -> torch.Tensor:
+    """Reference NLL sums of every forget example, computed once; ranks split the work."""
+    from tqdm.auto import tqdm
+
+    n = len(examples)
+    mine = list(range(d.rank, n, d.world))
+    n_batches = math.ceil(math.ceil(n / d.world) / micro_bs)  # equal on every rank: FSDP lockstep
+    out = torch.zeros(n, dtype=torch.float32, device=device)
+    for b in tqdm(range(n_batches), desc="reference log-probs", leave=False,
+                  disable=not progress or d.rank != 0):
+        ids = mine[b * micro_bs:(b + 1) * micro_bs]
+        real = len(ids)
+        ids = ids + [0] * (micro_bs - real)  # dummy rows keep every rank's batch count equal
+        nll, _ = reference(_batch(examples, ids, pad_id, device), (), True)
+        if real:
+            out[torch.as_tensor(ids[:real], device=device)] = nll[:real].float()
+    d.all_reduce_sum(out)
+    return out.cpu()
+
+
+# --------------------------------------------------------------------------- model setup
+
+def _pick_device(cfg: UnlearnConfig, d: DistInfo) -> torch.device:
+    """cfg.device, else CUDA when there is one (this rank's GPU), else the CPU."""
+    if cfg.device is None and not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device(cfg.device if cfg.device is not None else "cuda")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
+    return device
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Per-block activation checkpointing, non-reentrant (works with frozen inputs and FSDP2)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+
+
+@contextlib.contextmanager
+def _model_state_restored(model: nn.Module, grad_checkpointing: bool):
+    """On exit: checkpointing off again, and the requires_grad flags, train/eval mode and
+    ``config.use_cache`` the model had on entry."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    try:
+        yield
+    finally:
+        if grad_checkpointing:
+            for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+                if hasattr(model, name):
+                    getattr(model, name)()
+                    break
+        for name, p in model.named_parameters():
+            if name in flags:
+                p.requires_grad_(flags[name])
+        model.train(was_training)
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+
+
+def _set_attn_implementation(model: nn.Module, name: str) -> None:
+    if name == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            warnings.warn("attn_implementation='flash_attention_2' asked for but flash-attn is not "
+                          "installed; keeping the model's attention implementation")
+            return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def _freeze_for_rmu(model: nn.Module, cfg: UnlearnConfig, rmu_layer: int) -> None:
+    """RMU trains only the matching parameters of a few layers at and below the steered one."""
+    layers = cfg.rmu_train_layers
+    if layers is None:
+        layers = range(max(rmu_layer - 2, 0), rmu_layer + 1)
+    indices = sorted({resolve_layer(model, int(i), clamp=True) for i in layers})
+    # RMU forwards stop after the steered layer (or the CLReg layer), so deeper layers get no
+    # gradient: training them would do nothing (and would stall DDP's gradient reduction).
+    deepest = max(rmu_layer, resolve_layer(model, cfg.clreg_layer) if cfg.clreg_weight > 0 else 0)
+    if indices[-1] > deepest:
+        raise ValueError(f"rmu_train_layers={list(layers)} reaches layer {indices[-1]}, past "
+                         f"rmu_layer={rmu_layer} where the RMU forward stops")
+    pattern = re.compile(cfg.rmu_param_regex)
+    model.requires_grad_(False)
+    blocks = decoder_layers(model)
+    chosen = 0
+    for index in indices:
+        for name, p in blocks[index].named_parameters():
+            if pattern.search(name):
+                p.requires_grad_(True)
+                chosen += 1
+    if not chosen:
+        raise ValueError(f"rmu_param_regex={cfg.rmu_param_regex!r} matches no parameter of "
+                         f"decoder layers {indices}")
+
+
+def _make_head(cfg: UnlearnConfig, hidden_size: int, resume_from: Optional[str],
+               device) -> Optional[nn.Linear]:
+    """The trainable CLReg projection head (``clreg_proj_dim``), the same on every rank."""
+    if not (cfg.clreg_weight > 0 and cfg.clreg_proj_dim):
+        return None
+    head = nn.Linear(hidden_size, cfg.clreg_proj_dim)
+    generator = torch.Generator().manual_seed(cfg.seed + 17)
+    bound = 1.0 / math.sqrt(hidden_size)  # nn.Linear's default init, seeded
+    with torch.no_grad():
+        head.weight.uniform_(-bound, bound, generator=generator)
+        head.bias.uniform_(-bound, bound, generator=generator)
+    if resume_from:
+        checkpoint.load_head(head, resume_from)
+    return head.to(device)
 
 
 # --------------------------------------------------------------------------- optimizer & schedule
@@ -459,7 +571,7 @@ def _lr_factor(step: int, cfg: UnlearnConfig, total: int) -> float:
 
 def _make_optimizer(module: nn.Module, cfg: UnlearnConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for _, p in module.named_parameters():
+    for p in module.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     if not decay and not no_decay:
@@ -483,88 +595,20 @@ def _clip_and_norm(params: List[torch.Tensor], max_norm: Optional[float]) -> flo
     return float(norm)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-def _latest_checkpoint(out_dir: str) -> Optional[str]:
-    if not out_dir or not os.path.isdir(out_dir):
-        return None
-    found = []
-    for name in os.listdir(out_dir):
-        match = CHECKPOINT_RE.match(name)
-        if match and os.path.isfile(os.path.join(out_dir, name, TRAINER_STATE)):
-            found.append((int(match.group(1)), name))
-    return os.path.join(out_dir, max(found)[1]) if found else None
-
-
-def _atomic_dir_write(final_dir: str, write: Callable[[str], None]) -> None:
-    """Write into a fresh temporary sibling directory, then rename it into place."""
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final_dir) + "-", dir=parent)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+def _run_eval(eval_fn, model: nn.Module, objective: nn.Module, parallel: str) -> Dict[str, float]:
+    model.eval()
     try:
-        write(tmp)
-        if os.path.exists(final_dir):  # rename() cannot replace a non-empty directory
-            old = tempfile.mkdtemp(prefix=".old-", dir=parent)
-            os.replace(final_dir, os.path.join(old, "d"))
-            os.replace(tmp, final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _save_pretrained(model: nn.Module, directory: str, state_dict=None) -> None:
-    import inspect
-
-    from transformers.utils import logging as hf_logging
-
-    kwargs = {}
-    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
-        kwargs["safe_serialization"] = True  # transformers < 5; 5.x always writes safetensors
-    # Keep the loop's own progress bar readable: no nested "writing shards" bar per save.
-    bars_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(directory, state_dict=state_dict, **kwargs)
+        with torch.no_grad(), full_params(objective, parallel):
+            results = eval_fn(model) or {}
     finally:
-        if bars_on:
-            hf_logging.enable_progress_bar()
+        model.train()
 
+    def plain(value):  # numbers (and 0-d tensors) become floats; anything else stays as is
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return float(value)
+        return float(value) if isinstance(value, (int, float)) else value
 
-def _load_model_weights(model: nn.Module, directory: str) -> None:
-    """Load the safetensors written by ``save_pretrained`` into ``model`` (tied weights allowed)."""
-    from safetensors.torch import load_file
-
-    files = sorted(f for f in os.listdir(directory)
-                   if f.endswith(".safetensors") and f != HEAD_FILE)
-    if not files:
-        raise FileNotFoundError(f"no model *.safetensors in {directory}")
-    state = {}
-    for name in files:
-        state.update(load_file(os.path.join(directory, name)))
-    result = model.load_state_dict(state, strict=False)
-    # Parameters missing from the file must be tied to one that was loaded (e.g. lm_head).
-    by_name = dict(model.named_parameters(remove_duplicate=False))
-    loaded_ids = {id(by_name[k]) for k in state if k in by_name}
-    missing = [k for k in result.missing_keys if k not in by_name or id(by_name[k]) not in loaded_ids]
-    missing = [k for k in missing if k in dict(model.named_parameters())]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {directory} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-
-
-def _gather_rng(d: _Dist) -> list:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if d.enabled and d.world > 1:
-        states = [None] * d.world
-        dist.all_gather_object(states, state)
-        return states
-    return [state]
+    return {f"eval_{k}": plain(v) for k, v in results.items()}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -609,20 +653,19 @@ def unlearn(
 
     The global torch RNG is reseeded with ``seed + rank`` (dropout streams).
     """
+    from tqdm.auto import tqdm
+
     cfg = cfg if cfg is not None else UnlearnConfig()
     if not isinstance(cfg, UnlearnConfig):
         raise TypeError(f"cfg must be an UnlearnConfig, got {type(cfg).__name__}")
     _check_examples("forget_examples", forget_examples)
     _check_examples("retain_examples", retain_examples)
-    d = _init_distributed(cfg.parallel)
+    forget_examples, retain_examples = list(forget_examples), list(retain_examples)
     # A process group created here stays up: under FSDP the returned model is sharded and
     # needs it. Call torch.distributed.destroy_process_group() when done (the CLI does).
-    return _unlearn(model, list(forget_examples), list(retain_examples), cfg, ref_model,
-                    pad_id, eval_fn, d)
+    d = init_distributed(cfg.parallel)
 
-
-def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_model, pad_id,
-             eval_fn, d: _Dist) -> List[Dict[str, float]]:
+    # Each step's forget and retain indices are cut into world * grad_accum micro-batches.
     micro = d.world * cfg.grad_accum
     retain_bs = cfg.retain_batch_size or cfg.batch_size
     for name, size in (("batch_size", cfg.batch_size), ("retain_batch_size", retain_bs)):
@@ -633,30 +676,12 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
     total_steps = cfg.max_steps if cfg.max_steps is not None else \
         math.ceil(cfg.epochs * len(forget_examples) / cfg.batch_size)
 
-    if cfg.device is not None:
-        device = torch.device(cfg.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = _pick_device(cfg, d)
     use_bf16 = (cfg.bf16 is True or (cfg.bf16 == "auto" and device.type == "cuda"
                                      and torch.cuda.is_bf16_supported()))
-    fsdp_mp = use_bf16 and cfg.parallel == "fsdp"  # FSDP2 casts by policy, not autocast
-    use_autocast = use_bf16 and not fsdp_mp
+    use_autocast = use_bf16 and cfg.parallel != "fsdp"  # FSDP2 casts by its policy instead
+    resume_from = checkpoint.resume_dir(cfg.resume, cfg.out_dir)  # before touching the model
 
-    # Resolve the checkpoint to resume from before touching the model.
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = cfg.resume if isinstance(cfg.resume, str) else _latest_checkpoint(cfg.out_dir)
-        if isinstance(cfg.resume, str) and not os.path.isfile(os.path.join(resume_dir, TRAINER_STATE)):
-            raise FileNotFoundError(f"resume={cfg.resume!r} is not a checkpoint ({TRAINER_STATE} missing)")
-
-    saved_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
-    config = getattr(model, "config", None)
-    saved_use_cache = getattr(config, "use_cache", None)
     needs_ref = M.NEEDS_REFERENCE[cfg.method] or (cfg.clreg_weight > 0
                                                   and cfg.clreg_retain_source == "ref")
     if needs_ref and ref_model is None:
@@ -665,14 +690,14 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
         _set_attn_implementation(model, cfg.attn_implementation)
         if ref_model is not None:
             _set_attn_implementation(ref_model, cfg.attn_implementation)
-
     clreg_layer = resolve_layer(model, cfg.clreg_layer)
     rmu_layer = resolve_layer(model, cfg.rmu_layer, clamp=True)
     hidden_size = _hidden_size(model)
 
-    try:
-        if resume_dir:
-            _load_model_weights(model, resume_dir)
+    with _model_state_restored(model, cfg.grad_checkpointing):
+        # -- the model, the objective around it, and the frozen reference
+        if resume_from:
+            checkpoint.load_model_weights(model, resume_from)
         if cfg.parallel != "fsdp":
             # fully_shard moves each block to the device as it shards it, so under FSDP a
             # model loaded on the CPU never sits whole on one GPU.
@@ -682,113 +707,61 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             _freeze_for_rmu(model, cfg, rmu_layer)
         if cfg.grad_checkpointing:
             _enable_checkpointing(model)
-        if config is not None:
-            config.use_cache = False  # no KV cache in training forwards
-
-        head = None
-        if cfg.clreg_weight > 0 and cfg.clreg_proj_dim:
-            head = nn.Linear(hidden_size, cfg.clreg_proj_dim)
-            generator = torch.Generator().manual_seed(cfg.seed + 17)
-            bound = 1.0 / math.sqrt(hidden_size)  # nn.Linear's default init, seeded for all ranks
-            with torch.no_grad():
-                head.weight.uniform_(-bound, bound, generator=generator)
-                head.bias.uniform_(-bound, bound, generator=generator)
-            if resume_dir and os.path.isfile(os.path.join(resume_dir, HEAD_FILE)):
-                from safetensors.torch import load_file
-                head.load_state_dict(load_file(os.path.join(resume_dir, HEAD_FILE)))
-            head.to(device)
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False  # no KV cache in training forwards
         control = (M.rmu_control_vector(hidden_size, cfg.rmu_steering, cfg.seed, device)
                    if cfg.method == "rmu" else None)
-        objective = _Objective(model, cfg, head, clreg_layer, rmu_layer, control)
-
+        objective = _Objective(model, cfg, _make_head(cfg, hidden_size, resume_from, device),
+                               clreg_layer, rmu_layer, control, use_autocast)
         reference = None
         if needs_ref:
             if cfg.parallel != "fsdp":
                 ref_model.to(device)
             ref_model.eval()
             ref_model.requires_grad_(False)
-            reference = _FrozenReference(ref_model)
+            reference = _FrozenReference(ref_model, use_autocast)
+        wrapped = wrap(objective, reference, cfg.parallel, device, use_bf16,
+                       cfg.ddp_find_unused_parameters)
 
-        wrapped: nn.Module = objective
-        if cfg.parallel == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            wrapped = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                          find_unused_parameters=cfg.ddp_find_unused_parameters)
-        elif cfg.parallel == "fsdp":
-            fully_shard, MixedPrecisionPolicy = _fsdp_api()
-            kwargs = {}
-            if fsdp_mp:
-                kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                           reduce_dtype=torch.float32)
-            for block in decoder_layers(model):
-                fully_shard(block, **kwargs)
-            fully_shard(objective, **kwargs)
-            if reference is not None:
-                for block in decoder_layers(ref_model):
-                    fully_shard(block, **kwargs)
-                fully_shard(reference, **kwargs)
-
+        # -- optimizer, schedule, samplers; then the state of a resumed run
         optimizer = _make_optimizer(objective, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: _lr_factor(s, cfg, total_steps))
         params = [p for p in objective.parameters() if p.requires_grad]
-
-        forget_counts = [_answer_counts(ex) for ex in forget_examples]
-        retain_counts = [_answer_counts(ex) for ex in retain_examples]
-        forget_stream = IndexStream(len(forget_examples), cfg.seed, salt=1)
-        retain_stream = IndexStream(len(retain_examples), cfg.seed, salt=2)
+        forget_tokens = [_nll_tokens(ex) for ex in forget_examples]
+        retain_tokens = [_nll_tokens(ex) for ex in retain_examples]
+        streams = {"forget_stream": IndexStream(len(forget_examples), cfg.seed, salt=1),
+                   "retain_stream": IndexStream(len(retain_examples), cfg.seed, salt=2)}
         torch.manual_seed(cfg.seed + d.rank)  # dropout etc.; differs across ranks on purpose
         history: List[Dict[str, float]] = []
         start_step = 0
-        if resume_dir:
-            state = torch.load(os.path.join(resume_dir, TRAINER_STATE), map_location="cpu",
-                               weights_only=True)
-            _load_optimizer(objective, optimizer, state["optimizer"], cfg)
-            scheduler.load_state_dict(state["scheduler"])
-            forget_stream.load_state_dict(state["forget_stream"])
-            retain_stream.load_state_dict(state["retain_stream"])
-            rng = state["rng"]
-            if len(rng) != d.world:
-                warnings.warn(f"checkpoint was written by {len(rng)} ranks, this run has "
-                              f"{d.world}; RNG streams (dropout) will differ")
-            own = rng[d.rank % len(rng)]
-            torch.set_rng_state(own["cpu"])
-            if "cuda" in own and torch.cuda.is_available():
-                torch.cuda.set_rng_state(own["cuda"])
-            history = list(state["history"])
-            start_step = int(state["step"])
+        if resume_from:
+            history, start_step = checkpoint.load_trainer_state(
+                resume_from, objective, optimizer, scheduler, streams, cfg.parallel == "fsdp", d)
 
         ref_forget_nll = None
         if cfg.method == "npo" and cfg.cache_ref:
             ref_forget_nll = _precompute_ref_nll(reference, forget_examples, f_mb, pad_id, device,
-                                                 use_autocast, d, cfg.progress)
+                                                 d, cfg.progress)
 
-        metrics = _MetricsWriter(cfg.out_dir if d.rank == 0 else None, history, cfg)
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None
-        bar = None
-        if tqdm is not None:
-            bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn[{cfg.method}]",
-                       disable=not cfg.progress or d.rank != 0, dynamic_ncols=True)
-
+        log = MetricsLog(cfg.out_dir if d.rank == 0 else None, history, cfg.to_dict())
+        bar = tqdm(total=total_steps, initial=start_step, desc=f"unlearn[{cfg.method}]",
+                   disable=not cfg.progress or d.rank != 0, dynamic_ncols=True)
         for step in range(start_step, total_steps):
-            forget_idx = forget_stream.take(cfg.batch_size)
-            retain_idx = retain_stream.take(retain_bs)
-            norms = _normalizers(forget_counts, retain_counts, forget_idx, retain_idx, micro)
-            norms["autocast"] = use_autocast
+            forget_idx = streams["forget_stream"].take(cfg.batch_size)
+            retain_idx = streams["retain_stream"].take(retain_bs)
+            norms = _normalizers(forget_tokens, retain_tokens, forget_idx, retain_idx, micro)
             lr = optimizer.param_groups[0]["lr"]
             log_sums: Dict[str, torch.Tensor] = {}
             for a in range(cfg.grad_accum):
-                m = a * d.world + d.rank
+                m = a * d.world + d.rank  # this rank's micro-batch of accumulation step a
                 f_ids = forget_idx[m * f_mb:(m + 1) * f_mb]
                 r_ids = retain_idx[m * r_mb:(m + 1) * r_mb]
-                forget = _to_device(collate([forget_examples[i] for i in f_ids], pad_id), device)
-                retain = _to_device(collate([retain_examples[i] for i in r_ids], pad_id), device)
+                forget = _batch(forget_examples, f_ids, pad_id, device)
+                retain = _batch(retain_examples, r_ids, pad_id, device)
                 ref = _reference_inputs(reference, cfg, forget, retain, f_ids, ref_forget_nll,
-                                        rmu_layer, clreg_layer, use_autocast)
+                                        rmu_layer, clreg_layer)
+                # Gradients are reduced over ranks in the last accumulation step only.
                 last = a == cfg.grad_accum - 1
                 sync = contextlib.nullcontext()
                 if cfg.parallel == "ddp" and not last:
@@ -807,308 +780,22 @@ def _unlearn(model, forget_examples, retain_examples, cfg: UnlearnConfig, ref_mo
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            record = {"step": step + 1, "epoch": forget_stream.epochs_done, "lr": lr}
-            record.update(_reduce_logs(log_sums, d, device))
-            record["grad_norm"] = grad_norm
             done = step + 1
+            record = {"step": done, "epoch": streams["forget_stream"].epochs_done, "lr": lr,
+                      **reduce_logs(log_sums, d, device), "grad_norm": grad_norm}
             if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0
                                                            or done == total_steps):
-                record.update(_run_eval(eval_fn, model, objective, cfg))
-            history.append(record)
-            metrics.append(record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+                record.update(_run_eval(eval_fn, model, objective, cfg.parallel))
+            log.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
             if cfg.out_dir and cfg.save_every and done % cfg.save_every == 0:
-                _save_checkpoint(os.path.join(cfg.out_dir, f"checkpoint-{done}"), model, objective,
-                                 optimizer, scheduler, forget_stream, retain_stream, history, done,
-                                 cfg, d)
-                metrics.write_csv()
-        if bar is not None:
-            bar.close()
+                checkpoint.save_checkpoint(os.path.join(cfg.out_dir, f"checkpoint-{done}"), model,
+                                           objective, optimizer, scheduler, streams, history,
+                                           done, cfg, d)
+                log.write_csv()
+        bar.close()
         if cfg.out_dir and cfg.save_final:
-            _save_final(os.path.join(cfg.out_dir, "final"), model, objective, cfg, d)
-        metrics.write_csv()
+            checkpoint.save_final(os.path.join(cfg.out_dir, "final"), model, objective, cfg, d)
+        log.write_csv()
         return history
-    finally:
-        if cfg.grad_checkpointing:
-            for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
-                if hasattr(model, name):
-                    getattr(model, name)()
-                    break
-        for name, p in model.named_parameters():
-            if name in saved_flags:
-                p.requires_grad_(saved_flags[name])
-        model.train(was_training)
-        if config is not None and saved_use_cache is not None:
-            config.use_cache = saved_use_cache
-
-
-# --------------------------------------------------------------------------- loop helpers
-
-def _hidden_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return model.get_input_embeddings().weight.shape[1]
-
-
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Per-block activation checkpointing, non-reentrant (works with frozen inputs and FSDP2)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-
-
-def _set_attn_implementation(model: nn.Module, name: str) -> None:
-    if name == "flash_attention_2":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            warnings.warn("attn_implementation='flash_attention_2' asked for but flash-attn is not "
-                          "installed; keeping the model's attention implementation")
-            return
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:
-        model.config._attn_implementation = name
-
-
-def _freeze_for_rmu(model: nn.Module, cfg: UnlearnConfig, rmu_layer: int) -> None:
-    """RMU trains only the matching parameters of a few layers at and below the steered one."""
-    layers = cfg.rmu_train_layers
-    if layers is None:
-        layers = range(max(rmu_layer - 2, 0), rmu_layer + 1)
-    indices = sorted({resolve_layer(model, int(i), clamp=True) for i in layers})
-    # RMU forwards stop after the steered layer (or the CLReg layer), so deeper layers get no
-    # gradient: training them would do nothing (and would stall DDP's gradient reduction).
-    deepest = max(rmu_layer, resolve_layer(model, cfg.clreg_layer) if cfg.clreg_weight > 0 else 0)
-    if indices[-1] > deepest:
-        raise ValueError(f"rmu_train_layers={list(layers)} reaches layer {indices[-1]}, past "
-                         f"rmu_layer={rmu_layer} where the RMU forward stops")
-    pattern = re.compile(cfg.rmu_param_regex)
-    model.requires_grad_(False)
-    blocks = decoder_layers(model)
-    chosen = 0
-    for index in indices:
-        for name, p in blocks[index].named_parameters():
-            if pattern.search(name):
-                p.requires_grad_(True)
-                chosen += 1
-    if not chosen:
-        raise ValueError(f"rmu_param_regex={cfg.rmu_param_regex!r} matches no parameter of "
-                         f"decoder layers {indices}")
-
-
-def _normalizers(forget_counts, retain_counts, forget_idx, retain_idx, micro) -> dict:
-    """Counts over the whole optimizer step (all ranks, all accumulation steps)."""
-    f_counts = [forget_counts[i] for i in forget_idx]
-    r_counts = [retain_counts[i] for i in retain_idx]
-    return {
-        "forget_tokens": float(max(sum(c[0] for c in f_counts), 1)),
-        "retain_tokens": float(max(sum(c[0] for c in r_counts), 1)),
-        "forget_seqs": float(len(forget_idx)),
-        "retain_seqs": float(len(retain_idx)),
-        "micro_batches": float(micro),
-    }
-
-
-def _reference_inputs(reference, cfg, forget, retain, f_ids, ref_forget_nll, rmu_layer,
-                      clreg_layer, use_autocast) -> Dict[str, torch.Tensor]:
-    ref: Dict[str, torch.Tensor] = {}
-    if cfg.method == "npo":
-        if ref_forget_nll is not None:
-            ref["forget_nll"] = ref_forget_nll[f_ids].to(forget["input_ids"].device)
-        else:
-            ref["forget_nll"] = reference(forget, (), True, use_autocast)[0]
-    layers = set()
-    if cfg.method == "rmu":
-        layers.add(rmu_layer)
-    if cfg.clreg_weight > 0 and cfg.clreg_retain_source == "ref":
-        layers.add(clreg_layer)
-    if layers:
-        _, hidden = reference(retain, tuple(sorted(layers)), False, use_autocast)
-        if cfg.method == "rmu":
-            ref["rmu_retain_hidden"] = hidden[rmu_layer]
-        if clreg_layer in hidden and cfg.clreg_retain_source == "ref":
-            ref["clreg_retain_hidden"] = hidden[clreg_layer]
-    return ref
-
-
-def _precompute_ref_nll(reference, examples, micro_bs, pad_id, device, use_autocast, d, progress):
-    """Reference NLL sums of every forget example, computed once; ranks split the work."""
-    n = len(examples)
-    mine = list(range(d.rank, n, d.world))
-    per_rank = math.ceil(n / d.world)
-    n_batches = math.ceil(per_rank / micro_bs)  # the same on every rank: FSDP needs lockstep
-    out = torch.zeros(n, dtype=torch.float32, device=device)
-    try:
-        from tqdm.auto import tqdm
-        batches = tqdm(range(n_batches), desc="reference log-probs", leave=False,
-                       disable=not progress or d.rank != 0)
-    except ImportError:  # pragma: no cover
-        batches = range(n_batches)
-    for b in batches:
-        ids = mine[b * micro_bs:(b + 1) * micro_bs]
-        real = len(ids)
-        ids = ids + [0] * (micro_bs - real)  # dummy rows keep every rank's batch count equal
-        batch = _to_device(collate([examples[i] for i in ids], pad_id), device)
-        nll, _ = reference(batch, (), True, use_autocast)
-        if real:
-            out[torch.as_tensor(ids[:real], device=device)] = nll[:real].float()
-    d.all_reduce_sum(out)
-    return out.cpu()
-
-
-def _reduce_logs(log_sums: Dict[str, torch.Tensor], d: _Dist, device) -> Dict[str, float]:
-    keys = sorted(log_sums)
-    if not keys:
-        return {}
-    values = torch.stack([torch.as_tensor(log_sums[k], device=device).float() for k in keys])
-    d.all_reduce_sum(values)
-    return {k: float(v) for k, v in zip(keys, values.tolist())}
-
-
-@contextlib.contextmanager
-def _full_params(objective: nn.Module, cfg: UnlearnConfig):
-    """Under FSDP, gather the root's parameters so the bare model can be called directly."""
-    if cfg.parallel == "fsdp":
-        objective.unshard()
-        try:
-            yield
-        finally:
-            objective.reshard()
-    else:
-        yield
-
-
-def _run_eval(eval_fn, model, objective, cfg) -> Dict[str, float]:
-    model.eval()
-    try:
-        with torch.no_grad(), _full_params(objective, cfg):
-            results = eval_fn(model) or {}
-    finally:
-        model.train()
-    def plain(value):  # numbers (and 0-d tensors) become floats; anything else stays as is
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            return float(value)
-        return float(value) if isinstance(value, (int, float)) else value
-
-    return {f"eval_{k}": plain(v) for k, v in results.items()}
-
-
-def _load_optimizer(objective, optimizer, state, cfg) -> None:
-    if cfg.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
-
-        set_optimizer_state_dict(objective, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state)
-
-
-def _full_state(objective, optimizer, cfg):
-    """(model state dict or None, head state dict or None, optimizer state dict) for rank 0."""
-    if cfg.parallel == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        full = get_model_state_dict(objective, options=options)
-        optim = get_optimizer_state_dict(objective, optimizer, options=options) \
-            if optimizer is not None else None
-        model_sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-        head_sd = {k[len("head."):]: v for k, v in full.items() if k.startswith("head.")}
-        return model_sd, head_sd or None, optim
-    head_sd = objective.head.state_dict() if objective.head is not None else None
-    return None, head_sd, optimizer.state_dict() if optimizer is not None else None
-
-
-def _write_model_dir(directory, model, model_sd, head_sd, cfg) -> None:
-    _save_pretrained(model, directory, state_dict=model_sd)
-    if head_sd:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in head_sd.items()},
-                  os.path.join(directory, HEAD_FILE))
-    with open(os.path.join(directory, "unlearn_config.json"), "w") as fh:
-        json.dump(cfg.to_dict(), fh, indent=2)
-
-
-def _save_checkpoint(directory, model, objective, optimizer, scheduler, forget_stream,
-                     retain_stream, history, step, cfg, d: _Dist) -> None:
-    model_sd, head_sd, optim_sd = _full_state(objective, optimizer, cfg)  # collective under FSDP
-    rng = _gather_rng(d)  # collective
-    if d.rank == 0:
-        state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                 "forget_stream": forget_stream.state_dict(),
-                 "retain_stream": retain_stream.state_dict(), "rng": rng,
-                 "history": history, "step": step, "world_size": d.world}
-
-        def write(tmp):
-            _write_model_dir(tmp, model, model_sd, head_sd, cfg)
-            torch.save(state, os.path.join(tmp, TRAINER_STATE))
-
-        _atomic_dir_write(directory, write)
-        _prune_checkpoints(cfg)
-    d.barrier()
-
-
-def _save_final(directory, model, objective, cfg, d: _Dist) -> None:
-    model_sd, head_sd, _ = _full_state(objective, None, cfg)
-    if d.rank == 0:
-        _atomic_dir_write(directory, lambda tmp: _write_model_dir(tmp, model, model_sd, head_sd, cfg))
-    d.barrier()
-
-
-def _prune_checkpoints(cfg) -> None:
-    if not cfg.keep_checkpoints:
-        return
-    found = sorted((int(m.group(1)), name) for name in os.listdir(cfg.out_dir)
-                   if (m := CHECKPOINT_RE.match(name)))
-    for _, name in found[:-cfg.keep_checkpoints]:
-        shutil.rmtree(os.path.join(cfg.out_dir, name), ignore_errors=True)
-
-
-class _MetricsWriter:
-    """``metrics.jsonl`` (one line per step, flushed) and ``metrics.csv`` in out_dir, rank 0."""
-
-    def __init__(self, out_dir: Optional[str], history: List[dict], cfg: UnlearnConfig):
-        self.out_dir = out_dir
-        self.history = history
-        if out_dir is None:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "unlearn_config.json"), "w") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2)
-        # A resumed run drops what the interrupted run logged after its checkpoint.
-        with open(os.path.join(out_dir, "metrics.jsonl"), "w") as fh:
-            for record in history:
-                fh.write(json.dumps(record) + "\n")
-
-    def append(self, record: dict) -> None:
-        if self.out_dir is None:
-            return
-        with open(os.path.join(self.out_dir, "metrics.jsonl"), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-    def write_csv(self) -> None:
-        if self.out_dir is None or not self.history:
-            return
-        columns: List[str] = []
-        for record in self.history:
-            columns.extend(k for k in record if k not in columns)
-        path = os.path.join(self.out_dir, "metrics.csv")
-        with open(path + ".tmp", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(path + ".tmp", path)
