@@ -677,6 +677,10 @@ def unlearn(
         math.ceil(cfg.epochs * len(forget_examples) / cfg.batch_size)
 
     device = _pick_device(cfg, d)
+    if device.type == "cuda":
+        # NCCL collectives, FSDP2's default device and the CUDA RNG state saved in checkpoints
+        # all follow the current device, also when the caller made the process group.
+        torch.cuda.set_device(device)
     use_bf16 = (cfg.bf16 is True or (cfg.bf16 == "auto" and device.type == "cuda"
                                      and torch.cuda.is_bf16_supported()))
     use_autocast = use_bf16 and cfg.parallel != "fsdp"  # FSDP2 casts by its policy instead
