@@ -39,6 +39,8 @@ class SimilarityKernels:
     """Base backend: PyTorch projection and normalization; subclasses add the similarity part."""
 
     name = "base"
+    # True when lse_forward / lse_backward round z to a bf16/fp16 dot_dtype before multiplying.
+    rounds_dot_operands = False
 
     def project_normalize(
         self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
@@ -53,6 +55,17 @@ class SimilarityKernels:
         """Gradient through the normalization; rows under the clamp get ``dz / eps`` as autograd does."""
         radial = (z * dz).sum(dim=1, keepdim=True) * (norm > NORM_EPS)[:, None]
         return (dz - z * radial) / norm.clamp_min(NORM_EPS)[:, None]
+
+    def dot_operands(self, z: torch.Tensor, dot_dtype: torch.dtype) -> torch.Tensor:
+        """``z`` as the similarity products see it (rounded to ``dot_dtype``), in ``z``'s dtype.
+
+        The positive term is computed outside the kernels, from ``z . u_c``; it must use the
+        operands that the kernels' scores use, or the two terms of the loss round differently
+        and no longer cancel where they should (Nf = 2, Nr = 0 gives 0 only then).
+        """
+        if self.rounds_dot_operands and dot_dtype in (torch.bfloat16, torch.float16):
+            return z.to(dot_dtype).to(z.dtype)  # round to nearest even, as the kernels do
+        return z
 
     def lse_forward(self, za, zc, self_offset: int, scale: float, dot_dtype=torch.float32) -> torch.Tensor:
         raise NotImplementedError

@@ -106,6 +106,7 @@ class TritonKernels(SimilarityKernels):
     """
 
     name = "triton"
+    rounds_dot_operands = True
 
     def __init__(self, max_block_p: int = MAX_BLOCK_P, running_max: Optional[bool] = None):
         if max_block_p < 16 or max_block_p & (max_block_p - 1):
