@@ -183,3 +183,31 @@ def test_module_matches_functional(reduction):
 def test_triton_kernels_are_exercised_without_gpu():
     """CI has no GPU: the triton tests above must run in the interpreter, not be skipped."""
     assert "triton" in available_backends()
+
+
+@pytest.mark.parametrize("row0,offset", [(0, 0), (3, 0), (0, 4), (2, -5), (0, 30), (0, -9)])
+def test_torch_backend_masks_exactly_the_left_out_pairs(row0, offset):
+    """(row i, column row0 + i + offset) and nothing else, also when the pair lies outside."""
+    from clreg_fast.backends.torch_chunked.ops import _mask_self
+
+    block = torch.zeros(6, 9)
+    _mask_self(block, row0, offset, 1.0)
+    rows = torch.arange(6)[:, None]
+    cols = torch.arange(9)[None, :]
+    assert torch.equal(block, (cols == rows + row0 + offset).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_backend_primitives_do_not_sync_with_the_host():
+    kernels = resolve_backend("torch", torch.empty(1, device="cuda"))
+    za = torch.nn.functional.normalize(torch.randn(37, 24, device="cuda"), dim=1)
+    zc = torch.cat([za, torch.nn.functional.normalize(torch.randn(20, 24, device="cuda"), dim=1)])
+    w = torch.rand(37, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lse = kernels.lse_forward(za, zc, 0, 10.0)
+        kernels.lse_backward(za, zc, lse, w, 0, 10.0, zc.shape[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
