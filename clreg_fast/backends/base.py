@@ -16,7 +16,9 @@ hold more than a tile (or a chunk) of the similarity matrix:
 
 ``za`` and ``zc`` are float32 normalized rows. ``dot_dtype`` is the dtype of the user's inputs:
 a GPU kernel may round tiles to it (bf16/fp16) for tensor-core products with float32
-accumulation; float32 inputs get float32 products (no TF32).
+accumulation; float32 inputs get float32 products (no TF32). A backend that rounds sets
+``rounds_dot_operands``, so that the positive term, computed outside the kernels, is computed
+from the same rounded rows (``dot_operands``).
 
 ``self_offset`` lets the same primitives serve a slice of a larger batch (the distributed path
 calls them with anchors and columns that live on different ranks). A caller whose offset could
