@@ -365,7 +365,7 @@ def test_fused_loss_fp32_matches_reference(nf, nr, d, p, with_w, with_b, labels,
                          [E2E_CASES[0], E2E_CASES[2], E2E_CASES[3]])
 def test_fused_loss_low_precision_flash_attention_rule(dtype, nf, nr, d, p, with_w, with_b,
                                                        labels, reduction, tau):
-    """Fused error vs float64 <= 3 x (plain PyTorch error in the same dtype) + tiny atol.
+    """Fused error vs float64 <= 2 x (plain PyTorch error in the same dtype) + tiny atol.
 
     The atol is 1/20 of the dtype's rounding unit at the value's magnitude: a scalar loss can
     come out of the plain low-precision code with a lucky near-zero error, and a fused result
@@ -389,7 +389,7 @@ def test_fused_loss_low_precision_flash_attention_rule(dtype, nf, nr, d, p, with
         err = (got.double() - want).abs().max().item()
         base_err = (base.double() - want).abs().max().item()
         atol = 0.05 * torch.finfo(dtype).eps * want.abs().max().item()
-        assert err <= 3 * base_err + atol, f"{name}: fused {err:.3g} vs plain {base_err:.3g}"
+        assert err <= 2 * base_err + atol, f"{name}: fused {err:.3g} vs plain {base_err:.3g}"
 
     check("loss", loss, gold, plain)
     for name, g, g_gold, g_plain in zip(("forget", "retain", "weight", "bias"), grads,
