@@ -280,6 +280,23 @@ def test_lse_backward_rounds_operands_to_the_input_dtype(dtype):
     assert 0 < rel_err(dza, want_a) < 8 * eps and 0 < rel_err(dzc, want_c) < 8 * eps
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_lse_backward_small_weights_and_probabilities_keep_their_precision(dtype):
+    """Token scale: weights ~ 1 / (number of anchors), probabilities ~ 1 / (number of columns).
+
+    Products of the two fall below fp16's smallest normal (6e-5) or flush to zero; the kernels
+    keep the weights out of the rounded tiles and scale fp16 probability tiles by 2^12.
+    """
+    za, zc = _lse_inputs(37, 300, 24, False)
+    g = torch.Generator().manual_seed(4)
+    w = ((torch.rand(37, generator=g) - 0.3) * 1e-6).to(DEVICE)  # mixed signs, tiny
+    lse = DEFAULT.lse_forward(za, zc, 0, 10.0, dot_dtype=dtype)
+    dza, dzc = DEFAULT.lse_backward(za, zc, lse, w, 0, 10.0, 300, dot_dtype=dtype)
+    want_a, want_c = lse_backward_float64(za, zc, lse, w, 0, 10.0, 300)
+    eps = torch.finfo(dtype).eps
+    assert rel_err(dza, want_a) < 8 * eps and rel_err(dzc, want_c) < 8 * eps
+
+
 def test_noncontiguous_similarity_inputs():
     za, zc = _lse_inputs(37, 53, 24, False)
     za_nc, zc_nc = za.T.contiguous().T, zc.T.contiguous().T
