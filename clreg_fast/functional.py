@@ -82,7 +82,8 @@ class CLRegFunction(torch.autograd.Function):
             norm_r = norm_f[:0]
             z_all = torch.cat([zf] + extra) if extra else zf
 
-        n_pos, pos_sum, col_sums = positive_term(zf, groups)
+        # The positive term sees the operands the kernels' scores see (bf16/fp16 rounding).
+        n_pos, pos_sum, col_sums = positive_term(kernels.dot_operands(zf, forget.dtype), groups)
         lse = kernels.lse_forward(zf, z_all, 0, scale, dot_dtype=forget.dtype)
         has_pos = n_pos > 0
         per_anchor = torch.where(has_pos, lse - scale * pos_sum / n_pos.clamp_min(1),
@@ -131,7 +132,8 @@ class CLRegFunction(torch.autograd.Function):
         dzf, dz_cols = kernels.lse_backward(zf, z_all, lse, anchor_weight, 0, scale, n_grad_cols,
                                             dot_dtype=forget.dtype)
         dzf = dzf + dz_cols[:nf]
-        dzf += positive_grad(zf, LabelGroups(ids, counts), n_pos, col_sums, anchor_weight, scale)
+        dzf += positive_grad(kernels.dot_operands(zf, forget.dtype), LabelGroups(ids, counts),
+                             n_pos, col_sums, anchor_weight, scale)
         dyf = kernels.normalize_backward(dzf, zf, norm_f)
         dyr = (kernels.normalize_backward(dz_cols[nf:], z_all[nf:nf + nr], norm_r)
                if need_retain_z else None)

@@ -33,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     --log) LOG="$2"; shift 2 ;;
     --incremental) CLEAN=0; shift ;;
     --cpu-torch) MODE="cpu-torch"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     -*) echo "check_cuda_build.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     *) PY="$1"; shift ;;  # `check_cuda_build.sh PY` as the Makefile calls it
   esac

@@ -88,14 +88,16 @@ def test_low_precision_flash_attention_rule(backend, dtype, case):
         assert abs_err(g, gg) <= 2 * abs_err(ng, gg) + 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_projection", [False, True])
-def test_two_forget_rows_no_retain_is_exactly_zero(backend, with_projection):
+def test_two_forget_rows_no_retain_is_exactly_zero(backend, with_projection, dtype):
     """Nf = 2, Nr = 0: each anchor's only other row is its positive, so loss and grads are 0.
 
     Rounding noise is judged against the size of the terms that cancel (1/tau), not the result.
+    For bf16/fp16 this holds only if both terms see the same (rounded) similarity.
     """
     case = Case(2, 0, 8, 5 if with_projection else None)
-    tensors, labels = make_inputs(case, torch.float32, DEVICE)
+    tensors, labels = make_inputs(case, dtype, DEVICE)
     loss, grads = loss_and_grads(fused(backend), tensors, labels, case, "sum")
     assert abs(float(loss)) <= 1e-5 / case.temperature
     for g in grads:
@@ -183,3 +185,31 @@ def test_module_matches_functional(reduction):
 def test_triton_kernels_are_exercised_without_gpu():
     """CI has no GPU: the triton tests above must run in the interpreter, not be skipped."""
     assert "triton" in available_backends()
+
+
+@pytest.mark.parametrize("row0,offset", [(0, 0), (3, 0), (0, 4), (2, -5), (0, 30), (0, -9)])
+def test_torch_backend_masks_exactly_the_left_out_pairs(row0, offset):
+    """(row i, column row0 + i + offset) and nothing else, also when the pair lies outside."""
+    from clreg_fast.backends.torch_chunked.ops import _mask_self
+
+    block = torch.zeros(6, 9)
+    _mask_self(block, row0, offset, 1.0)
+    rows = torch.arange(6)[:, None]
+    cols = torch.arange(9)[None, :]
+    assert torch.equal(block, (cols == rows + row0 + offset).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_backend_primitives_do_not_sync_with_the_host():
+    kernels = resolve_backend("torch", torch.empty(1, device="cuda"))
+    za = torch.nn.functional.normalize(torch.randn(37, 24, device="cuda"), dim=1)
+    zc = torch.cat([za, torch.nn.functional.normalize(torch.randn(20, 24, device="cuda"), dim=1)])
+    w = torch.rand(37, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lse = kernels.lse_forward(za, zc, 0, 10.0)
+        kernels.lse_backward(za, zc, lse, w, 0, 10.0, zc.shape[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -344,6 +344,7 @@ class _Float64Kernels(SimilarityKernels):
     """
 
     name = "float64-emulation"
+    rounds_dot_operands = True  # the positive term then sees the same rounded operands
 
     def lse_forward(self, za, zc, self_offset, scale, dot_dtype=torch.float32):
         return torch.logsumexp(_scores64(za, zc, self_offset, scale, dot_dtype), dim=1).float()

@@ -16,7 +16,9 @@ hold more than a tile (or a chunk) of the similarity matrix:
 
 ``za`` and ``zc`` are float32 normalized rows. ``dot_dtype`` is the dtype of the user's inputs:
 a GPU kernel may round tiles to it (bf16/fp16) for tensor-core products with float32
-accumulation; float32 inputs get float32 products (no TF32).
+accumulation; float32 inputs get float32 products (no TF32). A backend that rounds sets
+``rounds_dot_operands``, so that the positive term, computed outside the kernels, is computed
+from the same rounded rows (``dot_operands``).
 
 ``self_offset`` lets the same primitives serve a slice of a larger batch (the distributed path
 calls them with anchors and columns that live on different ranks). A caller whose offset could
@@ -39,6 +41,8 @@ class SimilarityKernels:
     """Base backend: PyTorch projection and normalization; subclasses add the similarity part."""
 
     name = "base"
+    # True when lse_forward / lse_backward round z to a bf16/fp16 dot_dtype before multiplying.
+    rounds_dot_operands = False
 
     def project_normalize(
         self, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]
@@ -53,6 +57,17 @@ class SimilarityKernels:
         """Gradient through the normalization; rows under the clamp get ``dz / eps`` as autograd does."""
         radial = (z * dz).sum(dim=1, keepdim=True) * (norm > NORM_EPS)[:, None]
         return (dz - z * radial) / norm.clamp_min(NORM_EPS)[:, None]
+
+    def dot_operands(self, z: torch.Tensor, dot_dtype: torch.dtype) -> torch.Tensor:
+        """``z`` as the similarity products see it (rounded to ``dot_dtype``), in ``z``'s dtype.
+
+        The positive term is computed outside the kernels, from ``z . u_c``; it must use the
+        operands that the kernels' scores use, or the two terms of the loss round differently
+        and no longer cancel where they should (Nf = 2, Nr = 0 gives 0 only then).
+        """
+        if self.rounds_dot_operands and dot_dtype in (torch.bfloat16, torch.float16):
+            return z.to(dot_dtype).to(z.dtype)  # round to nearest even, as the kernels do
+        return z
 
     def lse_forward(self, za, zc, self_offset: int, scale: float, dot_dtype=torch.float32) -> torch.Tensor:
         raise NotImplementedError

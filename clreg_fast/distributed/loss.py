@@ -281,7 +281,8 @@ class DistributedCLRegFunction(torch.autograd.Function):
         del parts, packed, columns
         zf_all = z_cols[:nf_total]
 
-        n_pos, pos_sum, col_sums = positive_term(zf_all, plan.groups)
+        n_pos, pos_sum, col_sums = positive_term(kernels.dot_operands(zf_all, forget.dtype),
+                                                 plan.groups)
         lse_local = (kernels.lse_forward(zf, z_cols, plan.f_offset, plan.scale,
                                          dot_dtype=forget.dtype)
                      if nf else zf.new_empty(0))
@@ -345,8 +346,8 @@ class DistributedCLRegFunction(torch.autograd.Function):
             _, dz_col = kernels.lse_backward(zf_all, zf, lse, anchor_weight, -f0, plan.scale, nf,
                                              dot_dtype=forget.dtype)
             dzf = dzf + dz_col
-            dzf += positive_grad(zf_all, plan.groups, n_pos, col_sums, anchor_weight,
-                                 plan.scale)[f0:f0 + nf]
+            dzf += positive_grad(kernels.dot_operands(zf_all, forget.dtype), plan.groups, n_pos,
+                                 col_sums, anchor_weight, plan.scale)[f0:f0 + nf]
             dyf = kernels.normalize_backward(dzf, zf, norm_f)
         if need_zr:
             # Retain columns have no self pair: an offset of nr never names one of them.

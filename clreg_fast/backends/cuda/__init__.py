@@ -117,6 +117,7 @@ class CudaKernels(SimilarityKernels):
     """The similarity primitives of ``backends/base.py`` on the compiled CUDA kernels."""
 
     name = "cuda"
+    rounds_dot_operands = True
 
     def __init__(self, extension):
         self._ext = extension

@@ -72,7 +72,8 @@ def variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P):
     bm, bn, warps, stages = ops._similarity_config(bp, k_tiles, round_kind)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_P=bp, K_TILES=k_tiles, ROUND=round_kind,
                   INTERPRET=False)
-    ptrs = {name: f32 for name in ("za_ptr", "zc_ptr", "lse_ptr", "w_ptr", "dza_ptr", "dzc_ptr")}
+    ptrs = {name: f32 for name in ("za_ptr", "zc_ptr", "lse_ptr", "w_ptr", "w_max_ptr", "dza_ptr",
+                                   "dzc_ptr")}
     ptrs["scale"] = "fp32"
     for fixed in (True, False):
         yield K.lse_forward_kernel, ptrs, dict(FIXED_SHIFT=fixed, **common), warps, stages

@@ -10,6 +10,11 @@ Conventions shared by every kernel:
 * ``ROUND`` is the dtype of the user's inputs (0 float32, 1 bfloat16, 2 float16). On a GPU the
   operands of the similarity products are rounded to it, so bf16/fp16 products run on tensor
   cores with float32 accumulation; float32 products use ``input_precision="ieee"`` (no TF32).
+* The backward multiplies probability tiles into the features. Before rounding, a tile holds
+  ``Pr`` (row kernel; the anchor weight ``scale * w_i`` is applied to the float32 result) or
+  ``Pr * w_i / max|w|`` (column kernel; ``scale * max|w|`` is applied to the result), and for
+  fp16 times ``FP16_PROB_SCALE``: weights of 1 / (number of anchors) and probabilities of
+  1 / (number of columns) would otherwise leave fp16's range at token scale.
 * ``INTERPRET`` is set under ``TRITON_INTERPRET=1``: every ``tl.dot`` then takes float32
   operands (the interpreter's bf16 products are wrong), and the rounding of the GPU path is
   emulated exactly, so interpreter tests see the numbers a GPU computes.
@@ -20,6 +25,11 @@ import triton.language as tl
 ROUND_FP32 = 0
 ROUND_BF16 = 1
 ROUND_FP16 = 2
+
+# fp16 probability tiles are stored times 2^12 (Pr <= 1, so at most 4096 < 65504): small
+# probabilities (~1 / number of columns) stay normal fp16 numbers instead of flushing to zero.
+# The per-anchor weights are applied outside the rounded tile for the same reason.
+FP16_PROB_SCALE = tl.constexpr(4096.0)
 
 
 @triton.jit
@@ -227,7 +237,7 @@ def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_
                              stride_a, stride_c, stride_d, self_offset, scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                              K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
-    """``dza_i = sum_c (scale * w_i * Pr_ic) zc_c`` for a block of anchors and output tile pid(1).
+    """``dza_i = scale * w_i * sum_c Pr_ic zc_c`` for a block of anchors and output tile pid(1).
 
     ``Pr_ic = exp(scale * s_ic - lse_i)`` is recomputed tile by tile from the stored lse.
     """
@@ -238,6 +248,8 @@ def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_
     rows64 = rows.to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     coef = scale * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+    if ROUND == 2:
+        coef = coef * (1.0 / FP16_PROB_SCALE)
     if K_TILES == 1:
         a = _load_tile(za_ptr, stride_a, rows64, row_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
 
@@ -257,27 +269,35 @@ def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_
         valid = (row_mask[:, None] & col_mask[None, :]
                  & (cols[None, :] != rows[:, None] + self_offset))
         # where() first: masked entries may hold exp(+inf) when lse is -inf.
-        p = tl.where(valid, tl.exp(s * scale - lse[:, None]), 0.0) * coef[:, None]
+        p = tl.where(valid, tl.exp(s * scale - lse[:, None]), 0.0)
+        if ROUND == 2:
+            p = p * FP16_PROB_SCALE
         acc += _dot(_dot_operand(p, ROUND, INTERPRET), c_out, ROUND, INTERPRET)
     outs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    tl.store(dza_ptr + rows64[:, None] * stride_d + outs[None, :], acc,
+    tl.store(dza_ptr + rows64[:, None] * stride_d + outs[None, :], acc * coef[:, None],
              mask=row_mask[:, None] & (outs[None, :] < P))
 
 
 @triton.jit
-def lse_backward_cols_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dzc_ptr, n_rows, n_grad_cols, P,
+def lse_backward_cols_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, w_max_ptr, dzc_ptr, n_rows,
+                             n_grad_cols, P,
                              stride_a, stride_c, stride_d, self_offset, scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                              K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
     """``dzc_c = sum_i (scale * w_i * Pr_ic) za_i`` for a block of the first n_grad_cols columns.
 
-    Each column block loops over every anchor block itself (no atomics: deterministic).
+    ``w_max_ptr`` holds ``max_i |w_i|`` (> 0): the tiles hold ``Pr_ic * w_i / max|w|``. Each
+    column block loops over every anchor block itself (no atomics: deterministic).
     """
     pid_n = tl.program_id(0)
     pid_p = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_grad_cols
     cols64 = cols.to(tl.int64)
+    w_max = tl.load(w_max_ptr)
+    tile_scale = 1.0 / w_max
+    if ROUND == 2:
+        tile_scale = tile_scale * FP16_PROB_SCALE
     if K_TILES == 1:
         c = _load_tile(zc_ptr, stride_c, cols64, col_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
 
@@ -295,11 +315,11 @@ def lse_backward_cols_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dzc_ptr, n_rows, n_
             a_out = _load_tile(za_ptr, stride_a, rows64, row_mask, pid_p * BLOCK_P, P, BLOCK_P,
                                ROUND, INTERPRET)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-        coef = scale * tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+        coef = tl.load(w_ptr + rows, mask=row_mask, other=0.0) * tile_scale
         valid = (col_mask[:, None] & row_mask[None, :]
                  & (cols[:, None] != rows[None, :] + self_offset))
         p_t = tl.where(valid, tl.exp(s_t * scale - lse[None, :]), 0.0) * coef[None, :]
         acc += _dot(_dot_operand(p_t, ROUND, INTERPRET), a_out, ROUND, INTERPRET)
     outs = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    tl.store(dzc_ptr + cols64[:, None] * stride_d + outs[None, :], acc,
+    tl.store(dzc_ptr + cols64[:, None] * stride_d + outs[None, :], acc * (scale / tile_scale),
              mask=col_mask[:, None] & (outs[None, :] < P))

@@ -106,6 +106,7 @@ class TritonKernels(SimilarityKernels):
     """
 
     name = "triton"
+    rounds_dot_operands = True
 
     def __init__(self, max_block_p: int = MAX_BLOCK_P, running_max: Optional[bool] = None):
         if max_block_p < 16 or max_block_p & (max_block_p - 1):
@@ -219,11 +220,16 @@ class TritonKernels(SimilarityKernels):
                 za, zc, lse, w, dza, n_rows, n_cols, p, za.stride(0), zc.stride(0),
                 dza.stride(0), int(self_offset), float(scale), **common,
             )
-        if n_grad_cols:  # retain columns that need no gradient are not visited at all
+        # Retain columns that need no gradient are not visited at all.
+        if n_grad_cols and n_rows:
+            # max|w| stays on the device (no host sync); the kernel divides the weights by it.
+            w_max = w.abs().amax().clamp_min(1e-30).reshape(1)
             K.lse_backward_cols_kernel[(triton.cdiv(n_grad_cols, block_n), k_tiles)](
-                za, zc, lse, w, dzc, n_rows, n_grad_cols, p, za.stride(0), zc.stride(0),
+                za, zc, lse, w, w_max, dzc, n_rows, n_grad_cols, p, za.stride(0), zc.stride(0),
                 dzc.stride(0), int(self_offset), float(scale), **common,
             )
+        elif n_grad_cols:
+            dzc.zero_()
         return dza, dzc
 
 
