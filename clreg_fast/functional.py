@@ -120,11 +120,14 @@ class CLRegFunction(torch.autograd.Function):
         has_pos = n_pos > 0
         grad_loss = grad_loss.to(z_all.dtype)
         if ctx.reduction == "none":
-            anchor_weight = grad_loss * has_pos
+            per_anchor_grad = grad_loss
         elif ctx.reduction == "sum":
-            anchor_weight = grad_loss * has_pos.to(z_all.dtype)
+            per_anchor_grad = grad_loss.expand(nf)
         else:
-            anchor_weight = (grad_loss / n_anchors) * has_pos.to(z_all.dtype)
+            per_anchor_grad = (grad_loss / n_anchors).expand(nf)
+        # where, not a product: a non-finite cotangent on an anchor without a positive (whose
+        # loss is the constant 0) must not reach the gradients, as in the reference.
+        anchor_weight = torch.where(has_pos, per_anchor_grad, torch.zeros_like(per_anchor_grad))
 
         zf = z_all[:nf]
         nr = retain.shape[0]

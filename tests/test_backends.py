@@ -213,3 +213,17 @@ def test_torch_backend_primitives_do_not_sync_with_the_host():
         kernels.lse_backward(za, zc, lse, w, 0, 10.0, zc.shape[0])
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_non_finite_cotangent_on_anchor_without_positive_stays_out(backend):
+    """reduction='none': the loss of an anchor without a positive is the constant 0, so a NaN
+    cotangent there must not reach any gradient (the reference does the same)."""
+    forget = torch.randn(5, 6, device=DEVICE, requires_grad=True)
+    retain = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 2, 2], device=DEVICE)  # row 2 has no positive
+    cot = torch.ones(5, device=DEVICE)
+    cot[2] = float("nan")
+    for fn in (fused(backend), clreg_loss_reference):
+        loss = fn(forget, retain, labels=labels, reduction="none")
+        grads = torch.autograd.grad(loss, [forget, retain], cot)
+        assert all(torch.isfinite(g).all() for g in grads), fn

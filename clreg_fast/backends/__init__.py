@@ -78,7 +78,8 @@ def resolve_backend(name: str, x: torch.Tensor) -> Optional[SimilarityKernels]:
                         "or 'reference' for float64")
     if name == "auto":
         if on_gpu and x.dtype != torch.float64:
-            for kernels, _ in (_cuda_kernels(), _triton_kernels()):
+            for probe in (_cuda_kernels, _triton_kernels):  # the first that loads wins
+                kernels, _ = probe()
                 if kernels is not None:
                     return kernels
         return _torch_kernels()
