@@ -319,7 +319,9 @@ class DistributedCLRegFunction(torch.autograd.Function):
         if plan.reduction == "none":
             grads = _gather_rows(grad_loss.to(dtype).contiguous(), plan.nf_counts, plan.group,
                                  plan.world)
-            anchor_weight = grads * plan.world * has_pos
+            # where, not a product: a non-finite cotangent on an anchor without a positive
+            # (a constant 0 loss) stays out of the gradients, as in the single-process path
+            anchor_weight = torch.where(has_pos > 0, grads * plan.world, torch.zeros_like(grads))
         else:
             total = grad_loss.to(dtype).reshape(1).clone()
             dist.all_reduce(total, group=plan.group)  # sum over ranks = world * mean
