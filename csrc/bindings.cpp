@@ -119,7 +119,8 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
                                                       torch::Tensor lse, torch::Tensor w,
                                                       int64_t self_offset, double scale,
                                                       int64_t n_grad_cols,
-                                                      const std::string& dot_dtype) {
+                                                      const std::string& dot_dtype,
+                                                      bool need_dza) {
   check_pair(za, zc);
   check_row_vector(lse, "lse", za);
   check_row_vector(w, "w", za);
@@ -133,7 +134,8 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   w = w.contiguous();
   auto options = za.options().dtype(torch::kFloat32);
   if (n_anchor == 0 || n_col == 0) {
-    return {torch::zeros({n_anchor, dim}, options), torch::zeros({n_grad_cols, dim}, options)};
+    return {torch::zeros({need_dza ? n_anchor : 0, dim}, options),
+            torch::zeros({n_grad_cols, dim}, options)};
   }
 
   const c10::cuda::CUDAGuard guard(za.device());
@@ -144,20 +146,25 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   const int64_t n_anchor_tiles = ceil_div(n_anchor, kTile);
   const int64_t n_col_tiles = ceil_div(n_col, kTile);
 
-  // Row pass: dza_i = scale * w_i * sum_c Pr_ic zc_c.
-  const Splits row_splits =
-      choose_splits(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad, device);
-  auto acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
-  check_launch(launch_lse_backward_rows(za.data_ptr<float>(), zc.data_ptr<float>(),
-                                        lse.data_ptr<float>(), acc_rows.data_ptr<float>(),
-                                        n_anchor, n_col, dim, self_offset, scale_f,
-                                        row_splits.count, row_splits.tiles_per_split, dot, stream),
-               "lse_backward_rows_kernel");
   // fp16 tiles held the probabilities times kFp16ProbScale; undo it with the other factors.
   const float tile_scale = dot == DotType::kFloat16 ? 1.f / kFp16ProbScale : 1.f;
-  auto rows = row_splits.count == 1 ? acc_rows.select(0, 0) : acc_rows.sum(0);
-  auto dza =
-      rows.narrow(0, 0, n_anchor).narrow(1, 0, dim) * (w * (scale_f * tile_scale)).unsqueeze(1);
+
+  // Row pass: dza_i = scale * w_i * sum_c Pr_ic zc_c (skipped when the caller drops dza).
+  torch::Tensor dza = torch::zeros({0, dim}, options);
+  if (need_dza) {
+    const Splits row_splits =
+        choose_splits(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad, device);
+    auto acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
+    check_launch(
+        launch_lse_backward_rows(za.data_ptr<float>(), zc.data_ptr<float>(),
+                                 lse.data_ptr<float>(), acc_rows.data_ptr<float>(), n_anchor,
+                                 n_col, dim, self_offset, scale_f, row_splits.count,
+                                 row_splits.tiles_per_split, dot, stream),
+        "lse_backward_rows_kernel");
+    auto rows = row_splits.count == 1 ? acc_rows.select(0, 0) : acc_rows.sum(0);
+    dza = rows.narrow(0, 0, n_anchor).narrow(1, 0, dim) *
+          (w * (scale_f * tile_scale)).unsqueeze(1);
+  }
 
   if (n_grad_cols == 0) return {dza, torch::zeros({0, dim}, options)};
 
@@ -192,7 +199,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of sum_i w_i lse_i w.r.t. za and the first n_grad_cols rows of zc",
         pybind11::arg("za"), pybind11::arg("zc"), pybind11::arg("lse"), pybind11::arg("w"),
         pybind11::arg("self_offset"), pybind11::arg("scale"), pybind11::arg("n_grad_cols"),
-        pybind11::arg("dot_dtype"));
+        pybind11::arg("dot_dtype"), pybind11::arg("need_dza") = true);
   m.attr("tile_size") = clreg::kTile;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
 }

@@ -240,6 +240,11 @@ def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols):
     assert dza.shape == (na, p) and dzc.shape == (n_grad_cols, p)
     assert dza.dtype == dzc.dtype == torch.float32
     assert _rel_err(dza, exp_dza) < BACKWARD_TOL[dot]
+    # Without the anchor pass: no dza, the same dzc.
+    no_dza, dzc_only = CudaKernels(EXT).lse_backward(za, zc, lse, w, off, scale, n_grad_cols, dot,
+                                                     need_dza=False)
+    assert no_dza is None
+    torch.testing.assert_close(dzc_only, dzc, rtol=0, atol=0)
     if n_grad_cols:
         assert _rel_err(dzc, exp_dzc) < BACKWARD_TOL[dot]
         # Column by column too: a wrong column would hide in the global norm.
@@ -349,7 +354,8 @@ class _Float64Kernels(SimilarityKernels):
     def lse_forward(self, za, zc, self_offset, scale, dot_dtype=torch.float32):
         return torch.logsumexp(_scores64(za, zc, self_offset, scale, dot_dtype), dim=1).float()
 
-    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32):
+    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32,
+                     need_dza=True):
         prob = torch.exp(_scores64(za, zc, self_offset, scale, dot_dtype) - lse.double()[:, None])
         tile_scale = 4096.0 if dot_dtype == torch.float16 else 1.0  # kFp16ProbScale
         w = w.double()
@@ -358,7 +364,7 @@ class _Float64Kernels(SimilarityKernels):
         w_max = w.abs().max().clamp_min(1e-30)
         g_cols = _rounded64(prob * (w / w_max)[:, None] * tile_scale, dot_dtype)
         dzc = g_cols.T[:n_grad_cols] @ _rounded64(za, dot_dtype) * (scale * w_max / tile_scale)
-        return dza.float(), dzc.float()
+        return (dza.float() if need_dza else None), dzc.float()
 
 
 def _emulated_loss(forget, retain, weight, bias, *, labels, temperature, reduction):

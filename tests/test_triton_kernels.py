@@ -489,3 +489,15 @@ def test_kernels_compile_for_hopper_and_ampere():
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok  ") == 2 * 2 * 7
+
+
+@pytest.mark.parametrize("kernels", [TORCH, DEFAULT], ids=["torch", "triton"])
+def test_lse_backward_without_anchor_gradient(kernels):
+    """need_dza=False returns no anchor gradient and the same column gradient."""
+    za, zc = unit_rows(21, 24, seed=3), unit_rows(30, 24, seed=4)
+    w = torch.linspace(-1, 2, 21, device=DEVICE)
+    lse = kernels.lse_forward(za, zc, 4, 10.0)
+    dza, dzc = kernels.lse_backward(za, zc, lse, w, 4, 10.0, 17)
+    none, dzc_only = kernels.lse_backward(za, zc, lse, w, 4, 10.0, 17, need_dza=False)
+    assert dza is not None and none is None
+    torch.testing.assert_close(dzc_only, dzc, rtol=0, atol=0)

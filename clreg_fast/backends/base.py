@@ -12,7 +12,8 @@ hold more than a tile (or a chunk) of the similarity matrix:
   ``Pr_ic = exp(scale * za_i . zc_c - lse_i)`` (0 on the left-out pair),
   ``dza_i = scale * w_i * sum_c Pr_ic zc_c`` and, for the first ``n_grad_cols`` columns,
   ``dzc_c = scale * sum_i w_i Pr_ic za_i``. Columns past ``n_grad_cols`` need no gradient and
-  their work is skipped.
+  their work is skipped; with ``need_dza=False`` the anchor pass is skipped too and ``dza`` is
+  None (the distributed path needs only column gradients from some calls).
 
 ``za`` and ``zc`` are float32 normalized rows. ``dot_dtype`` is the dtype of the user's inputs:
 a GPU kernel may round tiles to it (bf16/fp16) for tensor-core products with float32
@@ -73,6 +74,7 @@ class SimilarityKernels:
         raise NotImplementedError
 
     def lse_backward(
-        self, za, zc, lse, w, self_offset: int, scale: float, n_grad_cols: int, dot_dtype=torch.float32
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, za, zc, lse, w, self_offset: int, scale: float, n_grad_cols: int,
+        dot_dtype=torch.float32, need_dza: bool = True,
+    ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         raise NotImplementedError

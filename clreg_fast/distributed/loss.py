@@ -346,7 +346,7 @@ class DistributedCLRegFunction(torch.autograd.Function):
             # Column gradient of this rank's forget rows against every global anchor: a call of
             # its own, so the self pair (anchor f0 + j, column j) cannot land on a retain column.
             _, dz_col = kernels.lse_backward(zf_all, zf, lse, anchor_weight, -f0, plan.scale, nf,
-                                             dot_dtype=forget.dtype)
+                                             dot_dtype=forget.dtype, need_dza=False)
             dzf = dzf + dz_col
             dzf += positive_grad(kernels.dot_operands(zf_all, forget.dtype), plan.groups, n_pos,
                                  col_sums, anchor_weight, plan.scale)[f0:f0 + nf]
@@ -354,7 +354,7 @@ class DistributedCLRegFunction(torch.autograd.Function):
         if need_zr:
             # Retain columns have no self pair: an offset of nr never names one of them.
             _, dzr = kernels.lse_backward(zf_all, zr, lse, anchor_weight, nr, plan.scale, nr,
-                                          dot_dtype=forget.dtype)
+                                          dot_dtype=forget.dtype, need_dza=False)
             dyr = kernels.normalize_backward(dzr, zr, norm_r)
 
         grad_forget, grad_retain, grad_weight, grad_bias = _projection_backward(

@@ -134,10 +134,12 @@ class CudaKernels(SimilarityKernels):
         return self._ext.lse_forward(za, zc, int(self_offset), float(scale),
                                      self._dot_name(dot_dtype))
 
-    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32):
+    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32,
+                     need_dza=True):
         dza, dzc = self._ext.lse_backward(za, zc, lse, w, int(self_offset), float(scale),
-                                          int(n_grad_cols), self._dot_name(dot_dtype))
-        return dza, dzc
+                                          int(n_grad_cols), self._dot_name(dot_dtype),
+                                          bool(need_dza))
+        return (dza if need_dza else None), dzc
 
 
 __all__ = ["CudaKernels", "load_extension", "jit_build_directory"]

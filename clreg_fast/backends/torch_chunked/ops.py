@@ -40,8 +40,9 @@ class TorchChunkedKernels(SimilarityKernels):
             lse[r0:r0 + step] = torch.logsumexp(s, dim=1)
         return lse
 
-    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32):
-        dza = torch.empty_like(za)
+    def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32,
+                     need_dza=True):
+        dza = torch.empty_like(za) if need_dza else None
         dzc = torch.zeros((n_grad_cols, zc.shape[1]), dtype=zc.dtype, device=zc.device)
         step = _chunk_rows(zc.shape[0], zc.device)
         for r0 in range(0, za.shape[0], step):
@@ -49,7 +50,8 @@ class TorchChunkedKernels(SimilarityKernels):
             p = (za[r0:r1] @ zc.T).mul_(scale).sub_(lse[r0:r1, None]).exp_()
             _mask_self(p, r0, self_offset, 0.0)
             p.mul_(w[r0:r1, None] * scale)  # rows now hold scale * w_i * Pr_ic
-            dza[r0:r1] = p @ zc
+            if need_dza:
+                dza[r0:r1] = p @ zc
             if n_grad_cols:
                 dzc.addmm_(p[:, :n_grad_cols].T, za[r0:r1])
         return dza, dzc

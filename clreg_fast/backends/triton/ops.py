@@ -200,7 +200,7 @@ class TritonKernels(SimilarityKernels):
         return lse
 
     def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols,
-                     dot_dtype=torch.float32):
+                     dot_dtype=torch.float32, need_dza=True):
         _check_device(za, zc, lse, w)
         round_kind = _round_kind(dot_dtype)
         za, zc, lse, w = _f32(za), _f32(zc), _f32(lse), _f32(w)
@@ -209,13 +209,13 @@ class TritonKernels(SimilarityKernels):
         n_grad_cols = int(n_grad_cols)
         if not 0 <= n_grad_cols <= n_cols:
             raise ValueError(f"n_grad_cols must be in [0, {n_cols}], got {n_grad_cols}")
-        dza = torch.empty_like(za)
+        dza = torch.empty_like(za) if need_dza else None
         dzc = torch.empty((n_grad_cols, p), dtype=torch.float32, device=za.device)
         block_p, k_tiles = _feature_block(p, self.max_block_p)
         block_m, block_n, warps, stages = _similarity_config(block_p, k_tiles, round_kind)
         common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, K_TILES=k_tiles,
                       ROUND=round_kind, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
-        if n_rows:
+        if n_rows and need_dza:
             K.lse_backward_rows_kernel[(triton.cdiv(n_rows, block_m), k_tiles)](
                 za, zc, lse, w, dza, n_rows, n_cols, p, za.stride(0), zc.stride(0),
                 dza.stride(0), int(self_offset), float(scale), **common,
