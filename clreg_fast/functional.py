@@ -63,6 +63,43 @@ def check_extra_negatives(extra_negatives, forget, weight) -> Optional[torch.Ten
     return F.normalize(extra_negatives.detach().to(compute), dim=1, eps=NORM_EPS)
 
 
+def projection_backward(forget, retain, weight, dyf, dyr, need_forget, need_retain, need_weight,
+                        need_bias):
+    """Gradients of the inputs and the projection from those of the pre-normalization rows.
+
+    ``dyf``/``dyr`` may be None (rows whose gradient was not needed, or none on this rank).
+    """
+    grad_forget = grad_retain = grad_weight = grad_bias = None
+    if weight is None:
+        if need_forget:
+            grad_forget = dyf.to(forget.dtype) if dyf is not None else torch.zeros_like(forget)
+        if need_retain:
+            grad_retain = dyr.to(retain.dtype) if dyr is not None else torch.zeros_like(retain)
+        return grad_forget, grad_retain, None, None
+    # Low-precision inputs: round dy to their dtype for the GEMMs (fp32 accumulation).
+    dyf_c = dyf.to(forget.dtype) if dyf is not None else None
+    dyr_c = dyr.to(retain.dtype) if dyr is not None else None
+    if need_forget:
+        grad_forget = dyf_c @ weight if dyf_c is not None else torch.zeros_like(forget)
+    if need_retain:
+        grad_retain = dyr_c @ weight if dyr_c is not None else torch.zeros_like(retain)
+    if need_weight:
+        grad_weight = torch.zeros_like(weight)
+        if dyf_c is not None:
+            grad_weight += dyf_c.T @ forget
+        if dyr_c is not None:
+            grad_weight += dyr_c.T @ retain
+    if need_bias:
+        db = torch.zeros(weight.shape[0], dtype=dyf.dtype if dyf is not None else torch.float32,
+                         device=weight.device)
+        if dyf is not None:
+            db = db + dyf.sum(dim=0)
+        if dyr is not None:
+            db = db + dyr.sum(dim=0)
+        grad_bias = db.to(weight.dtype)
+    return grad_forget, grad_retain, grad_weight, grad_bias
+
+
 class CLRegFunction(torch.autograd.Function):
     """CLReg forward and backward for any backend that implements ``SimilarityKernels``."""
 
@@ -141,30 +178,9 @@ class CLRegFunction(torch.autograd.Function):
         dyr = (kernels.normalize_backward(dz_cols[nf:], z_all[nf:nf + nr], norm_r)
                if need_retain_z else None)
 
-        grad_forget = grad_retain = grad_weight = grad_bias = None
-        if weight is None:
-            grad_forget = dyf.to(forget.dtype) if need_forget else None
-            grad_retain = dyr.to(retain.dtype) if need_retain and dyr is not None else None
-        else:
-            wt = weight
-            # Low-precision inputs: round dy to their dtype for the GEMMs (fp32 accumulation).
-            dyf_c = dyf.to(forget.dtype)
-            dyr_c = dyr.to(forget.dtype) if dyr is not None else None
-            if need_forget:
-                grad_forget = dyf_c @ wt
-            if need_retain and dyr_c is not None:
-                grad_retain = dyr_c @ wt
-            if need_weight:
-                grad_weight = dyf_c.T @ forget
-                if dyr_c is not None:
-                    grad_weight = grad_weight + dyr_c.T @ retain
-            if need_bias and ctx.has_bias:
-                db = dyf.sum(dim=0)
-                if dyr is not None:
-                    db = db + dyr.sum(dim=0)
-                grad_bias = db.to(weight.dtype)
-        if need_retain and grad_retain is None:
-            grad_retain = torch.zeros_like(retain)
+        grad_forget, grad_retain, grad_weight, grad_bias = projection_backward(
+            forget, retain, weight, dyf, dyr, need_forget, need_retain, need_weight,
+            need_bias and ctx.has_bias)
         return (grad_forget, grad_retain, grad_weight, grad_bias, None, None, None, None, None,
                 None)
 

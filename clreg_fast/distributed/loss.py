@@ -56,7 +56,8 @@ from clreg_fast._validation import (
 )
 from clreg_fast.backends import resolve_backend
 from clreg_fast.backends.base import SimilarityKernels
-from clreg_fast.functional import check_extra_negatives, positive_grad, positive_term
+from clreg_fast.functional import (check_extra_negatives, positive_grad, positive_term,
+                                   projection_backward)
 
 _DTYPE_CODES = {torch.float16: 1.0, torch.bfloat16: 2.0, torch.float32: 3.0, torch.float64: 4.0}
 _BACKEND_CODES = {"auto": 0.0, "reference": 1.0, "torch": 2.0, "triton": 3.0, "cuda": 4.0}
@@ -357,44 +358,10 @@ class DistributedCLRegFunction(torch.autograd.Function):
                                           dot_dtype=forget.dtype, need_dza=False)
             dyr = kernels.normalize_backward(dzr, zr, norm_r)
 
-        grad_forget, grad_retain, grad_weight, grad_bias = _projection_backward(
+        grad_forget, grad_retain, grad_weight, grad_bias = projection_backward(
             forget, retain, weight, dyf, dyr, need_forget, need_retain, need_weight,
             need_bias and ctx.has_bias)
         return grad_forget, grad_retain, grad_weight, grad_bias, None, None, None
-
-
-def _projection_backward(forget, retain, weight, dyf, dyr, need_forget, need_retain, need_weight,
-                         need_bias):
-    """Gradients of the inputs and the projection from those of the pre-normalization rows."""
-    grad_forget = grad_retain = grad_weight = grad_bias = None
-    if weight is None:
-        if need_forget:
-            grad_forget = dyf.to(forget.dtype) if dyf is not None else torch.zeros_like(forget)
-        if need_retain:
-            grad_retain = dyr.to(retain.dtype) if dyr is not None else torch.zeros_like(retain)
-        return grad_forget, grad_retain, None, None
-    # Low-precision inputs: round dy to their dtype for the GEMMs (fp32 accumulation).
-    dyf_c = dyf.to(forget.dtype) if dyf is not None else None
-    dyr_c = dyr.to(retain.dtype) if dyr is not None else None
-    if need_forget:
-        grad_forget = dyf_c @ weight if dyf_c is not None else torch.zeros_like(forget)
-    if need_retain:
-        grad_retain = dyr_c @ weight if dyr_c is not None else torch.zeros_like(retain)
-    if need_weight:
-        grad_weight = torch.zeros_like(weight)
-        if dyf_c is not None:
-            grad_weight += dyf_c.T @ forget
-        if dyr_c is not None:
-            grad_weight += dyr_c.T @ retain
-    if need_bias:
-        db = torch.zeros(weight.shape[0], dtype=dyf.dtype if dyf is not None else torch.float32,
-                         device=weight.device)
-        if dyf is not None:
-            db = db + dyf.sum(dim=0)
-        if dyr is not None:
-            db = db + dyr.sum(dim=0)
-        grad_bias = db.to(weight.dtype)
-    return grad_forget, grad_retain, grad_weight, grad_bias
 
 
 class _GatherRowsWithGrad(torch.autograd.Function):
