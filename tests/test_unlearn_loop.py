@@ -132,8 +132,12 @@ def test_grad_accum_matches_one_big_batch():
     acc, h_acc = run("graddiff", optimizer="sgd", lr=0.5, max_steps=1, batch_size=4, grad_accum=4)
     for (n, p), q in zip(one.named_parameters(), acc.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
-    assert h_one[0]["loss"] == pytest.approx(h_acc[0]["loss"], rel=1e-5)
-    assert h_one[0]["grad_norm"] == pytest.approx(h_acc[0]["grad_norm"], rel=1e-5)
+    for key in ("forget_loss", "retain_loss", "grad_norm"):
+        assert h_one[0][key] == pytest.approx(h_acc[0][key], rel=1e-5), key
+    # GradDiff's loss is a difference of two ~4.2 terms: float32 sums in another order move it
+    # by a few ulps of the terms, not of the (small) difference.
+    scale = abs(h_one[0]["forget_loss"]) + abs(h_one[0]["retain_loss"])
+    assert h_one[0]["loss"] == pytest.approx(h_acc[0]["loss"], abs=1e-6 * scale)
 
 
 def test_clreg_falls_back_when_every_concept_is_distinct():
