@@ -57,6 +57,10 @@ def run(method="graddiff", model=None, forget=None, retain=None, **kwargs):
     (dict(clreg_proj_dim=0), "clreg_proj_dim"),
     (dict(bf16="maybe"), "bf16"),
     (dict(save_every=2), "out_dir"),
+    (dict(clreg_negatives="all"), "clreg_negatives"),
+    (dict(clreg_queue_size=-1), "clreg_queue_size"),
+    (dict(clreg_queue_size=True), "clreg_queue_size"),
+    (dict(clreg_queue_size=8, clreg_backend="reference"), "fused clreg_backend"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -174,6 +178,33 @@ def test_eval_fn_schedule_and_warmup():
     assert model.training
 
 
+def test_global_negatives_in_one_process_are_local():
+    kwargs = dict(optimizer="sgd", lr=0.5, clreg_weight=0.5, clreg_proj_dim=8)
+    local, h_local = run("graddiff", clreg_negatives="local", **kwargs)
+    glob, h_glob = run("graddiff", clreg_negatives="global", **kwargs)
+    for (n, p), q in zip(local.named_parameters(), glob.parameters()):
+        assert torch.equal(p, q), n
+    assert h_local == h_glob
+
+
+def test_queue_adds_earlier_retain_rows_as_negatives(tmp_path):
+    kwargs = dict(clreg_weight=0.5, clreg_proj_dim=8, lr=1e-3, max_steps=3)
+    _, plain = run("graddiff", **kwargs)
+    _, queued = run("graddiff", clreg_queue_size=6, out_dir=str(tmp_path), save_every=2,
+                    save_final=False, **kwargs)
+    # step 1 sees an empty queue; from step 2 on the earlier retain rows are extra negatives,
+    # which can only raise the log-sum-exp of every anchor
+    assert queued[0] == plain[0]
+    for step in (1, 2):
+        assert queued[step]["clreg_loss"] > plain[step]["clreg_loss"] + 1e-3
+    state = torch.load(tmp_path / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    (saved,) = state["clreg_queue"]
+    # 2 steps x 4 retain rows into 6 slots: full, the next write at row 8 mod 6
+    assert saved["_extra_state"] == {"next": 2, "filled": 6, "capacity": 6}
+    norms = saved["features"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(6), rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -206,6 +237,30 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     final = LlamaForCausalLM.from_pretrained(str(b / "final"))
     for (n, p), q in zip(final.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_resume_restores_the_retain_feature_queue(tmp_path):
+    kwargs = dict(method="graddiff", clreg_weight=0.5, clreg_proj_dim=8, clreg_queue_size=6,
+                  lr=1e-3, max_steps=4, save_every=2, save_final=False, seed=3)
+    straight, h_straight = run(out_dir=str(tmp_path / "a"), **kwargs)
+    ckpt = str(tmp_path / "a" / "checkpoint-2")
+    resumed, h_resumed = run(out_dir=str(tmp_path / "b"), resume=ckpt, **kwargs)
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+    assert h_resumed == h_straight
+
+    # without the saved queue the resumed steps differ: the check has teeth
+    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=True)
+    del state["clreg_queue"]
+    stripped = tmp_path / "c" / "checkpoint-2"
+    shutil.copytree(ckpt, stripped)
+    torch.save(state, stripped / "trainer_state.pt")
+    with pytest.warns(UserWarning, match="no CLReg retain feature queue"):
+        _, h_stripped = run(out_dir=str(tmp_path / "d"), resume=str(stripped), **kwargs)
+    assert h_stripped[2]["clreg_loss"] != h_straight[2]["clreg_loss"]
+
+    with pytest.raises(ValueError, match="retain feature queue of shape"):
+        run(out_dir=str(tmp_path / "e"), resume=ckpt, **dict(kwargs, clreg_queue_size=5))
 
 
 def test_resume_path_must_be_a_checkpoint(tmp_path):
@@ -267,7 +322,8 @@ def test_cli_help_lists_config_options(capsys):
         cli.main(["--help"])
     text = capsys.readouterr().out
     for flag in ("--clreg-weight", "--parallel", "--grad-checkpointing", "--resume",
-                 "--no-progress", "--rmu-train-layers"):
+                 "--no-progress", "--rmu-train-layers", "--clreg-negatives",
+                 "--clreg-queue-size"):
         assert flag in text
 
 
