@@ -407,9 +407,25 @@ def test_two_ranks_match_one_process(dist_results, scenario):
 
 
 @pytest.mark.slow
-def test_two_ranks_resume_exactly(dist_results):
+def test_two_ranks_local_clreg_is_not_the_whole_batch(dist_results):
+    """Without clreg_negatives="global" each rank contrasts its own 2 forget rows: the update
+    is not that of one process on all 4 (the global scenario's baseline)."""
     parallel, results = dist_results
-    r = results["resume"]
+    torch.set_num_threads(1)
+    whole = W.run_scenario("npo_clreg_head_global", "none", world=2)
+    local = results["npo_clreg_head"]
+    gap = max(float((local["params"][n] - p).abs().max()) for n, p in whole["params"].items())
+    assert gap > 1e-4, (parallel, gap)
+    assert local["history"][0]["clreg_loss"] != pytest.approx(whole["history"][0]["clreg_loss"],
+                                                              rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_name", ["resume", "resume_global"])
+def test_two_ranks_resume_exactly(dist_results, run_name):
+    """Resume from step 2 of 3, with per-rank ("local") and shared ("global") retain queues."""
+    parallel, results = dist_results
+    r = results[run_name]
     for name, p in r["straight"].items():
-        assert torch.equal(p, r["resumed"][name]), (parallel, name)
+        assert torch.equal(p, r["resumed"][name]), (parallel, run_name, name)
     assert r["h_straight"] == r["h_resumed"]
