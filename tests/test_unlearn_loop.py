@@ -203,6 +203,13 @@ def test_queue_adds_earlier_retain_rows_as_negatives(tmp_path):
     assert saved["_extra_state"] == {"next": 2, "filled": 6, "capacity": 6}
     norms = saved["features"].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(6), rtol=0, atol=1e-6)
+    # clreg_loss is logged for every step, in both log files
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["clreg_loss"] for h in logged] == [h["clreg_loss"] for h in queued]
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("clreg_loss")
+    assert [float(r.split(",")[column]) for r in rows] == \
+        pytest.approx([h["clreg_loss"] for h in queued], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- checkpoints

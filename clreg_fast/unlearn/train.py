@@ -79,7 +79,7 @@ class UnlearnConfig:
     clreg_temperature: float = 0.1
     clreg_proj_dim: Optional[int] = None  # int: a trainable nn.Linear(hidden, proj_dim) head
     clreg_retain_source: str = "model"    # "model" (detached) | "ref" (frozen reference model)
-    clreg_fallback: str = "one_concept"   # no repeated concept in a micro-batch: see methods.clreg_term
+    clreg_fallback: str = "one_concept"   # no repeated concept in a CLReg batch: methods.clreg_term
     clreg_backend: str = "auto"
     clreg_negatives: str = "local"        # "local" (one micro-batch) | "global" (all ranks)
     clreg_queue_size: int = 0             # earlier retain rows kept as extra negatives; 0 = none
@@ -695,8 +695,9 @@ def unlearn(
     Returns:
         One dict per optimizer step: ``step``, ``epoch`` (forget epochs done), ``lr`` (used for
         the step), ``loss``, ``forget_loss`` (before gamma), ``forget_nll``, ``retain_loss``
-        (before alpha), ``clreg_loss`` (before clreg_weight), ``clreg_fallback`` and
-        ``clreg_skipped`` (fractions of micro-batches), ``grad_norm`` (before clipping), and
+        (before alpha), ``clreg_loss`` (before clreg_weight; the mean over the step's contrastive
+        batches), ``clreg_fallback`` and ``clreg_skipped`` (fractions of those batches:
+        micro-batches, or accumulation steps with ``clreg_negatives="global"``), ``grad_norm`` (before clipping), and
         ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
 
     The global torch RNG is reseeded with ``seed + rank`` (dropout streams).
