@@ -55,7 +55,8 @@ from torch import nn
 from clreg_fast.unlearn import checkpoint
 from clreg_fast.unlearn import methods as M
 from clreg_fast.unlearn.data import IGNORE_INDEX, answer_mask, collate
-from clreg_fast.unlearn.distributed import DistInfo, full_params, init_distributed, reduce_logs, wrap
+from clreg_fast.unlearn.distributed import (DistInfo, full_params, init_distributed, reduce_logs,
+                                            side_group, wrap)
 from clreg_fast.unlearn.features import (POOLINGS, capture_layer, decoder_layers, pool_features,
                                          resolve_layer)
 from clreg_fast.unlearn.metrics_log import MetricsLog
@@ -713,11 +714,9 @@ def unlearn(
     # A process group created here stays up: under FSDP the returned model is sharded and
     # needs it. Call torch.distributed.destroy_process_group() when done (the CLI does).
     d = init_distributed(cfg.parallel)
-    clreg_group = None
-    if cfg.clreg_weight > 0 and cfg.clreg_negatives == "global" and d.world > 1:
-        # A group of its own: the loss's collectives run inside the forward and backward, and
-        # must not queue up behind (or between) DDP's gradient buckets on the default group.
-        clreg_group = dist.new_group()
+    # "global" CLReg: the loss's (and the queue's) process group, apart from DDP's buckets.
+    clreg_group = side_group(d) if cfg.clreg_weight > 0 and cfg.clreg_negatives == "global" \
+        else None
 
     # Each step's forget and retain indices are cut into world * grad_accum micro-batches.
     micro = d.world * cfg.grad_accum
