@@ -334,6 +334,20 @@ def test_cli_help_lists_config_options(capsys):
         assert flag in text
 
 
+def test_cli_parses_the_clreg_batch_flags(capsys):
+    from clreg_fast.unlearn import cli
+
+    required = ["--model", "m", "--forget", "f", "--retain", "r", "--out", "o"]
+    args = cli.build_parser().parse_args(required)
+    assert (args.clreg_negatives, args.clreg_queue_size) == ("local", 0)
+    args = cli.build_parser().parse_args(required + ["--clreg-negatives", "global",
+                                                     "--clreg-queue-size", "4096"])
+    assert (args.clreg_negatives, args.clreg_queue_size) == ("global", 4096)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(required + ["--clreg-negatives", "world"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 def _torchrun(parallel, tmp_path, resume=False):
