@@ -698,8 +698,8 @@ def unlearn(
         the step), ``loss``, ``forget_loss`` (before gamma), ``forget_nll``, ``retain_loss``
         (before alpha), ``clreg_loss`` (before clreg_weight; the mean over the step's contrastive
         batches), ``clreg_fallback`` and ``clreg_skipped`` (fractions of those batches:
-        micro-batches, or accumulation steps with ``clreg_negatives="global"``), ``grad_norm`` (before clipping), and
-        ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
+        micro-batches, or accumulation steps with ``clreg_negatives="global"``), ``grad_norm``
+        (before clipping), and ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
 
     The global torch RNG is reseeded with ``seed + rank`` (dropout streams).
     """
