@@ -122,6 +122,23 @@ def test_clreg_term_matches_reference_and_falls_back():
         M.clreg_term(forget, labels, retain, fallback="ignore")
 
 
+def test_clreg_term_extra_negatives_are_more_retain_columns():
+    torch.manual_seed(1)
+    forget, retain, queued = torch.randn(6, 8), torch.randn(5, 8), torch.randn(7, 8)
+    labels = torch.tensor([0, 1, 0, 2, 1, 3])
+    queued = torch.nn.functional.normalize(queued, dim=1)  # queue rows: normalized, no grad
+    loss, _ = M.clreg_term(forget, labels, retain, temperature=0.2, extra_negatives=queued)
+    expected = clreg_loss_reference(forget, torch.cat([retain, queued]), labels=labels,
+                                    temperature=0.2)
+    torch.testing.assert_close(loss, expected)
+    assert float(loss) > float(M.clreg_term(forget, labels, retain, temperature=0.2)[0]) + 1e-3
+    # an empty queue (the first step) is no queue
+    empty, _ = M.clreg_term(forget, labels, retain, temperature=0.2,
+                            extra_negatives=queued[:0])
+    torch.testing.assert_close(empty, clreg_loss_reference(forget, retain, labels=labels,
+                                                           temperature=0.2))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="beta"):
         M.npo_loss(torch.zeros(2), torch.zeros(2), beta=0)

@@ -3,7 +3,7 @@
 ``OUT/checkpoint-N/`` holds the model (``save_pretrained``: ``config.json`` and safetensors),
 the CLReg projection head (``clreg_head.safetensors``, when there is one),
 ``unlearn_config.json`` and ``trainer_state.pt`` (optimizer, scheduler, sampler and per-rank RNG
-states, the log so far and the step); ``OUT/final/`` holds the same minus the trainer state.
+states, the CLReg retain feature queue, the log so far and the step); ``OUT/final/`` holds the same minus the trainer state.
 Each directory is written under a temporary name and renamed into place, so an interrupted save
 never leaves a half-written checkpoint under a real name.
 
@@ -184,18 +184,36 @@ def _gather_rng(d: DistInfo) -> List[dict]:
     return [state]
 
 
+def _gather_queue(queue, d: DistInfo) -> Optional[List[dict]]:
+    """The retain feature queue's state on CPU: one entry when every rank holds the same queue
+    (it has a process group), else every rank's, in rank order (a collective)."""
+    if queue is None:
+        return None
+    state = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+             for k, v in queue.state_dict().items()}
+    if queue.process_group is None and d.enabled and d.world > 1:
+        states = [None] * d.world
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
 def save_checkpoint(directory: str, model: nn.Module, objective: nn.Module, optimizer, scheduler,
                     streams: Dict[str, object], history: List[dict], step: int, cfg,
-                    d: DistInfo) -> None:
-    """Write ``checkpoint-N``; ``streams`` are the samplers by name (their state dicts are kept).
-    Then prune old checkpoints (``cfg.keep_checkpoints``). Every rank calls this."""
+                    d: DistInfo, queue=None) -> None:
+    """Write ``checkpoint-N``; ``streams`` are the samplers by name (their state dicts are kept),
+    ``queue`` the CLReg ``RetainFeatureQueue`` or None. Then prune old checkpoints
+    (``cfg.keep_checkpoints``). Every rank calls this."""
     fsdp = cfg.parallel == "fsdp"
     model_sd, head_sd, optim_sd = _full_state(objective, optimizer, fsdp)  # collective under FSDP
     rng = _gather_rng(d)  # collective
+    queue_states = _gather_queue(queue, d)  # collective for per-rank queues
     if d.rank == 0:
         state = {"optimizer": optim_sd, "scheduler": scheduler.state_dict(),
                  **{name: stream.state_dict() for name, stream in streams.items()},
                  "rng": rng, "history": history, "step": step, "world_size": d.world}
+        if queue_states is not None:
+            state["clreg_queue"] = queue_states
 
         def write(tmp):
             _write_model_dir(tmp, model, model_sd, head_sd, cfg.to_dict())
@@ -218,10 +236,11 @@ def save_final(directory: str, model: nn.Module, objective: nn.Module, cfg, d: D
 # --------------------------------------------------------------------------- resume
 
 def load_trainer_state(directory: str, objective: nn.Module, optimizer, scheduler,
-                       streams: Dict[str, object], fsdp: bool, d: DistInfo
+                       streams: Dict[str, object], fsdp: bool, d: DistInfo, queue=None
                        ) -> Tuple[List[dict], int]:
-    """Restore optimizer, scheduler, samplers and this rank's RNG from a checkpoint; returns
-    ``(history, step)``. The model weights and head are loaded separately, before wrapping."""
+    """Restore optimizer, scheduler, samplers, this rank's RNG and (``queue``) the CLReg retain
+    feature queue from a checkpoint; returns ``(history, step)``. The model weights and head are
+    loaded separately, before wrapping."""
     state = torch.load(os.path.join(directory, TRAINER_STATE), map_location="cpu",
                        weights_only=True)
     if fsdp:
@@ -243,4 +262,33 @@ def load_trainer_state(directory: str, objective: nn.Module, optimizer, schedule
     torch.set_rng_state(own["cpu"])
     if "cuda" in own and torch.cuda.is_available():
         torch.cuda.set_rng_state(own["cuda"])
+    if queue is not None:
+        _load_queue(queue, state.get("clreg_queue"), directory, d)
     return list(state["history"]), int(state["step"])
+
+
+def _load_queue(queue, saved: Optional[List[dict]], directory: str, d: DistInfo) -> None:
+    if not saved:
+        warnings.warn(f"checkpoint {directory} holds no CLReg retain feature queue (it was written "
+                      "with clreg_queue_size=0); the queue starts empty, so the run will not "
+                      "match an uninterrupted one")
+        return
+    shared = queue.process_group is not None
+    if len(saved) > 1 and shared:
+        warnings.warn("the checkpoint holds one retain feature queue per rank (clreg_negatives="
+                      "'local') but this run shares one over all ranks ('global'); using rank 0's")
+    elif len(saved) == 1 and not shared and d.world > 1:
+        warnings.warn("the checkpoint holds one shared retain feature queue (clreg_negatives="
+                      "'global') but this run keeps one per rank ('local'); every rank starts "
+                      "from it")
+    elif len(saved) > 1 and len(saved) != d.world:
+        warnings.warn(f"checkpoint has the retain feature queues of {len(saved)} ranks, this run "
+                      f"has {d.world}; rank r takes queue r mod {len(saved)}")
+    own = saved[0] if shared else saved[d.rank % len(saved)]
+    features = own["features"]
+    if features.shape != queue.features.shape:
+        raise ValueError(f"checkpoint {directory} holds a retain feature queue of shape "
+                         f"{tuple(features.shape)}, this run's is {tuple(queue.features.shape)} "
+                         "(clreg_queue_size, or the feature width, changed)")
+    queue.load_state_dict({k: (v.to(queue.features.device) if isinstance(v, torch.Tensor) else v)
+                           for k, v in own.items()})

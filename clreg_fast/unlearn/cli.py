@@ -31,6 +31,9 @@ _HELP = {
     "clreg_layer": "decoder layer of the CLReg features (-1 = last)",
     "clreg_pooling": "pool answer-token states by mean, last token, or keep every token",
     "clreg_proj_dim": "size of a trainable projection head before CLReg (default: none)",
+    "clreg_negatives": "CLReg batch: local (one micro-batch per GPU) or global (every GPU's "
+                       "micro-batch of the accumulation step, as one GPU with the whole batch)",
+    "clreg_queue_size": "earlier retain rows kept as extra CLReg negatives (0 = no queue)",
     "batch_size": "forget examples per optimizer step over all ranks",
     "parallel": "none, or ddp/fsdp under torchrun",
     "resume": "resume from the newest checkpoint in --out (no value) or from PATH",
@@ -126,7 +129,8 @@ def _choices(name: str):
     return {"method": M.METHODS, "parallel": T.PARALLEL, "lr_schedule": T.SCHEDULES,
             "optimizer": T.OPTIMIZERS, "clreg_pooling": ("mean", "last", "token"),
             "clreg_label_by": ("concept", "sequence"), "clreg_retain_source": ("model", "ref"),
-            "clreg_fallback": ("one_concept", "skip")}.get(name)
+            "clreg_fallback": ("one_concept", "skip"),
+            "clreg_negatives": T.CLREG_NEGATIVES}.get(name)
 
 
 def _nll_eval(examples_by_split: Dict[str, List[Dict]], pad_id: int):

@@ -39,6 +39,17 @@ class DistInfo:
             dist.barrier()
 
 
+def side_group(d: DistInfo):
+    """A new process group of every rank, for collectives that run inside the wrapped forward
+    and backward (cross-rank CLReg, the shared retain queue): on a group of their own they never
+    queue up behind, or interleave with, DDP's and FSDP's gradient traffic on the default group.
+    None for a single process. Every rank must call this; destroy it with
+    ``torch.distributed.destroy_process_group(group)``."""
+    if not d.enabled or d.world == 1:
+        return None
+    return dist.new_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -147,7 +147,8 @@ def rmu_loss(forget_hidden, forget_mask, control, retain_hidden, ref_retain_hidd
 
 def clreg_term(forget_features: torch.Tensor, forget_labels: Optional[torch.Tensor],
                retain_features: Optional[torch.Tensor], weight=None, bias=None, *,
-               temperature: float = 0.1, fallback: str = "one_concept", backend: str = "auto"
+               temperature: float = 0.1, fallback: str = "one_concept", backend: str = "auto",
+               extra_negatives: Optional[torch.Tensor] = None, process_group=None
                ) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
     """CLReg on pooled features, robust to mini-batches where the loss is undefined.
 
@@ -157,27 +158,69 @@ def clreg_term(forget_features: torch.Tensor, forget_labels: Optional[torch.Tens
     retain rows) and ``fallback="skip"`` drops the term. With fewer than two forget rows the term
     is always dropped. Returns ``(loss or None, info)``; ``info`` has ``clreg_fallback`` (1.0 when
     the one-concept fallback was used) and ``clreg_skipped`` (1.0 when dropped).
+
+    ``extra_negatives``: rows of a ``RetainFeatureQueue`` (projected, normalized) used as extra
+    negative columns; fused backends only. ``process_group``: the batch is the union of every
+    rank's rows (``fused_clreg_loss(process_group=)``, global concept ids); every rank of the
+    group must call this, and the skip / fallback decision is taken on the global rows, so it is
+    the same on every rank (a rank whose own rows have no positive still takes part).
     """
     from clreg_fast import fused_clreg_loss
 
     if fallback not in ("one_concept", "skip"):
         raise ValueError(f"fallback must be 'one_concept' or 'skip', got {fallback!r}")
     info = {"clreg_fallback": 0.0, "clreg_skipped": 0.0}
-    if forget_features.shape[0] < 2:
+    labels = forget_labels
+    if process_group is None:
+        counted = labels
+        n_rows = forget_features.shape[0]
+    else:
+        counted = _gather_labels(forget_features, labels, process_group)
+        n_rows = counted.shape[0]
+    if n_rows < 2:
         info["clreg_skipped"] = 1.0
         return None, info
-    labels = forget_labels
-    if labels is not None:
-        _, counts = torch.unique(labels, return_counts=True)
+    if labels is not None or process_group is not None:
+        _, counts = torch.unique(counted, return_counts=True)
         if int(counts.max()) < 2:
             if fallback == "skip":
                 info["clreg_skipped"] = 1.0
                 return None, info
             labels = None
             info["clreg_fallback"] = 1.0
+    if extra_negatives is not None and extra_negatives.shape[0] == 0:
+        extra_negatives = None  # an empty queue (first step) adds nothing
     loss = fused_clreg_loss(forget_features, retain_features, weight, bias, labels=labels,
-                            temperature=temperature, backend=backend)
+                            temperature=temperature, backend=backend,
+                            extra_negatives=extra_negatives, process_group=process_group)
     return loss, info
+
+
+def _gather_labels(features: torch.Tensor, labels: Optional[torch.Tensor],
+                   group) -> torch.Tensor:
+    """Every rank's forget labels (concept 0 where a rank passes None), in rank order.
+
+    Two small all-gathers (row counts, then the padded labels) on the features' device, so
+    every rank sees the same global rows and takes the same skip / fallback decision.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    device = features.device
+    local = (labels.to(device=device, dtype=torch.long) if labels is not None
+             else torch.zeros(features.shape[0], dtype=torch.long, device=device))
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    most = max(counts)
+    if most == 0:
+        return local
+    padded = local.new_zeros(most)
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:c] for part, c in zip(parts, counts)])
 
 
 def _check_positive(name, value) -> None:

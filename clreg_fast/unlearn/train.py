@@ -16,12 +16,25 @@ rank ``rank``'s accumulation step ``a``. Every loss term is normalized by its co
 whole step (answer tokens for NLL, sequences for NPO/SimNPO/RMU), so the gradient is that of
 the loss of the global batch, whatever the number of ranks or accumulation steps.
 
-CLReg. The contrastive batch is one micro-batch: its forget rows (pooled hidden states of
-``clreg_layer`` over answer tokens, or every answer token) and its retain rows, detached
-("retain features stay put"; or the frozen reference model's features). Under DDP/FSDP each rank
-therefore contrasts only its own rows (cross-rank CLReg is separate work); the CLReg loss of the
-step is the mean over micro-batches. A single process with ``grad_accum = k`` makes the same
-update as ``k`` ranks with ``grad_accum = 1``.
+CLReg. The features are the forget rows (pooled hidden states of ``clreg_layer`` over answer
+tokens, or every answer token) and the retain rows, detached ("retain features stay put"; or the
+frozen reference model's features). ``clreg_negatives`` says which rows form one contrastive
+batch:
+
+* ``"local"``: one micro-batch. Under DDP/FSDP each rank contrasts only its own rows; the CLReg
+  loss of the step is the mean over the ``world_size * grad_accum`` micro-batches, so a single
+  process with ``grad_accum = k`` makes the same update as ``k`` ranks with ``grad_accum = 1``.
+* ``"global"``: at accumulation step ``a``, the union of every rank's micro-batch ``a``
+  (``fused_clreg_loss(process_group=)`` on a group of its own, apart from DDP's buckets); the
+  CLReg loss of the step is the mean over the ``grad_accum`` accumulation steps. With
+  ``grad_accum = 1`` the update is that of one process on the whole step's batch, whatever the
+  number of ranks; in general it is that of one process with the same ``grad_accum``.
+
+``clreg_queue_size > 0`` keeps that many earlier retain rows (projected and normalized, in a
+``RetainFeatureQueue`` outside the wrapped model) as extra negatives. Each contrastive batch
+pushes its retain rows after its backward; with ``"global"`` the queue gathers every rank's rows
+(the same queue on every rank), with ``"local"`` each rank keeps its own. The queue is saved in
+every checkpoint and restored on resume.
 """
 from __future__ import annotations
 
@@ -36,12 +49,14 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from clreg_fast.unlearn import checkpoint
 from clreg_fast.unlearn import methods as M
 from clreg_fast.unlearn.data import IGNORE_INDEX, answer_mask, collate
-from clreg_fast.unlearn.distributed import DistInfo, full_params, init_distributed, reduce_logs, wrap
+from clreg_fast.unlearn.distributed import (DistInfo, full_params, init_distributed, reduce_logs,
+                                            side_group, wrap)
 from clreg_fast.unlearn.features import (POOLINGS, capture_layer, decoder_layers, pool_features,
                                          resolve_layer)
 from clreg_fast.unlearn.metrics_log import MetricsLog
@@ -49,6 +64,7 @@ from clreg_fast.unlearn.metrics_log import MetricsLog
 PARALLEL = ("none", "ddp", "fsdp")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
+CLREG_NEGATIVES = ("local", "global")
 
 
 @dataclass
@@ -64,8 +80,10 @@ class UnlearnConfig:
     clreg_temperature: float = 0.1
     clreg_proj_dim: Optional[int] = None  # int: a trainable nn.Linear(hidden, proj_dim) head
     clreg_retain_source: str = "model"    # "model" (detached) | "ref" (frozen reference model)
-    clreg_fallback: str = "one_concept"   # no repeated concept in a micro-batch: see methods.clreg_term
+    clreg_fallback: str = "one_concept"   # no repeated concept in a CLReg batch: methods.clreg_term
     clreg_backend: str = "auto"
+    clreg_negatives: str = "local"        # "local" (one micro-batch) | "global" (all ranks)
+    clreg_queue_size: int = 0             # earlier retain rows kept as extra negatives; 0 = none
     # Method weights and hyper-parameters (OpenUnlearning defaults).
     forget_weight: Optional[float] = None  # gamma; None: 1, or simnpo_gamma for SimNPO
     retain_weight: float = 1.0             # alpha
@@ -113,7 +131,8 @@ class UnlearnConfig:
                    "lr_schedule": SCHEDULES, "optimizer": OPTIMIZERS,
                    "clreg_label_by": ("concept", "sequence"),
                    "clreg_retain_source": ("model", "ref"),
-                   "clreg_fallback": ("one_concept", "skip")}
+                   "clreg_fallback": ("one_concept", "skip"),
+                   "clreg_negatives": CLREG_NEGATIVES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -121,6 +140,12 @@ class UnlearnConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if (isinstance(self.clreg_queue_size, bool) or not isinstance(self.clreg_queue_size, int)
+                or self.clreg_queue_size < 0):
+            raise ValueError(f"clreg_queue_size must be an int >= 0, got {self.clreg_queue_size!r}")
+        if self.clreg_queue_size and self.clreg_backend == "reference":
+            raise ValueError("clreg_queue_size > 0 needs a fused clreg_backend ('auto', 'torch', "
+                             "'triton' or 'cuda'); the reference backend takes no extra negatives")
         if self.retain_batch_size is not None and (not isinstance(self.retain_batch_size, int)
                                                    or self.retain_batch_size < 1):
             raise ValueError(f"retain_batch_size must be None or an int >= 1, "
@@ -254,7 +279,7 @@ class _Objective(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: UnlearnConfig, head: Optional[nn.Linear],
                  clreg_layer: int, rmu_layer: int, control: Optional[torch.Tensor],
-                 use_autocast: bool):
+                 use_autocast: bool, clreg_group=None):
         super().__init__()
         self.model = model
         self.head = head
@@ -263,6 +288,7 @@ class _Objective(nn.Module):
         self.rmu_layer = rmu_layer
         self._control = control  # a plain attribute: not a parameter, not in the state dict
         self.use_autocast = use_autocast
+        self.clreg_group = clreg_group  # "global" CLReg: the process group of the loss
 
     def _run(self, batch, layers: Sequence[int], want_logits: bool):
         """Forward of the model; returns (logits or None, {layer: hidden})."""
@@ -320,11 +346,16 @@ class _Objective(nn.Module):
         retain_for_clreg = r_hidden[cl] if retain_feats_from_model else None
         return forget_term, retain_term, f_hidden, retain_for_clreg
 
-    def _clreg(self, forget_hidden, forget, retain_hidden, retain):
+    def _clreg(self, forget_hidden, forget, retain_hidden, retain, extra_negatives):
+        """(loss, info, this batch's retain rows projected for the queue, or None)."""
         cfg = self.cfg
         f_feats, f_labels = pool_features(forget_hidden, answer_mask(forget["labels"]),
                                           cfg.clreg_pooling, forget["concept_ids"],
                                           cfg.clreg_label_by)
+        if self.clreg_group is not None and cfg.clreg_label_by == "sequence":
+            # Sequence ids must be global: rank r holds sequences r*B .. r*B + B - 1 of the
+            # union (every rank's micro-batch has B sequences), as in one process.
+            f_labels = f_labels + dist.get_rank(self.clreg_group) * forget["input_ids"].shape[0]
         r_feats = None
         if retain_hidden is not None:
             r_feats, _ = pool_features(retain_hidden.detach(), answer_mask(retain["labels"]),
@@ -338,18 +369,32 @@ class _Objective(nn.Module):
         r_feats = r_feats.to(dtype) if r_feats is not None else None
         loss, info = M.clreg_term(f_feats, f_labels, r_feats, weight, bias,
                                   temperature=cfg.clreg_temperature, fallback=cfg.clreg_fallback,
-                                  backend=cfg.clreg_backend)
+                                  backend=cfg.clreg_backend, extra_negatives=extra_negatives,
+                                  process_group=self.clreg_group)
         if loss is None:
             loss = f_feats.sum() * 0.0
         if self.head is not None:
             # Keeps the head in the graph when the term is skipped, so DDP/FSDP see its grads.
             loss = loss + sum(p.sum() * 0.0 for p in self.head.parameters())
-        return loss, info
+        queue_rows = None
+        if cfg.clreg_queue_size:
+            # Projected here, where the head is whole (FSDP unshards it for the forward only).
+            with torch.no_grad():
+                if r_feats is None:
+                    width = weight.shape[0] if weight is not None else f_feats.shape[1]
+                    queue_rows = f_feats.new_zeros((0, width))
+                else:
+                    queue_rows = (torch.nn.functional.linear(r_feats, weight, bias)
+                                  if weight is not None else r_feats).detach()
+        return loss, info, queue_rows
 
-    def forward(self, forget, retain, norms: Dict[str, float], ref: Dict[str, torch.Tensor]):
+    def forward(self, forget, retain, norms: Dict[str, float], ref: Dict[str, torch.Tensor],
+                extra_negatives: Optional[torch.Tensor] = None):
+        """(loss, logs, retain rows for the queue or None) of one micro-batch."""
         cfg = self.cfg
         device = forget["input_ids"].device
         logs: Dict[str, torch.Tensor] = {}
+        queue_rows = None
         with _autocast(self.use_autocast, device):
             if cfg.method == "rmu":
                 forget_term, retain_term, f_hidden, r_hidden = self._rmu_terms(
@@ -368,14 +413,18 @@ class _Objective(nn.Module):
                 r_hidden = ref.get("clreg_retain_hidden")
             # CLReg in its own precision (autocast would push the similarity GEMMs to bf16).
             with _autocast(False, device):
-                clreg, info = self._clreg(f_hidden[self.clreg_layer], forget, r_hidden, retain)
+                clreg, info, queue_rows = self._clreg(f_hidden[self.clreg_layer], forget,
+                                                      r_hidden, retain, extra_negatives)
+            # "local": the mean over every micro-batch of the step. "global": each rank adds
+            # 1/world of the (same) global loss, which after the loop's world-size scale and
+            # DDP's averaging gives the mean over accumulation steps.
             clreg = clreg / norms["micro_batches"]
             loss = loss + cfg.clreg_weight * clreg
             logs["clreg_loss"] = clreg.detach()
             for key, value in info.items():
                 logs[key] = torch.tensor(value / norms["micro_batches"], device=loss.device)
         logs["loss"] = loss.detach()
-        return loss, logs
+        return loss, logs, queue_rows
 
 
 class _FrozenReference(nn.Module):
@@ -647,9 +696,10 @@ def unlearn(
     Returns:
         One dict per optimizer step: ``step``, ``epoch`` (forget epochs done), ``lr`` (used for
         the step), ``loss``, ``forget_loss`` (before gamma), ``forget_nll``, ``retain_loss``
-        (before alpha), ``clreg_loss`` (before clreg_weight), ``clreg_fallback`` and
-        ``clreg_skipped`` (fractions of micro-batches), ``grad_norm`` (before clipping), and
-        ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
+        (before alpha), ``clreg_loss`` (before clreg_weight; the mean over the step's contrastive
+        batches), ``clreg_fallback`` and ``clreg_skipped`` (fractions of those batches:
+        micro-batches, or accumulation steps with ``clreg_negatives="global"``), ``grad_norm``
+        (before clipping), and ``eval_<name>`` on eval steps. Values are over the global batch (reduced over ranks).
 
     The global torch RNG is reseeded with ``seed + rank`` (dropout streams).
     """
@@ -664,6 +714,9 @@ def unlearn(
     # A process group created here stays up: under FSDP the returned model is sharded and
     # needs it. Call torch.distributed.destroy_process_group() when done (the CLI does).
     d = init_distributed(cfg.parallel)
+    # "global" CLReg: the loss's (and the queue's) process group, apart from DDP's buckets.
+    clreg_group = side_group(d) if cfg.clreg_weight > 0 and cfg.clreg_negatives == "global" \
+        else None
 
     # Each step's forget and retain indices are cut into world * grad_accum micro-batches.
     micro = d.world * cfg.grad_accum
@@ -716,7 +769,14 @@ def unlearn(
         control = (M.rmu_control_vector(hidden_size, cfg.rmu_steering, cfg.seed, device)
                    if cfg.method == "rmu" else None)
         objective = _Objective(model, cfg, _make_head(cfg, hidden_size, resume_from, device),
-                               clreg_layer, rmu_layer, control, use_autocast)
+                               clreg_layer, rmu_layer, control, use_autocast, clreg_group)
+        queue = None
+        if cfg.clreg_weight > 0 and cfg.clreg_queue_size:
+            from clreg_fast.distributed import RetainFeatureQueue
+
+            # Outside the wrapped module: DDP would re-broadcast its buffer, FSDP shard it.
+            queue = RetainFeatureQueue(cfg.clreg_queue_size, cfg.clreg_proj_dim or hidden_size,
+                                       process_group=clreg_group, device=device)
         reference = None
         if needs_ref:
             if cfg.parallel != "fsdp":
@@ -741,7 +801,8 @@ def unlearn(
         start_step = 0
         if resume_from:
             history, start_step = checkpoint.load_trainer_state(
-                resume_from, objective, optimizer, scheduler, streams, cfg.parallel == "fsdp", d)
+                resume_from, objective, optimizer, scheduler, streams, cfg.parallel == "fsdp", d,
+                queue=queue)
 
         ref_forget_nll = None
         if cfg.method == "npo" and cfg.cache_ref:
@@ -772,11 +833,14 @@ def unlearn(
                     sync = wrapped.no_sync()
                 elif cfg.parallel == "fsdp":
                     objective.set_requires_gradient_sync(last)
+                extra = queue.negatives() if queue is not None else None
                 with sync:
-                    loss, logs = wrapped(forget, retain, norms, ref)
+                    loss, logs, queue_rows = wrapped(forget, retain, norms, ref, extra)
                     # DDP/FSDP average gradients over ranks; the loss is already normalized
                     # by global counts, so scale by world size to get the gradient of the sum.
                     (loss * d.world).backward()
+                if queue is not None:  # after the backward: negatives come from earlier batches
+                    queue.enqueue(queue_rows)
                 for key, value in logs.items():
                     log_sums[key] = log_sums.get(key, 0.0) + value.detach().float()
             grad_norm = _clip_and_norm(params, cfg.max_grad_norm)
@@ -796,10 +860,12 @@ def unlearn(
             if cfg.out_dir and cfg.save_every and done % cfg.save_every == 0:
                 checkpoint.save_checkpoint(os.path.join(cfg.out_dir, f"checkpoint-{done}"), model,
                                            objective, optimizer, scheduler, streams, history,
-                                           done, cfg, d)
+                                           done, cfg, d, queue=queue)
                 log.write_csv()
         bar.close()
         if cfg.out_dir and cfg.save_final:
             checkpoint.save_final(os.path.join(cfg.out_dir, "final"), model, objective, cfg, d)
         log.write_csv()
+        if clreg_group is not None:
+            dist.destroy_process_group(clreg_group)
         return history

@@ -19,12 +19,15 @@ if ROOT not in sys.path:
 
 from clreg_fast.unlearn.data import collate  # noqa: E402
 from clreg_fast.unlearn.methods import sequence_nll  # noqa: E402
-from clreg_fast.unlearn.train import UnlearnConfig, unlearn  # noqa: E402
+from clreg_fast.unlearn.train import IndexStream, UnlearnConfig, unlearn  # noqa: E402
 
 VOCAB = 64
 
 # name -> (config overrides, steps). Distributed runs use grad_accum from the overrides; the
-# single-process baseline uses world_size times as many accumulation steps (same micro-batches).
+# single-process baseline uses world_size times as many accumulation steps (same micro-batches),
+# except for clreg_negatives="global" scenarios, whose baseline is one process with the same
+# grad_accum: the whole step's batch in one micro-batch when grad_accum is 1. An overrides key
+# "data" names the forget set (default FORGET).
 SCENARIOS = {
     # Plain GradDiff with SGD and no clipping: the update is -lr * gradient, so the parameters
     # alone check the gradient's scale.
@@ -43,6 +46,25 @@ SCENARIOS = {
                               max_grad_norm=0.5), 1),
     # Two AdamW steps of SimNPO (no reference model) with an eval_fn after every step.
     "simnpo_two_steps_eval": (dict(method="simnpo", lr=1e-3, eval_every=1), 2),
+    # "npo_clreg_head" with cross-rank CLReg: the update of one process on all 4 forget rows
+    # (the test also checks that the "local" run above does not make it).
+    "npo_clreg_head_global": (dict(method="npo", optimizer="sgd", lr=0.05, clreg_weight=0.5,
+                                   clreg_proj_dim=8, clreg_pooling="mean", max_grad_norm=None,
+                                   clreg_negatives="global"), 1),
+    # Global CLReg with accumulation (each accumulation step is one contrastive batch), one row
+    # per answer token labelled by sequence (global sequence ids), and a retain feature queue
+    # gathered over ranks (the second step's negatives include the first step's retain rows).
+    "global_queue_token_accum": (dict(method="graddiff", lr=1e-3, grad_accum=2, batch_size=8,
+                                      clreg_weight=0.5, clreg_pooling="token",
+                                      clreg_label_by="sequence", clreg_queue_size=24,
+                                      clreg_negatives="global"), 2),
+    # Rank 1's forget rows have no positive (their concepts occur once in the whole batch): its
+    # rows are negatives of rank 0's anchors only; with fallback "skip" a local decision would
+    # drop the term on rank 1 alone.
+    "global_rank_without_positive": (dict(method="graddiff", optimizer="sgd", lr=0.5,
+                                          clreg_weight=1.0, clreg_proj_dim=8,
+                                          clreg_fallback="skip", max_grad_norm=None,
+                                          clreg_negatives="global", data="skewed"), 1),
 }
 
 
@@ -69,6 +91,21 @@ def make_examples(n: int, seed: int, concepts: int):
 
 
 FORGET = make_examples(8, 1, 3)
+
+
+def _skewed_forget(seed: int = 3, ranks: int = 2, per_rank: int = 2):
+    """FORGET relabelled so that, in the first step of a run seeded ``seed`` (``ranks`` ranks,
+    ``per_rank`` forget rows each), rank 0's rows share concept 0 and every other row of the
+    step has a concept of its own."""
+    first = IndexStream(len(FORGET), seed, salt=1).take(ranks * per_rank)
+    concept = {i: 0 for i in first[:per_rank]}
+    concept.update({i: 1 + k for k, i in enumerate(first[per_rank:])})
+    unused = iter(range(len(concept), len(FORGET) + len(concept)))
+    return [dict(ex, concept_id=concept[i] if i in concept else next(unused))
+            for i, ex in enumerate(FORGET)]
+
+
+DATA = {"default": FORGET, "skewed": _skewed_forget()}
 RETAIN = make_examples(16, 2, 5)
 EVAL_BATCH = collate(make_examples(4, 3, 2), pad_id=0)
 
@@ -94,20 +131,23 @@ def run_scenario(name: str, parallel: str, world: int, **extra):
     overrides, steps = SCENARIOS[name]
     kwargs = dict(batch_size=4, max_steps=steps, progress=False, seed=3)
     kwargs.update(overrides)
-    if parallel == "none":
+    forget = DATA[kwargs.pop("data", "default")]
+    if parallel == "none" and kwargs.get("clreg_negatives") != "global":
         kwargs["grad_accum"] = kwargs.get("grad_accum", 1) * world
     kwargs.update(extra)
     model = tiny_model()
     eval_fn = eval_nll if kwargs.get("eval_every") else None
-    history = unlearn(model, FORGET, RETAIN, UnlearnConfig(parallel=parallel, **kwargs),
+    history = unlearn(model, forget, RETAIN, UnlearnConfig(parallel=parallel, **kwargs),
                       pad_id=0, eval_fn=eval_fn)
     return {"params": full_params(model), "history": history}
 
 
-def run_resume(parallel: str, workdir: str):
-    """Three NPO+CLReg AdamW steps straight through, and two steps + resume from step 2."""
+def run_resume(parallel: str, workdir: str, negatives: str = "local"):
+    """Three NPO+CLReg AdamW steps straight through, and two steps + resume from step 2; with a
+    retain feature queue (one per rank for "local", one shared for "global")."""
     kwargs = dict(method="npo", batch_size=4, lr=1e-3, clreg_weight=0.5, clreg_proj_dim=8,
-                  warmup_steps=2, lr_schedule="linear", progress=False, seed=5, parallel=parallel)
+                  warmup_steps=2, lr_schedule="linear", progress=False, seed=5, parallel=parallel,
+                  clreg_queue_size=6, clreg_negatives=negatives)
     straight = tiny_model()
     h_straight = unlearn(straight, FORGET, RETAIN,
                          UnlearnConfig(max_steps=3, out_dir=os.path.join(workdir, "a"),
@@ -136,7 +176,9 @@ def main():
     for name in [s for s in args.scenarios.split(",") if s]:
         results[name] = run_scenario(name, args.parallel, world)
     if args.resume_dir:
-        results["resume"] = run_resume(args.parallel, args.resume_dir)
+        results["resume"] = run_resume(args.parallel, os.path.join(args.resume_dir, "local"))
+        results["resume_global"] = run_resume(args.parallel,
+                                              os.path.join(args.resume_dir, "global"), "global")
     if dist.get_rank() == 0:
         torch.save(results, args.out)
     dist.barrier()
