@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include "clreg.h"
+#include "splits.h"
 
 namespace clreg {
 namespace {
@@ -19,11 +20,8 @@ namespace {
 // Below this temperature exp(-2 / tau) leaves the normal float32 range and the fixed shift of
 // 1/tau could underflow whole rows; the kernels then keep a running maximum instead.
 constexpr double kMaxFixedShiftScale = 40.0;
-// Splits of the sweep give small batches enough blocks to fill the GPU; each split of the
-// backward costs one more float32 workspace slice, capped here.
-constexpr int kMaxSplits = 32;
-constexpr int64_t kMaxWorkspaceElements = int64_t(1) << 24;  // 64 MiB of float32
-constexpr int kBlocksPerSm = 4;
+// The split policy (clreg::choose_splits) lives in splits.h; the kernels' occupancy decides how
+// many blocks make the GPU full.
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "clreg_fast._C: launch of ", what,
@@ -71,23 +69,12 @@ int multiprocessors(int device) {
   return std::max(count, 1);
 }
 
-// How many slices the sweep over `n_swept_tiles` tiles is cut into, for a grid of `n_blocks`
-// blocks per slice, each slice holding `slice_elements` workspace floats (0: no workspace).
-struct Splits {
-  int count;
-  int tiles_per_split;
-};
-
-Splits choose_splits(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements, int device) {
-  const int64_t target_blocks = int64_t(kBlocksPerSm) * multiprocessors(device);
-  int64_t count = std::max<int64_t>(1, ceil_div(target_blocks, std::max<int64_t>(n_blocks, 1)));
-  count = std::min<int64_t>({count, int64_t(kMaxSplits), std::max<int64_t>(n_swept_tiles, 1)});
-  if (slice_elements > 0)
-    count = std::max<int64_t>(1, std::min(count, kMaxWorkspaceElements / slice_elements));
-  const int64_t per_split = ceil_div(std::max<int64_t>(n_swept_tiles, 1), count);
-  // Recount so that no split is empty.
-  return {static_cast<int>(ceil_div(std::max<int64_t>(n_swept_tiles, 1), per_split)),
-          static_cast<int>(per_split)};
+// Splits for a launch on `device` of a kernel with `blocks_per_sm` resident blocks per SM (from
+// the occupancy API; 0 when it could not tell, then 4 is assumed).
+Splits splits_for(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements,
+                  int blocks_per_sm, int device) {
+  return choose_splits(n_blocks, n_swept_tiles, slice_elements, multiprocessors(device),
+                       blocks_per_sm > 0 ? blocks_per_sm : 4);
 }
 
 torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offset, double scale,
@@ -103,8 +90,8 @@ torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offse
 
   const c10::cuda::CUDAGuard guard(za.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(za.get_device()).stream();
-  const Splits splits =
-      choose_splits(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), 0, za.get_device());
+  const Splits splits = splits_for(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), n_anchor,
+                                   resident_blocks_lse_forward(dot), za.get_device());
   auto partial = torch::empty({splits.count, n_anchor}, options);
   check_launch(launch_lse_forward(za.data_ptr<float>(), zc.data_ptr<float>(),
                                   partial.data_ptr<float>(), n_anchor, n_col, dim, self_offset,
@@ -153,7 +140,8 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   torch::Tensor dza = torch::zeros({0, dim}, options);
   if (need_dza) {
     const Splits row_splits =
-        choose_splits(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad, device);
+        splits_for(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad,
+                   resident_blocks_lse_backward_rows(dot), device);
     auto acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
     check_launch(
         launch_lse_backward_rows(za.data_ptr<float>(), zc.data_ptr<float>(),
@@ -174,7 +162,8 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   auto w_rel = (w / w_max).contiguous();
   const int64_t n_grad_tiles = ceil_div(n_grad_cols, kTile);
   const Splits col_splits =
-      choose_splits(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad, device);
+      splits_for(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad,
+                 resident_blocks_lse_backward_cols(dot), device);
   auto acc_cols = torch::zeros({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
   check_launch(launch_lse_backward_cols(za.data_ptr<float>(), zc.data_ptr<float>(),
                                         lse.data_ptr<float>(), w_rel.data_ptr<float>(),
@@ -200,6 +189,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("za"), pybind11::arg("zc"), pybind11::arg("lse"), pybind11::arg("w"),
         pybind11::arg("self_offset"), pybind11::arg("scale"), pybind11::arg("n_grad_cols"),
         pybind11::arg("dot_dtype"), pybind11::arg("need_dza") = true);
+  m.def(
+      "choose_splits",
+      [](int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements, int64_t multiprocessors,
+         int64_t blocks_per_sm) {
+        const clreg::Splits s = clreg::choose_splits(n_blocks, n_swept_tiles, slice_elements,
+                                                     multiprocessors, blocks_per_sm);
+        return std::make_tuple(s.count, s.tiles_per_split);
+      },
+      "The split policy of csrc/splits.h: (count, tiles_per_split); mirrored in "
+      "clreg_fast/backends/cuda/splits.py",
+      pybind11::arg("n_blocks"), pybind11::arg("n_swept_tiles"), pybind11::arg("slice_elements"),
+      pybind11::arg("multiprocessors"), pybind11::arg("blocks_per_sm"));
   m.attr("tile_size") = clreg::kTile;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
 }

@@ -65,4 +65,10 @@ cudaError_t launch_lse_backward_cols(const float* za, const float* zc, const flo
                                      int64_t self_offset, float scale, int n_splits,
                                      int tiles_per_split, DotType dot, cudaStream_t stream);
 
+// Resident blocks per SM of the kernel that the launcher above runs for `dot` (occupancy API;
+// 0 when the runtime cannot tell). The split policy (splits.h) aims at full GPUs with it.
+int resident_blocks_lse_forward(DotType dot);
+int resident_blocks_lse_backward_rows(DotType dot);
+int resident_blocks_lse_backward_cols(DotType dot);
+
 }  // namespace clreg

@@ -16,7 +16,7 @@ DEFAULT_ARCH_LIST = "8.0;9.0"       # A100 (sm_80), H100/H200 (sm_90)
 EXTENSION_NAME = "clreg_fast._C"
 # Kernel code in .cu files, PyTorch glue in bindings.cpp, shared declarations in headers.
 SOURCES = ("bindings.cpp", "lse_forward.cu", "lse_backward.cu")
-HEADERS = ("clreg.h", "tiles.cuh")
+HEADERS = ("clreg.h", "splits.h", "tiles.cuh")
 
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
 # torch 2.x, C++20 for recent releases); the sources compile under both.
