@@ -3,7 +3,8 @@
 No GPU runs here: these tests check what a GPU run cannot be trusted to reveal alone -- the
 split policy (csrc/splits.h) and, for every kernel, the tile order, split ranges, masks, the
 left-out pair at any offset, lane ownership, merges, the workspace slices and the glue's
-reduction -- against dense float64 math. What the hardware
+reduction -- against dense float64 math. The tensor-core sweep is emulated at fragment level
+(swizzled shared memory, ldmatrix, mma.m16n8k16 layouts of the PTX ISA). What the hardware
 adds (rounding to bf16/fp16, float32 accumulation, approximate exp) is for the GPU tests in
 tests/test_cuda_backend.py.
 """
@@ -122,6 +123,19 @@ def test_legacy_forward_emulation(na, nc, p, off, tau, sms, per_sm):
                                atol=1e-12)
 
 
+@pytest.mark.parametrize("na, nc, p, off", SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_sweep_forward_emulation(na, nc, p, off, tau, sms, per_sm):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    got = emu.tc_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+    np.testing.assert_allclose(got, emu.dense_lse_forward(za, zc, off, scale), rtol=1e-12,
+                               atol=1e-12)
+
+
 def _backward_case(na, nc, p, off, grad_cols, seed):
     za, zc = _inputs(na, nc, p, off, seed)
     scale = 10.0
@@ -149,3 +163,113 @@ def test_legacy_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
     for fp16 in (False, True):  # the 2^12 scale of fp16 probability tiles, undone by the glue
         got = emu.legacy_lse_backward(za, zc, lse, w, off, scale, n_grad, fp16, sms, per_sm)
         _check_backward(got, want)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_sweep_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    got = emu.tc_lse_backward(za, zc, lse, w, off, scale, n_grad, grad_cols == "odd", sms, per_sm)
+    _check_backward(got, want)
+
+
+@pytest.mark.parametrize("p", [200, 256])
+def test_sweep_at_256_features(p):
+    """D = 256 runs the backward in steps of 16 swept rows; every path at once, small sizes."""
+    za, zc, lse, w, scale, n_grad = _backward_case(20, 70, p, 0, "all", seed=p)
+    want_lse = emu.dense_lse_forward(za, zc, 0, scale)
+    np.testing.assert_allclose(emu.tc_lse_forward(za, zc, 0, scale, True, 1, 1), want_lse,
+                               rtol=1e-12)
+    _check_backward(emu.tc_lse_backward(za, zc, lse, w, 0, scale, n_grad, False, 132, 6),
+                    emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad))
+
+
+def test_emulated_fragments_are_the_ptx_layouts():
+    """The emulator's own pieces: one mma of ldmatrix'ed fragments is a 16 x 16 x 8 product,
+    and the transposed read gives the B operand of a [k][n] tile."""
+    d = 64
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((64, d))
+    tile = emu.load_tile(d, src, 0)
+    lanes = emu.LANES
+    a = emu.ldmatrix_x4(tile, emu.swz(d, lanes & 15, 8 * (lanes >> 4)))
+    b = emu.ldmatrix_x4(tile, emu.swz(d, 16 + (lanes & 7) + 8 * (lanes >> 4),
+                                      8 * ((lanes >> 3) & 1)))
+    c = np.zeros((32, 4))
+    emu.mma_16816(c, a, b[0], b[1])
+    want = src[:16, :16] @ src[16:24, :16].T
+    got = np.zeros((16, 8))
+    for t in range(2):
+        got[emu.G, 2 * emu.Q + t] = c[:, t]
+        got[emu.G + 8, 2 * emu.Q + t] = c[:, 2 + t]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    bt = emu.ldmatrix_x4(tile, emu.swz(d, (lanes & 7) + 8 * ((lanes >> 3) & 1), 8 * (lanes >> 4)),
+                         trans=True)
+    c = np.zeros((32, 4))
+    emu.mma_16816(c, a, bt[0], bt[1])  # A (rows 0-15) . src[0:16, 0:8]
+    want = src[:16, :16] @ src[:16, :8]
+    for t in range(2):
+        got[emu.G, 2 * emu.Q + t] = c[:, t]
+        got[emu.G + 8, 2 * emu.Q + t] = c[:, 2 + t]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sweep_shared_memory_reads_are_conflict_free(d):
+    """Each 8-lane phase of every ldmatrix the sweep issues, and each 8-thread phase of the
+    16-byte cp.async stores, touches 8 different 16-byte bank groups (the XOR swizzle's job)."""
+    lanes = emu.LANES
+
+    def distinct_groups(addr):  # element offsets of one phase; 8 halves = 16 bytes
+        assert len(set((a // 8) % 8 for a in addr)) == 8, addr
+
+    for warp_row0 in range(0, 64, 16):
+        for kk in range(d // 16):
+            a = emu.swz(d, warp_row0 + (lanes & 15), kk * 16 + 8 * (lanes >> 4))
+            for j in range(4):
+                distinct_groups(a[8 * j: 8 * j + 8])
+    for n0 in range(0, 64, 16):
+        for kk in range(d // 16):
+            b = emu.swz(d, n0 + (lanes & 7) + 8 * (lanes >> 4), kk * 16 + 8 * ((lanes >> 3) & 1))
+            for j in range(4):
+                distinct_groups(b[8 * j: 8 * j + 8])
+        for np_ in range(d // 16):
+            bt = emu.swz(d, n0 + (lanes & 7) + 8 * ((lanes >> 3) & 1), np_ * 16 + 8 * (lanes >> 4))
+            for j in range(4):
+                distinct_groups(bt[8 * j: 8 * j + 8])
+    chunks = d // 8
+    for it in range(64 * chunks // emu.THREADS):
+        e = np.arange(emu.THREADS) + it * emu.THREADS
+        dst = emu.swz(d, e // chunks, (e % chunks) * 8)
+        assert len(set(dst)) == emu.THREADS
+        for ph in range(0, emu.THREADS, 8):
+            distinct_groups(dst[ph: ph + 8])
+
+
+def test_emulation_follows_the_kernel_source():
+    """The index formulas emulated above are the ones in csrc/sweep_tc.cu: an edit of the kernel
+    that does not reach the emulation fails here (whitespace ignored)."""
+    import pathlib
+    import re
+
+    src = re.sub(r"\s+", "", (pathlib.Path(__file__).parents[1] / "csrc" / "sweep_tc.cu").read_text())
+    for expr in [
+        "returnr*D+((((k>>3)^(r&7)))<<3);",                                   # swizzle
+        "own_tile+swz<D>(warp_row0+(lane&15),kk*16+8*(lane>>4))",            # A of S
+        "swz<D>(n0+np*16+(lane&7)+8*(lane>>4),kk*16+8*((lane>>3)&1))",       # B of S
+        "swz<D>(n0+kk*16+(lane&7)+8*((lane>>3)&1),np*16+8*(lane>>4))",       # B of P.V
+        "a[0]=sm80::pack2<T>(s[2*kk][0],s[2*kk][1]);",                        # C -> A
+        "a[1]=sm80::pack2<T>(s[2*kk][2],s[2*kk][3]);",
+        "a[2]=sm80::pack2<T>(s[2*kk+1][0],s[2*kk+1][1]);",
+        "a[3]=sm80::pack2<T>(s[2*kk+1][2],s[2*kk+1][3]);",
+        "constint64_td=own_row[h]+pair_offset-sw0;",                          # left-out pair
+        "constintcol=n0+8*nb+2*q+(e&1);",                                     # fragment column
+        "own_row[h]=own0+warp_row0+g+8*h;",                                   # fragment row
+        "staticconstexprintkSweptPerStep=D==256?16:64;",
+        "slice+own_row[h]*ld_out+8*nd+2*q",                                   # the one write
+    ]:
+        assert expr in src, expr
