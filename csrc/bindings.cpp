@@ -2,6 +2,7 @@
 // the splits and the pybind11 module clreg_fast._C. The contract of the two functions is the
 // one of clreg_fast/backends/base.py (lse_forward, lse_backward).
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -12,6 +13,7 @@
 #include <torch/extension.h>
 
 #include "clreg.h"
+#include "splits.h"
 
 namespace clreg {
 namespace {
@@ -19,11 +21,8 @@ namespace {
 // Below this temperature exp(-2 / tau) leaves the normal float32 range and the fixed shift of
 // 1/tau could underflow whole rows; the kernels then keep a running maximum instead.
 constexpr double kMaxFixedShiftScale = 40.0;
-// Splits of the sweep give small batches enough blocks to fill the GPU; each split of the
-// backward costs one more float32 workspace slice, capped here.
-constexpr int kMaxSplits = 32;
-constexpr int64_t kMaxWorkspaceElements = int64_t(1) << 24;  // 64 MiB of float32
-constexpr int kBlocksPerSm = 4;
+// The split policy (clreg::choose_splits) lives in splits.h; the kernels' occupancy decides how
+// many blocks make the GPU full.
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "clreg_fast._C: launch of ", what,
@@ -71,23 +70,40 @@ int multiprocessors(int device) {
   return std::max(count, 1);
 }
 
-// How many slices the sweep over `n_swept_tiles` tiles is cut into, for a grid of `n_blocks`
-// blocks per slice, each slice holding `slice_elements` workspace floats (0: no workspace).
-struct Splits {
-  int count;
-  int tiles_per_split;
-};
+// Splits for a launch on `device` of a kernel with `blocks_per_sm` resident blocks per SM (from
+// the occupancy API; 0 when it could not tell, then 4 is assumed).
+Splits splits_for(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements,
+                  int blocks_per_sm, int device) {
+  return choose_splits(n_blocks, n_swept_tiles, slice_elements, multiprocessors(device),
+                       blocks_per_sm > 0 ? blocks_per_sm : 4);
+}
 
-Splits choose_splits(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements, int device) {
-  const int64_t target_blocks = int64_t(kBlocksPerSm) * multiprocessors(device);
-  int64_t count = std::max<int64_t>(1, ceil_div(target_blocks, std::max<int64_t>(n_blocks, 1)));
-  count = std::min<int64_t>({count, int64_t(kMaxSplits), std::max<int64_t>(n_swept_tiles, 1)});
-  if (slice_elements > 0)
-    count = std::max<int64_t>(1, std::min(count, kMaxWorkspaceElements / slice_elements));
-  const int64_t per_split = ceil_div(std::max<int64_t>(n_swept_tiles, 1), count);
-  // Recount so that no split is empty.
-  return {static_cast<int>(ceil_div(std::max<int64_t>(n_swept_tiles, 1), per_split)),
-          static_cast<int>(per_split)};
+// Which loops run: the tensor-core sweep (sweep_tc.cu) for fp16/bf16 up to 256 features, the
+// SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu) otherwise. CLREG_FAST_CUDA_LOOPS=legacy
+// selects the latter everywhere (the previous kernels, kept for comparison and as a fallback).
+bool use_sweep_tc(DotType dot, int64_t dim) {
+  if (dot == DotType::kFloat32 || sweep_tc_dim(dim) == 0) return false;
+  const char* env = std::getenv("CLREG_FAST_CUDA_LOOPS");
+  if (env == nullptr || *env == '\0') return true;
+  const std::string value(env);
+  if (value == "legacy") return false;
+  TORCH_CHECK_VALUE(value == "auto" || value == "sweep",
+                    "CLREG_FAST_CUDA_LOOPS must be 'auto', 'sweep' or 'legacy', got '", value, "'");
+  return true;
+}
+
+// z (float32) rounded to the dot type once, zero-padded to (round_up(rows, 64), dim_pad).
+torch::Tensor rounded_padded(const torch::Tensor& z, int64_t dim_pad, DotType dot) {
+  const auto type = dot == DotType::kFloat16 ? torch::kFloat16 : torch::kBFloat16;
+  auto out = torch::zeros({round_up(z.size(0), kTile), dim_pad}, z.options().dtype(type));
+  out.narrow(0, 0, z.size(0)).narrow(1, 0, z.size(1)).copy_(z);
+  return out;
+}
+
+torch::Tensor zero_padded(const torch::Tensor& v) {
+  auto out = torch::zeros({round_up(v.size(0), kTile)}, v.options());
+  out.narrow(0, 0, v.size(0)).copy_(v);
+  return out;
 }
 
 torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offset, double scale,
@@ -103,13 +119,29 @@ torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offse
 
   const c10::cuda::CUDAGuard guard(za.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(za.get_device()).stream();
-  const Splits splits =
-      choose_splits(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), 0, za.get_device());
+  const bool fixed_shift = scale <= kMaxFixedShiftScale;
+  if (use_sweep_tc(dot, dim)) {
+    const int dim_tc = sweep_tc_dim(dim);
+    const Splits splits =
+        splits_for(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), n_anchor,
+                   resident_blocks_sweep_tc(SweepMode::kForward, dot, dim_tc), za.get_device());
+    auto own = rounded_padded(za, dim_tc, dot);
+    auto swept = rounded_padded(zc, dim_tc, dot);
+    auto partial = torch::empty({splits.count, n_anchor}, options);
+    check_launch(launch_sweep_tc(SweepMode::kForward, own.data_ptr(), swept.data_ptr(), nullptr,
+                                 nullptr, partial.data_ptr<float>(), n_anchor, n_col, 0,
+                                 self_offset, static_cast<float>(scale), fixed_shift, dim_tc,
+                                 splits.count, splits.tiles_per_split, dot, stream),
+                 "sweep_tc_kernel (forward)");
+    if (splits.count == 1) return partial.select(0, 0);
+    return torch::logsumexp(partial, 0);
+  }
+  const Splits splits = splits_for(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), n_anchor,
+                                   resident_blocks_lse_forward(dot), za.get_device());
   auto partial = torch::empty({splits.count, n_anchor}, options);
   check_launch(launch_lse_forward(za.data_ptr<float>(), zc.data_ptr<float>(),
                                   partial.data_ptr<float>(), n_anchor, n_col, dim, self_offset,
-                                  static_cast<float>(scale), scale <= kMaxFixedShiftScale,
-                                  splits.count, splits.tiles_per_split, dot, stream),
+                                  static_cast<float>(scale), fixed_shift, splits.count, splits.tiles_per_split, dot, stream),
                "lse_forward_kernel");
   if (splits.count == 1) return partial.select(0, 0);
   return torch::logsumexp(partial, 0);
@@ -148,19 +180,40 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
 
   // fp16 tiles held the probabilities times kFp16ProbScale; undo it with the other factors.
   const float tile_scale = dot == DotType::kFloat16 ? 1.f / kFp16ProbScale : 1.f;
+  // Tensor-core sweep: both passes share the operands, rounded and padded once.
+  const bool tc = use_sweep_tc(dot, dim);
+  const int dim_tc = tc ? sweep_tc_dim(dim) : 0;
+  torch::Tensor za_tc, zc_tc;
+  if (tc) {
+    za_tc = rounded_padded(za, dim_tc, dot);
+    zc_tc = rounded_padded(zc, dim_tc, dot);
+  }
 
   // Row pass: dza_i = scale * w_i * sum_c Pr_ic zc_c (skipped when the caller drops dza).
   torch::Tensor dza = torch::zeros({0, dim}, options);
   if (need_dza) {
     const Splits row_splits =
-        choose_splits(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad, device);
-    auto acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
-    check_launch(
-        launch_lse_backward_rows(za.data_ptr<float>(), zc.data_ptr<float>(),
-                                 lse.data_ptr<float>(), acc_rows.data_ptr<float>(), n_anchor,
-                                 n_col, dim, self_offset, scale_f, row_splits.count,
-                                 row_splits.tiles_per_split, dot, stream),
-        "lse_backward_rows_kernel");
+        splits_for(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad,
+                   tc ? resident_blocks_sweep_tc(SweepMode::kRows, dot, dim_tc)
+                      : resident_blocks_lse_backward_rows(dot),
+                   device);
+    torch::Tensor acc_rows;
+    if (tc) {  // the kernel writes every element of every slice: no zero fill
+      acc_rows = torch::empty({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
+      check_launch(launch_sweep_tc(SweepMode::kRows, za_tc.data_ptr(), zc_tc.data_ptr(),
+                                   lse.data_ptr<float>(), nullptr, acc_rows.data_ptr<float>(),
+                                   n_anchor, n_col, dim_pad, self_offset, scale_f, false, dim_tc,
+                                   row_splits.count, row_splits.tiles_per_split, dot, stream),
+                   "sweep_tc_kernel (rows)");
+    } else {
+      acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
+      check_launch(
+          launch_lse_backward_rows(za.data_ptr<float>(), zc.data_ptr<float>(),
+                                   lse.data_ptr<float>(), acc_rows.data_ptr<float>(), n_anchor,
+                                   n_col, dim, self_offset, scale_f, row_splits.count,
+                                   row_splits.tiles_per_split, dot, stream),
+          "lse_backward_rows_kernel");
+    }
     auto rows = row_splits.count == 1 ? acc_rows.select(0, 0) : acc_rows.sum(0);
     dza = rows.narrow(0, 0, n_anchor).narrow(1, 0, dim) *
           (w * (scale_f * tile_scale)).unsqueeze(1);
@@ -174,14 +227,32 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   auto w_rel = (w / w_max).contiguous();
   const int64_t n_grad_tiles = ceil_div(n_grad_cols, kTile);
   const Splits col_splits =
-      choose_splits(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad, device);
-  auto acc_cols = torch::zeros({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
-  check_launch(launch_lse_backward_cols(za.data_ptr<float>(), zc.data_ptr<float>(),
-                                        lse.data_ptr<float>(), w_rel.data_ptr<float>(),
-                                        acc_cols.data_ptr<float>(), n_anchor, n_col, n_grad_cols,
-                                        dim, self_offset, scale_f, col_splits.count,
-                                        col_splits.tiles_per_split, dot, stream),
-               "lse_backward_cols_kernel");
+      splits_for(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad,
+                 tc ? resident_blocks_sweep_tc(SweepMode::kCols, dot, dim_tc)
+                    : resident_blocks_lse_backward_cols(dot),
+                 device);
+  torch::Tensor acc_cols;
+  if (tc) {
+    // The kernel stages lse and w_rel of whole anchor tiles: padded with zeros.
+    auto lse_pad = zero_padded(lse);
+    auto w_pad = zero_padded(w_rel);
+    acc_cols = torch::empty({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
+    check_launch(launch_sweep_tc(SweepMode::kCols, zc_tc.data_ptr(), za_tc.data_ptr(),
+                                 lse_pad.data_ptr<float>(), w_pad.data_ptr<float>(),
+                                 acc_cols.data_ptr<float>(), n_grad_cols, n_anchor, dim_pad,
+                                 -self_offset, scale_f, false, dim_tc, col_splits.count,
+                                 col_splits.tiles_per_split, dot, stream),
+                 "sweep_tc_kernel (cols)");
+  } else {
+    acc_cols = torch::zeros({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
+    check_launch(launch_lse_backward_cols(za.data_ptr<float>(), zc.data_ptr<float>(),
+                                          lse.data_ptr<float>(), w_rel.data_ptr<float>(),
+                                          acc_cols.data_ptr<float>(), n_anchor, n_col,
+                                          n_grad_cols, dim, self_offset, scale_f,
+                                          col_splits.count, col_splits.tiles_per_split, dot,
+                                          stream),
+                 "lse_backward_cols_kernel");
+  }
   auto cols = col_splits.count == 1 ? acc_cols.select(0, 0) : acc_cols.sum(0);
   auto dzc = cols.narrow(0, 0, n_grad_cols).narrow(1, 0, dim) * (w_max * (scale_f * tile_scale));
   return {dza, dzc};
@@ -200,6 +271,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("za"), pybind11::arg("zc"), pybind11::arg("lse"), pybind11::arg("w"),
         pybind11::arg("self_offset"), pybind11::arg("scale"), pybind11::arg("n_grad_cols"),
         pybind11::arg("dot_dtype"), pybind11::arg("need_dza") = true);
+  m.def(
+      "choose_splits",
+      [](int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elements, int64_t multiprocessors,
+         int64_t blocks_per_sm) {
+        const clreg::Splits s = clreg::choose_splits(n_blocks, n_swept_tiles, slice_elements,
+                                                     multiprocessors, blocks_per_sm);
+        return std::make_tuple(s.count, s.tiles_per_split);
+      },
+      "The split policy of csrc/splits.h: (count, tiles_per_split); mirrored in "
+      "clreg_fast/backends/cuda/splits.py",
+      pybind11::arg("n_blocks"), pybind11::arg("n_swept_tiles"), pybind11::arg("slice_elements"),
+      pybind11::arg("multiprocessors"), pybind11::arg("blocks_per_sm"));
+  m.def(
+      "loops",
+      [](const std::string& dot_dtype, int64_t dim) {
+        return clreg::use_sweep_tc(clreg::parse_dot(dot_dtype), dim) ? "sweep" : "legacy";
+      },
+      "Which kernels run for this dot dtype and feature size: 'sweep' (tensor-core sweep, "
+      "sweep_tc.cu) or 'legacy' (lse_forward.cu / lse_backward.cu); reads CLREG_FAST_CUDA_LOOPS",
+      pybind11::arg("dot_dtype"), pybind11::arg("dim"));
   m.attr("tile_size") = clreg::kTile;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
 }

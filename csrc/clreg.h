@@ -65,4 +65,31 @@ cudaError_t launch_lse_backward_cols(const float* za, const float* zc, const flo
                                      int64_t self_offset, float scale, int n_splits,
                                      int tiles_per_split, DotType dot, cudaStream_t stream);
 
+// Tensor-core sweep (sweep_tc.cu; sm_80+: cp.async pipeline, mma.sync, register-resident
+// accumulators) for fp16/bf16. `own` and `swept` are the operands already rounded to `dot` and
+// zero-padded to (round_up(n, 64), dim_pad) with dim_pad = sweep_tc_dim(dim); the pair
+// swept == own + pair_offset is left out.
+//   kForward: own = anchors, swept = columns; out = lse_partial (n_splits, n_own), as above.
+//   kRows:    own = anchors, swept = columns, lse of the anchors; out = acc_rows as above
+//             (every element of every slice is written: no zero fill needed).
+//   kCols:    own = gradient columns, swept = anchors, lse and w_rel of the anchors,
+//             pair_offset = -self_offset; out = acc_cols as above (every element written).
+// ld_out = round_up(dim, 64) is the workspace's row stride (unused by kForward).
+enum class SweepMode : int { kForward = 0, kRows = 1, kCols = 2 };
+constexpr int kSweepMaxDim = 256;
+// 64, 128 or 256: the padded feature size of the sweep kernels for `dim`; 0 when dim > 256.
+int sweep_tc_dim(int64_t dim);
+cudaError_t launch_sweep_tc(SweepMode mode, const void* own, const void* swept, const float* lse,
+                            const float* w, float* out, int64_t n_own, int64_t n_swept,
+                            int64_t ld_out, int64_t pair_offset, float scale, bool fixed_shift,
+                            int dim_pad, int n_splits, int tiles_per_split, DotType dot,
+                            cudaStream_t stream);
+int resident_blocks_sweep_tc(SweepMode mode, DotType dot, int dim_pad);
+
+// Resident blocks per SM of the kernel that the launcher above runs for `dot` (occupancy API;
+// 0 when the runtime cannot tell). The split policy (splits.h) aims at full GPUs with it.
+int resident_blocks_lse_forward(DotType dot);
+int resident_blocks_lse_backward_rows(DotType dot);
+int resident_blocks_lse_backward_cols(DotType dot);
+
 }  // namespace clreg

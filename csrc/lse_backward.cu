@@ -132,7 +132,35 @@ cudaError_t launch_cols(const float* za, const float* zc, const float* lse, cons
   return cudaGetLastError();
 }
 
+template <typename Kernel>
+int resident_blocks(Kernel kernel) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) {
+    cudaGetLastError();  // clear the error of the failed query
+    return 0;
+  }
+  return n;
+}
+
 }  // namespace
+
+int resident_blocks_lse_backward_rows(DotType dot) {
+  switch (dot) {
+    case DotType::kFloat16: return resident_blocks(lse_backward_rows_kernel<__half>);
+    case DotType::kBFloat16: return resident_blocks(lse_backward_rows_kernel<__nv_bfloat16>);
+    case DotType::kFloat32:
+    default: return resident_blocks(lse_backward_rows_kernel<float>);
+  }
+}
+
+int resident_blocks_lse_backward_cols(DotType dot) {
+  switch (dot) {
+    case DotType::kFloat16: return resident_blocks(lse_backward_cols_kernel<__half>);
+    case DotType::kBFloat16: return resident_blocks(lse_backward_cols_kernel<__nv_bfloat16>);
+    case DotType::kFloat32:
+    default: return resident_blocks(lse_backward_cols_kernel<float>);
+  }
+}
 
 cudaError_t launch_lse_backward_rows(const float* za, const float* zc, const float* lse,
                                      float* acc_rows, int64_t n_anchor, int64_t n_col,

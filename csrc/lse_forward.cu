@@ -83,7 +83,27 @@ cudaError_t launch(const float* za, const float* zc, float* lse_partial, int64_t
   return cudaGetLastError();
 }
 
+template <typename T>
+int resident_blocks() {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lse_forward_kernel<T>, kThreads, 0) !=
+      cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error of the failed query
+    return 0;
+  }
+  return n;
+}
+
 }  // namespace
+
+int resident_blocks_lse_forward(DotType dot) {
+  switch (dot) {
+    case DotType::kFloat16: return resident_blocks<__half>();
+    case DotType::kBFloat16: return resident_blocks<__nv_bfloat16>();
+    case DotType::kFloat32:
+    default: return resident_blocks<float>();
+  }
+}
 
 cudaError_t launch_lse_forward(const float* za, const float* zc, float* lse_partial,
                                int64_t n_anchor, int64_t n_col, int64_t dim, int64_t self_offset,

@@ -6,7 +6,10 @@
 #       torch) into a throwaway --target directory with CLREG_FAST_CUDA_BUILD=1, keeps the full
 #       build output, including ptxas' registers/spills/shared-memory report of every kernel,
 #       in FILE (default build/cuda_build.log), prints a per-kernel summary, checks that sm_80
-#       and sm_90 code was compiled, then imports clreg_fast._C from outside the checkout.
+#       and sm_90 code was compiled and that no sweep kernel spills, imports clreg_fast._C from
+#       outside the checkout, compares its split policy with the Python mirror and checks the
+#       machine code (scripts/cuda_sass_report.py: HMMA, LDGSTS, LDSM, no local memory in the
+#       sweep kernels; build/cuda_sass_report.txt).
 #       The build starts from scratch (about 3 minutes on 2 cores); --incremental keeps ninja's
 #       objects in build/ (seconds when csrc/ is unchanged, but then ptxas reports nothing new
 #       and the summary of the last full build, build/cuda_resource_usage.txt, is shown).
@@ -81,9 +84,11 @@ for line in log.splitlines():
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
     if m:
         current["spill"] = f"{m.group(1)}/{m.group(2)}"
-    m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+    m = re.search(r"Used (\d+) registers", line)
     if m:
-        current.update(regs=int(m.group(1)), smem=int(m.group(2)))
+        # No "bytes smem" for kernels with dynamic shared memory only (the sweep kernels).
+        smem = re.search(r"(\d+) bytes smem", line)
+        current.update(regs=int(m.group(1)), smem=int(smem.group(1)) if smem else 0)
         rows.append(current)
         current = None
 if not rows:
@@ -100,11 +105,15 @@ except OSError:
     names = [r["kernel"] for r in rows]
 lines = [f"{'arch':7} {'regs':>4} {'spill st/ld (B)':>15} {'smem (B)':>8}  kernel"]
 for r, name in zip(rows, names):
+    name = re.sub(r"\(clreg::SweepMode\)(\d)",  # the sweep's template argument, by name
+                  lambda m: {"0": "forward", "1": "rows", "2": "cols"}.get(m.group(1), "?"), name)
     short = re.sub(r"\(.*", "", name.replace("(anonymous namespace)::", "")).replace("void ", "")
     lines.append(f"{r['arch']:7} {r['regs']:>4} {r.get('spill', '?'):>15} {r['smem']:>8}  {short}")
-spilling = [r for r in rows if r.get("spill", "0/0") != "0/0"]
+spilling = [(r, n) for r, n in zip(rows, names) if r.get("spill", "0/0") != "0/0"]
 if spilling:
     lines.append(f"note: {len(spilling)} kernel build(s) spill registers (see the table)")
+# The sweep kernels keep their accumulators in registers by design: a spill is a failure.
+sweep_spills = [n for r, n in spilling if "sweep_tc_kernel" in n]
 report = "\n".join(lines) + "\n"
 print(report, end="")
 with open(usage_file, "w") as f:
@@ -113,6 +122,10 @@ wanted = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in re.split(r"[;\
 missing = wanted - {r["arch"] for r in rows}
 if missing:
     sys.exit(f"FAILED: no kernels compiled for {sorted(missing)}")
+if not any("sweep_tc_kernel" in n for n in names):
+    sys.exit("FAILED: no sweep_tc_kernel in the ptxas report")
+if sweep_spills:
+    sys.exit(f"FAILED: {len(sweep_spills)} sweep_tc_kernel build(s) spill registers")
 EOF
 
   # Import from outside the checkout, so the installed copy is the one found.
@@ -125,6 +138,27 @@ print(f"== import clreg_fast._C: ok ({os.path.basename(ext.__file__)}, "
       f"CUDA runtime {ext.cuda_runtime_version})")
 EOF
   ) || { echo "FAILED: clreg_fast._C does not import" >&2; exit 1; }
+
+  # The compiled split policy (csrc/splits.h) against its Python mirror, which the float64
+  # emulation tests (tests/test_cuda_emulation.py) rely on.
+  (cd /tmp && PYTHONPATH="$TMP/site" "$PY" - <<'EOF'
+import random
+import clreg_fast._C as ext
+from clreg_fast.backends.cuda import splits
+rng = random.Random(0)
+for _ in range(20000):
+    args = [rng.randrange(0, 10 ** rng.randint(1, 7)) for _ in range(3)]
+    args += [rng.randint(1, 200), rng.randint(1, 32)]
+    assert tuple(ext.choose_splits(*args)) == splits.choose_splits(*args), args
+print("== split policy: clreg_fast._C.choose_splits == clreg_fast.backends.cuda.splits (20000 cases)")
+EOF
+  ) || { echo "FAILED: the compiled split policy differs from its Python mirror" >&2; exit 1; }
+
+  # What the machine code shows: HMMA + LDGSTS + LDSM and no local memory in the sweep
+  # kernels, no HMMA in the float32 kernels (scripts/cuda_sass_report.py).
+  SO="$(ls "$TMP"/site/clreg_fast/_C*.so | head -1)"
+  "$PY" "$REPO/scripts/cuda_sass_report.py" "$SO" --out "$(dirname "$LOG")/cuda_sass_report.txt" \
+    || { echo "FAILED: the machine code does not show what the kernels claim" >&2; exit 1; }
   echo "CUDA build check passed"
   exit 0
 fi

@@ -35,6 +35,9 @@ needs_cuda_ext = pytest.mark.skipif(EXT is None, reason=f"cuda backend unavailab
 gpu = [pytest.mark.gpu, needs_cuda_ext]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# CLREG_FAST_CUDA_LOOPS: "sweep" (default: the tensor-core sweep of csrc/sweep_tc.cu for
+# fp16/bf16 up to 256 features) or "legacy" (lse_forward.cu / lse_backward.cu everywhere).
+LOOPS = ("sweep", "legacy")
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -195,7 +198,32 @@ SHAPES = [  # (Na, Nc, P, self_offset)
     (20, 50, 16, 1000),     # offset past the end: nothing left out
     (64, 3000, 48, 0),      # many column tiles: the sweep is split across blocks
     (700, 900, 300, 0),     # several anchor tiles and feature chunks of 64
+    (100, 333, 128, 0),     # P = 128: the sweep's D = 128 exactly
+    (70, 260, 200, 3),      # 128 < P <= 256: the sweep's D = 256, steps of 16 swept rows
+    (129, 200, 256, 0),     # P = 256 exactly
+    (256, 40000, 64, 0),    # few anchors against many columns: hundreds of splits
 ]
+
+
+@pytest.fixture(params=LOOPS)
+def loops(request, monkeypatch):
+    """Runs a test once per kernel family (the C++ glue reads the variable on every call)."""
+    monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", request.param)
+    return request.param
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_loops_selection(monkeypatch):
+    monkeypatch.delenv("CLREG_FAST_CUDA_LOOPS", raising=False)
+    assert EXT.loops("bfloat16", 128) == EXT.loops("float16", 1) == "sweep"
+    assert EXT.loops("bfloat16", 256) == "sweep" and EXT.loops("bfloat16", 257) == "legacy"
+    assert EXT.loops("float32", 64) == "legacy"  # SIMT float32 stays exact: no TF32
+    monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "legacy")
+    assert EXT.loops("bfloat16", 128) == "legacy"
+    monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "fast")
+    with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
+        EXT.loops("bfloat16", 128)
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
@@ -203,7 +231,9 @@ SHAPES = [  # (Na, Nc, P, self_offset)
 @pytest.mark.parametrize("tau", [0.1, 0.02])  # fixed shift and running maximum
 @pytest.mark.gpu
 @needs_cuda_ext
-def test_lse_forward_matches_float64(dot, na, nc, p, off, tau):
+def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
+    if loops == "sweep" and dot == torch.float32:
+        pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
     za = _unit_rows(na, p, seed=na + p)
     zc = _unit_rows(nc, p, seed=nc + 1)
     if off == 0:
@@ -222,7 +252,9 @@ def test_lse_forward_matches_float64(dot, na, nc, p, off, tau):
 @pytest.mark.parametrize("grad_cols", ["all", "anchors", "none", "odd"])
 @pytest.mark.gpu
 @needs_cuda_ext
-def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols):
+def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols, loops):
+    if loops == "sweep" and dot == torch.float32:
+        pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
     za = _unit_rows(na, p, seed=2 * na + p)
     zc = _unit_rows(nc, p, seed=3 * nc)
     scale = 10.0
@@ -263,7 +295,7 @@ def _assert_rows_close(got, want, tol):
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
 @pytest.mark.gpu
 @needs_cuda_ext
-def test_lse_backward_is_deterministic(dot):
+def test_lse_backward_is_deterministic(dot, loops):
     za = _unit_rows(200, 72, seed=1)
     zc = torch.cat([za, _unit_rows(2500, 72, seed=2)])
     kernels = CudaKernels(EXT)
@@ -274,10 +306,36 @@ def test_lse_backward_is_deterministic(dot):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
+@pytest.mark.parametrize("dot", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("na, nc, p, off", [(37, 101, 19, 0), (65, 130, 129, 0), (30, 75, 40, 45),
+                                            (256, 9000, 200, 0)])
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_sweep_and_legacy_kernels_agree(dot, na, nc, p, off, monkeypatch):
+    """Both families round the same operands: their results differ by float32 accumulation
+    order and, in the backward, by the rare probability that rounds the other way."""
+    za = _unit_rows(na, p, seed=11)
+    zc = _unit_rows(nc, p, seed=12)
+    w = torch.linspace(-1, 1, na, device="cuda") / na
+    out = {}
+    for name in LOOPS:
+        monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", name)
+        assert EXT.loops(_DOT_NAME[dot], p) == name
+        kernels = CudaKernels(EXT)
+        lse = kernels.lse_forward(za, zc, off, 10.0, dot)
+        out[name] = (lse, *kernels.lse_backward(za, zc, lse, w, off, 10.0, nc, dot))
+    torch.testing.assert_close(out["sweep"][0], out["legacy"][0], rtol=1e-5, atol=1e-4)
+    for got, want in zip(out["sweep"][1:], out["legacy"][1:]):
+        assert _rel_err(got, want) < BACKWARD_TOL[dot]
+
+
+_DOT_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
 @pytest.mark.gpu
 @needs_cuda_ext
-def test_primitives_accept_strided_and_misaligned_inputs(dot):
+def test_primitives_accept_strided_and_misaligned_inputs(dot, loops):
     za = _unit_rows(40, 24, seed=5)
     zc = _unit_rows(90, 24, seed=6)
     kernels = CudaKernels(EXT)

@@ -1,11 +1,13 @@
 """``cuda`` backend: the compiled CUDA C++ extension ``clreg_fast._C`` (csrc/).
 
-Kernels (see csrc/tiles.cuh): 64 x 64 similarity tiles per block of 128 threads; bf16/fp16
-inputs round the tiles to their dtype in shared memory and multiply them on tensor cores (WMMA,
-float32 accumulation); float32 inputs use SIMT float32 FMAs (no TF32). The forward keeps an
+Kernels (docs/cuda_backend.md): bf16/fp16 inputs with up to 256 features run the tensor-core
+sweep of csrc/sweep_tc.cu (operands rounded once in global memory, cp.async pipeline, mma.sync
+with float32 accumulation, backward accumulators in registers, written once); wider bf16/fp16
+inputs run WMMA tiles and float32 inputs SIMT float32 FMAs (no TF32) (csrc/tiles.cuh).
+``CLREG_FAST_CUDA_LOOPS=legacy`` selects the WMMA/SIMT kernels everywhere. The forward keeps an
 online log-sum-exp per anchor; the backward recomputes the probability tiles from it in a row
-kernel (anchor gradients) and a column kernel (column gradients), without atomics, so results
-are deterministic. Needs compute capability 8.0+ (A100, H100/H200); built for sm_80 and sm_90.
+pass (anchor gradients) and a column pass (column gradients), without atomics, so results are
+deterministic. Needs compute capability 8.0+ (A100, H100/H200); built for sm_80 and sm_90.
 
 The extension comes from ``pip install . --no-build-isolation`` (or ``python setup.py
 build_ext --inplace``); when it is missing, the first use on a GPU machine with a CUDA toolkit

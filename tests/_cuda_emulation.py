@@ -1,0 +1,399 @@
+"""Float64 emulations of the CUDA kernels' loop structure (csrc/), for CPU tests.
+
+No GPU has to run for these: each function follows its kernel statement by statement (grid,
+split ranges, tile order, masks, left-out pair, lane ownership, merges, workspace slices and the
+glue's reduction in csrc/bindings.cpp), with float64 arithmetic in place of the hardware's.
+tests/test_cuda_emulation.py compares them with dense float64 math on odd sizes.
+
+The tensor-core sweep (csrc/sweep_tc.cu) is emulated at fragment level: the XOR-swizzled
+shared-memory tiles, ``ldmatrix`` (plain and transposed) and ``mma.m16n8k16`` follow the PTX ISA
+fragment layouts, lane by lane, so a wrong address or fragment index in the kernel's formulas
+shows up here as a wrong number.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from clreg_fast.backends.cuda.splits import TILE, backward_splits, forward_splits
+
+THREADS = 128
+FP16_PROB_SCALE = 4096.0
+LANES = np.arange(32)
+G = LANES >> 2  # fragment row
+Q = LANES & 3   # fragment column pair
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _round_up(a, b):
+    return _ceil_div(a, b) * b
+
+
+def _padded(x, rows, cols):
+    out = np.zeros((rows, cols))
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def _logsumexp0(partial):
+    m = partial.max(axis=0)
+    finite = np.isfinite(m)
+    out = np.full(partial.shape[1], -np.inf)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out[finite] = m[finite] + np.log(np.exp(partial[:, finite] - m[finite]).sum(axis=0))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu, tiles.cuh), used for fp32 and for
+# feature sizes above 256.
+# ---------------------------------------------------------------------------------------------
+
+def legacy_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm):
+    na, nc = za.shape[0], zc.shape[0]
+    count, per = forward_splits(na, nc, multiprocessors, blocks_per_sm)
+    n_col_tiles = _ceil_div(nc, TILE)
+    a_pad = _padded(za, _round_up(na, TILE), za.shape[1])
+    c_pad = _padded(zc, _round_up(nc, TILE), zc.shape[1])
+    partial = np.full((count, na), np.nan)  # torch::empty: every read element must be written
+    tid = np.arange(THREADS)
+    r, c_base = tid >> 1, (tid & 1) * 32
+    for bx in range(_ceil_div(na, TILE)):
+        row0 = bx * TILE
+        row = row0 + r
+        for by in range(count):
+            run_max = np.full(THREADS, scale if fixed_shift else -np.inf)
+            run_sum = np.zeros(THREADS)
+            for t in range(by * per, min(by * per + per, n_col_tiles)):
+                col0 = t * TILE
+                s = a_pad[row0:row0 + TILE] @ c_pad[col0:col0 + TILE].T  # sm.s
+                cols = col0 + c_base[:, None] + np.arange(32)[None, :]
+                ok = (cols < nc) & (cols != (row + self_offset)[:, None])
+                x = np.where(ok, scale * s[r[:, None], cols - col0], -np.inf)
+                if not fixed_shift:
+                    tile_max = x.max(axis=1)
+                    grow = tile_max > run_max
+                    with np.errstate(invalid="ignore"):
+                        run_sum = np.where(grow, run_sum * np.exp(run_max - tile_max), run_sum)
+                    run_max = np.where(grow, tile_max, run_max)
+                live = run_max != -np.inf
+                with np.errstate(invalid="ignore"):
+                    add = np.where(ok, np.exp(x - run_max[:, None]), 0.0).sum(axis=1)
+                run_sum = np.where(live, run_sum + add, run_sum)
+            other_max, other_sum = run_max[tid ^ 1], run_sum[tid ^ 1]
+            m = np.maximum(run_max, other_max)
+            lse = np.full(THREADS, -np.inf)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                total = run_sum * np.exp(run_max - m) + other_sum * np.exp(other_max - m)
+                lse = np.where(m != -np.inf, m + np.log(total), -np.inf)
+            write = ((tid & 1) == 0) & (row < na)
+            partial[by, row[write]] = lse[write]
+    return partial[0] if count == 1 else _logsumexp0(partial)
+
+
+def _legacy_probabilities(s, row0, col0, na, nc, self_offset, scale, lse_vec, w_vec, fp16):
+    m = np.arange(TILE)[:, None]
+    n = np.arange(TILE)[None, :]
+    ok = (row0 + m < na) & (col0 + n < nc) & (col0 + n != row0 + m + self_offset)
+    with np.errstate(over="ignore"):
+        p = np.where(ok, np.exp(scale * s - lse_vec[:, None]), 0.0)
+    if w_vec is not None:
+        p = p * w_vec[:, None]
+    return p * FP16_PROB_SCALE if fp16 else p
+
+
+def legacy_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, multiprocessors,
+                        blocks_per_sm):
+    na, nc, p_dim = za.shape[0], zc.shape[0], za.shape[1]
+    dim_pad = _round_up(p_dim, TILE)
+    a_pad = _padded(za, _round_up(na, TILE), dim_pad)
+    c_pad = _padded(zc, _round_up(nc, TILE), dim_pad)
+    tile_scale = 1.0 / FP16_PROB_SCALE if fp16 else 1.0
+    n_anchor_tiles, n_col_tiles = _ceil_div(na, TILE), _ceil_div(nc, TILE)
+
+    count, per = backward_splits(na, nc, p_dim, multiprocessors, blocks_per_sm)
+    acc_rows = np.zeros((count, n_anchor_tiles * TILE, dim_pad))
+    for bx in range(n_anchor_tiles):
+        row0 = bx * TILE
+        lse_vec = np.array([lse[row0 + i] if row0 + i < na else 0.0 for i in range(TILE)])
+        for by in range(count):
+            for t in range(by * per, min(by * per + per, n_col_tiles)):
+                col0 = t * TILE
+                s = a_pad[row0:row0 + TILE] @ c_pad[col0:col0 + TILE].T
+                g = _legacy_probabilities(s, row0, col0, na, nc, self_offset, scale, lse_vec,
+                                          None, fp16)
+                acc_rows[by, row0:row0 + TILE] += g @ c_pad[col0:col0 + TILE]
+    rows = acc_rows[0] if count == 1 else acc_rows.sum(0)
+    dza = rows[:na, :p_dim] * (w * (scale * tile_scale))[:, None]
+    if n_grad_cols == 0:
+        return dza, np.zeros((0, p_dim))
+
+    w_max = max(np.abs(w).max(), 1e-30)
+    w_rel = w / w_max
+    n_grad_tiles = _ceil_div(n_grad_cols, TILE)
+    count, per = backward_splits(n_grad_cols, na, p_dim, multiprocessors, blocks_per_sm)
+    acc_cols = np.zeros((count, n_grad_tiles * TILE, dim_pad))
+    for bx in range(n_grad_tiles):
+        col0 = bx * TILE
+        for by in range(count):
+            for t in range(by * per, min(by * per + per, n_anchor_tiles)):
+                row0 = t * TILE
+                idx = row0 + np.arange(TILE)
+                lse_vec = np.where(idx < na, np.pad(lse, (0, TILE))[idx], 0.0)
+                w_vec = np.where(idx < na, np.pad(w_rel, (0, TILE))[idx], 0.0)
+                s = a_pad[row0:row0 + TILE] @ c_pad[col0:col0 + TILE].T
+                g = _legacy_probabilities(s, row0, col0, na, nc, self_offset, scale, lse_vec,
+                                          w_vec, fp16)
+                acc_cols[by, col0:col0 + TILE] += g.T @ a_pad[row0:row0 + TILE]
+    cols = acc_cols[0] if count == 1 else acc_cols.sum(0)
+    return dza, cols[:n_grad_cols, :p_dim] * (w_max * scale * tile_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core sweep (sweep_tc.cu): fragment-level emulation.
+# ---------------------------------------------------------------------------------------------
+
+def sweep_tc_dim(dim):
+    """sweep_tc_dim() of sweep_tc.cu: the padded feature size, 0 when the sweep does not apply."""
+    return 64 if dim <= 64 else 128 if dim <= 128 else 256 if dim <= 256 else 0
+
+
+def swz(d, r, k):
+    """Element offset of (row r, feature k, a multiple of 8) in a swizzled [64][d] tile."""
+    return r * d + (((k >> 3) ^ (r & 7)) << 3)
+
+
+def load_tile(d, src, row0):
+    """load_tile_async: whole padded rows, chunk by chunk, into the swizzled layout."""
+    tile = np.full(TILE * d, np.nan)
+    chunks = d // 8
+    for it in range(TILE * chunks // THREADS):
+        e = np.arange(THREADS) + it * THREADS
+        r, c = e // chunks, e % chunks
+        for j in range(8):
+            tile[swz(d, r, c * 8) + j] = src[row0 + r, c * 8 + j]
+    assert not np.isnan(tile).any(), "the loader must fill the whole tile"
+    return tile
+
+
+def ldmatrix_x4(tile, addr, trans=False):
+    """Four 8 x 8 matrices; lane 8j + i addresses row i of matrix j. Returns regs[4][32][2]:
+    plain, lane l holds M_j[l // 4][2 (l % 4) + t]; transposed, M_j[2 (l % 4) + t][l // 4]."""
+    regs = np.empty((4, 32, 2))
+    for j in range(4):
+        mat = np.stack([tile[addr[8 * j + i]: addr[8 * j + i] + 8] for i in range(8)])
+        for t in range(2):
+            regs[j, :, t] = mat[2 * Q + t, G] if trans else mat[G, 2 * Q + t]
+    return regs
+
+
+def mma_16816(c, a, b0, b1):
+    """c[32][4] += A B from the PTX m16n8k16 fragments a[4][32][2], b0/b1[32][2]."""
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for t in range(2):
+        A[G, 2 * Q + t] = a[0, :, t]
+        A[G + 8, 2 * Q + t] = a[1, :, t]
+        A[G, 8 + 2 * Q + t] = a[2, :, t]
+        A[G + 8, 8 + 2 * Q + t] = a[3, :, t]
+        B[2 * Q + t, G] = b0[:, t]
+        B[8 + 2 * Q + t, G] = b1[:, t]
+    C = A @ B
+    for t in range(2):
+        c[:, t] += C[G, 2 * Q + t]
+        c[:, 2 + t] += C[G + 8, 2 * Q + t]
+
+
+def _score_fragments(d, nb_count, own_tile, swept_tile, warp_row0, n0):
+    s = np.zeros((nb_count, 32, 4))
+    for kk in range(d // 16):
+        a = ldmatrix_x4(own_tile, swz(d, warp_row0 + (LANES & 15), kk * 16 + 8 * (LANES >> 4)))
+        for np_ in range(nb_count // 2):
+            b = ldmatrix_x4(swept_tile, swz(d, n0 + np_ * 16 + (LANES & 7) + 8 * (LANES >> 4),
+                                            kk * 16 + 8 * ((LANES >> 3) & 1)))
+            mma_16816(s[2 * np_], a, b[0], b[1])
+            mma_16816(s[2 * np_ + 1], a, b[2], b[3])
+    return s
+
+
+def sweep_tc_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_offset, scale,
+                    fixed_shift, d, n_splits, tiles_per_split, fp16=False):
+    """sweep_tc_kernel<T, D, M> over its whole grid, writing `out` as the kernel does."""
+    steps_per_tile = 1 if mode == "forward" else TILE // (16 if d == 256 else 64)
+    nb_count = 8 if mode == "forward" else (16 if d == 256 else 64) // 8
+    n_swept_tiles = _ceil_div(n_swept, TILE)
+    for bx in range(_ceil_div(n_own, TILE)):
+        own0 = bx * TILE
+        own_tile = load_tile(d, own, own0)
+        for by in range(n_splits):
+            tile_begin = by * tiles_per_split
+            tile_end = min(tile_begin + tiles_per_split, n_swept_tiles)
+            for warp in range(4):
+                warp_row0 = warp * 16
+                own_row = [own0 + warp_row0 + G + 8 * h for h in range(2)]
+                own_ok = [r < n_own for r in own_row]
+                lse_own = [np.array([lse[r] if (mode == "rows" and r < n_own) else 0.0
+                                     for r in own_row[h]]) for h in range(2)]
+                run_max = [np.full(32, scale if fixed_shift else -np.inf) for _ in range(2)]
+                run_sum = [np.zeros(32) for _ in range(2)]
+                acc = np.zeros((d // 8, 32, 4))
+                for tile in range(tile_begin, tile_end):
+                    swept_tile = load_tile(d, swept, tile * TILE)
+                    vec = None
+                    if mode == "cols":  # load_vectors_async from the padded lse / w
+                        vec = np.concatenate([lse[tile * TILE: tile * TILE + TILE],
+                                              w[tile * TILE: tile * TILE + TILE]])
+                    sw0 = tile * TILE
+                    n_valid = min(TILE, n_swept - sw0)
+                    diag = []
+                    for h in range(2):
+                        dd = own_row[h] + pair_offset - sw0
+                        diag.append(np.where((dd < 0) | (dd >= TILE), -1, dd))
+                    for step in range(steps_per_tile):
+                        n0 = step * nb_count * 8
+                        s = _score_fragments(d, nb_count, own_tile, swept_tile, warp_row0, n0)
+                        if mode == "forward":
+                            for h in range(2):
+                                x = np.empty((nb_count, 32, 2))
+                                for nb in range(nb_count):
+                                    for j in range(2):
+                                        col = n0 + 8 * nb + 2 * Q + j
+                                        ok = (col < n_valid) & (col != diag[h])
+                                        x[nb, :, j] = np.where(ok, scale * s[nb, :, 2 * h + j],
+                                                               -np.inf)
+                                if not fixed_shift:
+                                    tile_max = x.max(axis=(0, 2))
+                                    grow = tile_max > run_max[h]
+                                    with np.errstate(invalid="ignore"):
+                                        run_sum[h] = np.where(
+                                            grow, run_sum[h] * np.exp(run_max[h] - tile_max),
+                                            run_sum[h])
+                                    run_max[h] = np.where(grow, tile_max, run_max[h])
+                                live = run_max[h] != -np.inf
+                                with np.errstate(invalid="ignore"):
+                                    add = np.exp(x - run_max[h][None, :, None]).sum(axis=(0, 2))
+                                run_sum[h] = np.where(live, run_sum[h] + add, run_sum[h])
+                        else:
+                            for nb in range(nb_count):
+                                for e in range(4):
+                                    h = e >> 1
+                                    col = n0 + 8 * nb + 2 * Q + (e & 1)
+                                    ok = own_ok[h] & (col < n_valid) & (col != diag[h])
+                                    with np.errstate(over="ignore", invalid="ignore"):
+                                        if mode == "rows":
+                                            p = np.exp(scale * s[nb, :, e] - lse_own[h])
+                                        else:
+                                            p = vec[TILE + col] * np.exp(scale * s[nb, :, e]
+                                                                         - vec[col])
+                                    if fp16:
+                                        p = p * FP16_PROB_SCALE
+                                    s[nb, :, e] = np.where(ok, p, 0.0)
+                            for kk in range(nb_count // 2):
+                                a = np.empty((4, 32, 2))
+                                a[0] = s[2 * kk][:, 0:2]
+                                a[1] = s[2 * kk][:, 2:4]
+                                a[2] = s[2 * kk + 1][:, 0:2]
+                                a[3] = s[2 * kk + 1][:, 2:4]
+                                for np_ in range(d // 16):
+                                    b = ldmatrix_x4(swept_tile, swz(
+                                        d, n0 + kk * 16 + (LANES & 7) + 8 * ((LANES >> 3) & 1),
+                                        np_ * 16 + 8 * (LANES >> 4)), trans=True)
+                                    mma_16816(acc[2 * np_], a, b[0], b[1])
+                                    mma_16816(acc[2 * np_ + 1], a, b[2], b[3])
+                if mode == "forward":
+                    for h in range(2):
+                        m, total = run_max[h].copy(), run_sum[h].copy()
+                        for mask in (1, 2):
+                            om, os_ = m[LANES ^ mask], total[LANES ^ mask]
+                            nm = np.maximum(m, om)
+                            live = nm != -np.inf
+                            with np.errstate(invalid="ignore"):
+                                merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
+                            total = np.where(live, merged, total)
+                            m = np.where(live, nm, m)
+                        with np.errstate(divide="ignore"):
+                            val = np.where((m == -np.inf) | (total == 0), -np.inf,
+                                           m + np.log(np.where(total > 0, total, 1.0)))
+                        write = (Q == 0) & own_ok[h]
+                        out[by, own_row[h][write]] = val[write]
+                else:
+                    base = by * _round_up(n_own, TILE)
+                    for nd in range(d // 8):
+                        if 8 * nd < ld_out:
+                            for h in range(2):
+                                for t in range(2):
+                                    out[base + own_row[h], 8 * nd + 2 * Q + t] = acc[nd, :, 2 * h + t]
+
+
+def tc_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm):
+    """bindings.cpp lse_forward on the tensor-core path."""
+    na, nc, dim = za.shape[0], zc.shape[0], za.shape[1]
+    d = sweep_tc_dim(dim)
+    own = _padded(za, _round_up(na, TILE), d)
+    swept = _padded(zc, _round_up(nc, TILE), d)
+    count, per = forward_splits(na, nc, multiprocessors, blocks_per_sm)
+    partial = np.full((count, na), np.nan)
+    sweep_tc_kernel("forward", own, swept, None, None, partial, na, nc, 0, self_offset, scale,
+                    fixed_shift, d, count, per)
+    return partial[0] if count == 1 else _logsumexp0(partial)
+
+
+def tc_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, multiprocessors,
+                    blocks_per_sm):
+    """bindings.cpp lse_backward on the tensor-core path."""
+    na, nc, p_dim = za.shape[0], zc.shape[0], za.shape[1]
+    d = sweep_tc_dim(p_dim)
+    ld_out = _round_up(p_dim, TILE)
+    a_pad = _padded(za, _round_up(na, TILE), d)
+    c_pad = _padded(zc, _round_up(nc, TILE), d)
+    tile_scale = 1.0 / FP16_PROB_SCALE if fp16 else 1.0
+
+    count, per = backward_splits(na, nc, p_dim, multiprocessors, blocks_per_sm)
+    acc_rows = np.full((count * _round_up(na, TILE), ld_out), np.nan)  # torch::empty
+    sweep_tc_kernel("rows", a_pad, c_pad, lse, None, acc_rows, na, nc, ld_out, self_offset,
+                    scale, False, d, count, per, fp16)
+    acc_rows = acc_rows.reshape(count, _round_up(na, TILE), ld_out)
+    assert not np.isnan(acc_rows).any(), "every element of every slice is written"
+    rows = acc_rows[0] if count == 1 else acc_rows.sum(0)
+    dza = rows[:na, :p_dim] * (w * (scale * tile_scale))[:, None]
+    if n_grad_cols == 0:
+        return dza, np.zeros((0, p_dim))
+
+    w_max = max(np.abs(w).max(), 1e-30)
+    lse_pad = np.pad(lse, (0, _round_up(na, TILE) - na))
+    w_pad = np.pad(w / w_max, (0, _round_up(na, TILE) - na))
+    count, per = backward_splits(n_grad_cols, na, p_dim, multiprocessors, blocks_per_sm)
+    acc_cols = np.full((count * _round_up(n_grad_cols, TILE), ld_out), np.nan)
+    sweep_tc_kernel("cols", c_pad, a_pad, lse_pad, w_pad, acc_cols, n_grad_cols, na, ld_out,
+                    -self_offset, scale, False, d, count, per, fp16)
+    acc_cols = acc_cols.reshape(count, _round_up(n_grad_cols, TILE), ld_out)
+    assert not np.isnan(acc_cols).any(), "every element of every slice is written"
+    cols = acc_cols[0] if count == 1 else acc_cols.sum(0)
+    return dza, cols[:n_grad_cols, :p_dim] * (w_max * scale * tile_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense float64 math: what every emulation must equal.
+# ---------------------------------------------------------------------------------------------
+
+def dense_scores(za, zc, self_offset, scale):
+    s = scale * (za @ zc.T)
+    rows = np.arange(za.shape[0])
+    cols = rows + self_offset
+    keep = (cols >= 0) & (cols < zc.shape[0])
+    s[rows[keep], cols[keep]] = -np.inf
+    return s
+
+
+def dense_lse_forward(za, zc, self_offset, scale):
+    s = dense_scores(za, zc, self_offset, scale)
+    return _logsumexp0(s.T)
+
+
+def dense_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols):
+    prob = np.exp(dense_scores(za, zc, self_offset, scale) - lse[:, None])
+    dza = scale * w[:, None] * (prob @ zc)
+    dzc = scale * (prob * w[:, None]).T[:n_grad_cols] @ za
+    return dza, dzc

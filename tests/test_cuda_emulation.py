@@ -1,0 +1,275 @@
+"""The CUDA kernels' loop structure, emulated in float64 on CPU (tests/_cuda_emulation.py).
+
+No GPU runs here: these tests check what a GPU run cannot be trusted to reveal alone -- the
+split policy (csrc/splits.h) and, for every kernel, the tile order, split ranges, masks, the
+left-out pair at any offset, lane ownership, merges, the workspace slices and the glue's
+reduction -- against dense float64 math. The tensor-core sweep is emulated at fragment level
+(swizzled shared memory, ldmatrix, mma.m16n8k16 layouts of the PTX ISA). What the hardware
+adds (rounding to bf16/fp16, float32 accumulation, approximate exp) is for the GPU tests in
+tests/test_cuda_backend.py.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from clreg_fast.backends.cuda import splits
+from tests import _cuda_emulation as emu
+
+# Machines the split policy must serve: A100 (108 SMs), H100/H200 (132), a small GPU, one SM.
+GPUS = [(132, 6), (108, 4), (16, 2), (1, 1)]
+
+
+def _unit_rows(n, p, seed, cluster=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, p))
+    if cluster and n > 1:
+        x[: n // 2] += 2.0 * x[:1]  # large similarities: the hard case for exp
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Split policy
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_blocks", [1, 3, 4, 200, 5000])
+@pytest.mark.parametrize("n_swept", [1, 2, 7, 64, 1024, 100_000])
+@pytest.mark.parametrize("slice_elements", [0, 256, 64 * 128, 4096 * 256, 1 << 26])
+@pytest.mark.parametrize("sms, per_sm", GPUS)
+def test_split_policy_invariants(n_blocks, n_swept, slice_elements, sms, per_sm):
+    count, per = splits.choose_splits(n_blocks, n_swept, slice_elements, sms, per_sm)
+    assert count >= 1 and per >= 1
+    # Every swept tile is in exactly one split and no split is empty.
+    assert (count - 1) * per < n_swept <= count * per
+    assert count <= splits.MAX_SPLITS_GRID
+    # Only the extra splits are capped by the workspace budget.
+    if slice_elements:
+        assert (count - 1) * slice_elements <= splits.MAX_EXTRA_WORKSPACE_ELEMENTS
+    # Aim: enough blocks to fill the GPU, unless the sweep or the budget runs out first.
+    budget = 1 + splits.MAX_EXTRA_WORKSPACE_ELEMENTS // slice_elements if slice_elements else n_swept
+    cap = min(n_swept, budget, splits.MAX_SPLITS_GRID)
+    aim = min(-(-(sms * per_sm) // n_blocks), cap)
+    assert aim / 2 <= count <= cap
+    if aim < cap / 2:  # room to round the split size down: the aim is met
+        assert count >= aim
+
+
+def test_few_anchors_against_many_columns_fill_an_h100():
+    """Issue 18.2: 256 anchors against 64K columns used to get 4 x 32 = 128 blocks."""
+    sms, per_sm = 132, 6
+    count, per = splits.forward_splits(256, 65536, sms, per_sm)
+    assert count * 4 >= sms * per_sm and count > 32
+    count, per = splits.backward_splits(256, 65536, 128, sms, per_sm)
+    assert count * 4 >= sms * per_sm and count > 32
+    # The column pass of the same problem has plenty of blocks: no split.
+    assert splits.backward_splits(65536, 256, 128, sms, per_sm)[0] == 1
+
+
+def test_backward_splits_respect_the_workspace_budget():
+    # 1e6 gradient columns x 128 features: one slice alone is 512 MB, no extra split fits.
+    assert splits.backward_splits(10**6, 64, 128, 132, 6) == (1, 1)
+    # 2048 owned rows x 1024 features (8 MiB a slice) against 1e6 swept rows: the GPU wants 25
+    # splits, the 64 MiB budget allows 1 + 8.
+    count, per = splits.backward_splits(2048, 10**6, 1024, 132, 6)
+    assert count == 9 and (count - 1) * per < emu._ceil_div(10**6, 64) <= count * per
+
+
+def test_compiled_split_policy_matches_the_mirror():
+    try:
+        ext = importlib.import_module("clreg_fast._C")
+    except ImportError as exc:
+        pytest.skip(f"clreg_fast._C is not built here ({exc}); scripts/check_cuda_build.sh "
+                    "compares the two after its build")
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        args = [int(rng.integers(0, 10 ** rng.integers(1, 7))) for _ in range(3)]
+        args += [int(rng.integers(1, 200)), int(rng.integers(1, 33))]
+        assert tuple(ext.choose_splits(*args)) == splits.choose_splits(*args), args
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels against dense float64 math
+# --------------------------------------------------------------------------------------------
+
+SHAPES = [  # (Na, Nc, P, self_offset)
+    (2, 2, 8, 0),          # smallest loss
+    (37, 101, 19, 0),      # odd everything
+    (65, 130, 129, 0),     # one past whole tiles in every dimension
+    (30, 75, 40, 45),      # anchors are the last rows of the columns (distributed slice)
+    (30, 75, 40, -7),      # negative offset
+    (20, 50, 16, 1000),    # offset past the end: nothing left out
+    (64, 700, 48, 0),      # many column tiles: split sweeps
+]
+
+
+def _inputs(na, nc, p, off, seed):
+    za = _unit_rows(na, p, seed)
+    zc = _unit_rows(nc, p, seed + 1)
+    if off == 0:
+        zc[: min(na, nc)] = za[: min(na, nc)]  # the anchors are the first columns
+    return za, zc
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])  # fixed shift and running maximum
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])  # many splits and one
+def test_legacy_forward_emulation(na, nc, p, off, tau, sms, per_sm):
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    got = emu.legacy_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+    np.testing.assert_allclose(got, emu.dense_lse_forward(za, zc, off, scale), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_sweep_forward_emulation(na, nc, p, off, tau, sms, per_sm):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    got = emu.tc_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+    np.testing.assert_allclose(got, emu.dense_lse_forward(za, zc, off, scale), rtol=1e-12,
+                               atol=1e-12)
+
+
+def _backward_case(na, nc, p, off, grad_cols, seed):
+    za, zc = _inputs(na, nc, p, off, seed)
+    scale = 10.0
+    lse = emu.dense_lse_forward(za, zc, off, scale)
+    rng = np.random.default_rng(seed)
+    w = (rng.random(na) - 0.3) / na  # mixed signs
+    w[::5] = 0.0                     # anchors without positives
+    n_grad = {"all": nc, "anchors": min(na, nc), "none": 0, "odd": max(1, nc // 3)}[grad_cols]
+    return za, zc, lse, w, scale, n_grad
+
+
+def _check_backward(got, want):
+    for g, x in zip(got, want):
+        assert g.shape == x.shape
+        if x.size:
+            np.testing.assert_allclose(g, x, rtol=1e-10, atol=1e-13 * np.abs(x).max())
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_legacy_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    for fp16 in (False, True):  # the 2^12 scale of fp16 probability tiles, undone by the glue
+        got = emu.legacy_lse_backward(za, zc, lse, w, off, scale, n_grad, fp16, sms, per_sm)
+        _check_backward(got, want)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_sweep_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    got = emu.tc_lse_backward(za, zc, lse, w, off, scale, n_grad, grad_cols == "odd", sms, per_sm)
+    _check_backward(got, want)
+
+
+@pytest.mark.parametrize("p", [200, 256])
+def test_sweep_at_256_features(p):
+    """D = 256 runs the backward in steps of 16 swept rows; every path at once, small sizes."""
+    za, zc, lse, w, scale, n_grad = _backward_case(20, 70, p, 0, "all", seed=p)
+    want_lse = emu.dense_lse_forward(za, zc, 0, scale)
+    np.testing.assert_allclose(emu.tc_lse_forward(za, zc, 0, scale, True, 1, 1), want_lse,
+                               rtol=1e-12)
+    _check_backward(emu.tc_lse_backward(za, zc, lse, w, 0, scale, n_grad, False, 132, 6),
+                    emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad))
+
+
+def test_emulated_fragments_are_the_ptx_layouts():
+    """The emulator's own pieces: one mma of ldmatrix'ed fragments is a 16 x 16 x 8 product,
+    and the transposed read gives the B operand of a [k][n] tile."""
+    d = 64
+    rng = np.random.default_rng(3)
+    src = rng.standard_normal((64, d))
+    tile = emu.load_tile(d, src, 0)
+    lanes = emu.LANES
+    a = emu.ldmatrix_x4(tile, emu.swz(d, lanes & 15, 8 * (lanes >> 4)))
+    b = emu.ldmatrix_x4(tile, emu.swz(d, 16 + (lanes & 7) + 8 * (lanes >> 4),
+                                      8 * ((lanes >> 3) & 1)))
+    c = np.zeros((32, 4))
+    emu.mma_16816(c, a, b[0], b[1])
+    want = src[:16, :16] @ src[16:24, :16].T
+    got = np.zeros((16, 8))
+    for t in range(2):
+        got[emu.G, 2 * emu.Q + t] = c[:, t]
+        got[emu.G + 8, 2 * emu.Q + t] = c[:, 2 + t]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    bt = emu.ldmatrix_x4(tile, emu.swz(d, (lanes & 7) + 8 * ((lanes >> 3) & 1), 8 * (lanes >> 4)),
+                         trans=True)
+    c = np.zeros((32, 4))
+    emu.mma_16816(c, a, bt[0], bt[1])  # A (rows 0-15) . src[0:16, 0:8]
+    want = src[:16, :16] @ src[:16, :8]
+    for t in range(2):
+        got[emu.G, 2 * emu.Q + t] = c[:, t]
+        got[emu.G + 8, 2 * emu.Q + t] = c[:, 2 + t]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_sweep_shared_memory_reads_are_conflict_free(d):
+    """Each 8-lane phase of every ldmatrix the sweep issues, and each 8-thread phase of the
+    16-byte cp.async stores, touches 8 different 16-byte bank groups (the XOR swizzle's job)."""
+    lanes = emu.LANES
+
+    def distinct_groups(addr):  # element offsets of one phase; 8 halves = 16 bytes
+        assert len(set((a // 8) % 8 for a in addr)) == 8, addr
+
+    for warp_row0 in range(0, 64, 16):
+        for kk in range(d // 16):
+            a = emu.swz(d, warp_row0 + (lanes & 15), kk * 16 + 8 * (lanes >> 4))
+            for j in range(4):
+                distinct_groups(a[8 * j: 8 * j + 8])
+    for n0 in range(0, 64, 16):
+        for kk in range(d // 16):
+            b = emu.swz(d, n0 + (lanes & 7) + 8 * (lanes >> 4), kk * 16 + 8 * ((lanes >> 3) & 1))
+            for j in range(4):
+                distinct_groups(b[8 * j: 8 * j + 8])
+        for np_ in range(d // 16):
+            bt = emu.swz(d, n0 + (lanes & 7) + 8 * ((lanes >> 3) & 1), np_ * 16 + 8 * (lanes >> 4))
+            for j in range(4):
+                distinct_groups(bt[8 * j: 8 * j + 8])
+    chunks = d // 8
+    for it in range(64 * chunks // emu.THREADS):
+        e = np.arange(emu.THREADS) + it * emu.THREADS
+        dst = emu.swz(d, e // chunks, (e % chunks) * 8)
+        assert len(set(dst)) == emu.THREADS
+        for ph in range(0, emu.THREADS, 8):
+            distinct_groups(dst[ph: ph + 8])
+
+
+def test_emulation_follows_the_kernel_source():
+    """The index formulas emulated above are the ones in csrc/sweep_tc.cu: an edit of the kernel
+    that does not reach the emulation fails here (whitespace ignored)."""
+    import pathlib
+    import re
+
+    src = re.sub(r"\s+", "", (pathlib.Path(__file__).parents[1] / "csrc" / "sweep_tc.cu").read_text())
+    for expr in [
+        "returnr*D+((((k>>3)^(r&7)))<<3);",                                   # swizzle
+        "own_tile+swz<D>(warp_row0+(lane&15),kk*16+8*(lane>>4))",            # A of S
+        "swz<D>(n0+np*16+(lane&7)+8*(lane>>4),kk*16+8*((lane>>3)&1))",       # B of S
+        "swz<D>(n0+kk*16+(lane&7)+8*((lane>>3)&1),np*16+8*(lane>>4))",       # B of P.V
+        "a[0]=sm80::pack2<T>(s[2*kk][0],s[2*kk][1]);",                        # C -> A
+        "a[1]=sm80::pack2<T>(s[2*kk][2],s[2*kk][3]);",
+        "a[2]=sm80::pack2<T>(s[2*kk+1][0],s[2*kk+1][1]);",
+        "a[3]=sm80::pack2<T>(s[2*kk+1][2],s[2*kk+1][3]);",
+        "constint64_td=own_row[h]+pair_offset-sw0;",                          # left-out pair
+        "constintcol=n0+8*nb+2*q+(e&1);",                                     # fragment column
+        "own_row[h]=own0+warp_row0+g+8*h;",                                   # fragment row
+        "staticconstexprintkSweptPerStep=D==256?16:64;",
+        "slice+own_row[h]*ld_out+8*nd+2*q",                                   # the one write
+    ]:
+        assert expr in src, expr
