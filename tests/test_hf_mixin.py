@@ -139,6 +139,11 @@ def test_captured_features_equal_capture_layer_on_the_same_batch(cls, tmp_path):
     model = H.tiny_model()
     model0 = copy.deepcopy(model).train()
     trainer = make_trainer(recording(cls), tmp_path, model=model, clreg_layer=1)
+    if hasattr(trainer, "ref_model"):
+        # a reference that differs from the trained model, so its features could not pass
+        with torch.no_grad():
+            for p in trainer.ref_model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
     trainer.train()
     assert len(trainer.records) == 1
     rec = trainer.records[0]
@@ -359,6 +364,40 @@ def test_bf16_autocast_trains(tmp_path):
     assert len(logged) == 1 and math.isfinite(logged[0])
     assert trainer.clreg_head.weight.dtype == torch.float32
     assert not torch.equal(trainer.clreg_head.weight, head0.weight)
+
+
+def test_concepts_from_an_overridden_clreg_concept_ids(tmp_path):
+    class ByParity(recording(H.CLRegNPO)):
+        def clreg_concept_ids(self, forget):
+            return torch.arange(forget["input_ids"].shape[0]) % 2  # the key stays in the batch
+
+    trainer = make_trainer(ByParity, tmp_path)
+    trainer.train()
+    rec = trainer.records[0]
+    assert torch.equal(rec["concept_ids"], torch.tensor([0, 1, 0, 1]))
+    assert "concept_ids" in rec["forget"]
+
+
+def test_a_base_without_a_retain_forward_gets_one_truncated_no_grad_forward(tmp_path):
+    class GradAscentLike(H.PlainGradDiff):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(**{k: inputs["forget"][k] for k in ("input_ids", "attention_mask",
+                                                            "labels")})
+            return (-out.loss, out) if return_outputs else -out.loss
+
+    class CLRegGradAscent(hf_mixin.CLRegMixin, GradAscentLike):
+        pass
+
+    trainer = make_trainer(recording(CLRegGradAscent), tmp_path, clreg_layer=0)
+    layers = trainer.model.model.layers
+    counts, handles = count_forwards(trainer.model, layers[0], layers[1])
+    trainer.train()
+    for h in handles:
+        h.remove()
+    # the base's forget forward, plus one retain forward that stops after the feature layer
+    assert counts == [2, 2, 1]
+    assert trainer.records[0]["retain_hidden"] is not None
+    assert any("clreg_loss" in e for e in trainer.state.log_history)
 
 
 # ----------------------------------------------------------------------------- errors

@@ -255,10 +255,9 @@ class CLRegMixin:
         is_unlearn_batch = isinstance(inputs, Mapping) and isinstance(inputs.get("forget"),
                                                                       Mapping)
         concept_ids = None
-        if is_unlearn_batch and self.clreg_concept_key is not None \
-                and self.clreg_concept_key in inputs["forget"]:
-            forget = dict(inputs["forget"])
-            concept_ids = forget.pop(self.clreg_concept_key)
+        if is_unlearn_batch:
+            forget = dict(inputs["forget"])  # a copy: the caller's batch is left as it was
+            concept_ids = self.clreg_concept_ids(forget)
             inputs = {**inputs, "forget": forget}
         if (self.clreg_weight == 0 or not is_unlearn_batch or not model.training
                 or not torch.is_grad_enabled()):
@@ -284,9 +283,10 @@ class CLRegMixin:
                 "recognized)")
         if not forget_hidden.requires_grad and any(p.requires_grad for p in target.parameters()):
             raise RuntimeError(
-                f"CLRegMixin: the features of decoder layer {layer} carry no gradient. With "
-                "gradient checkpointing pass gradient_checkpointing_kwargs={'use_reentrant': "
-                "False} (reentrant checkpointing hides the layer's output from autograd)")
+                f"CLRegMixin: the features of decoder layer {layer} carry no gradient: either "
+                "every parameter up to that layer is frozen (pick a trained layer as "
+                "clreg_layer) or reentrant gradient checkpointing hid the layer's output from "
+                "autograd (pass gradient_checkpointing_kwargs={'use_reentrant': False})")
         retain_hidden = capture.hidden.get("retain")
         if retain_hidden is None and retain is not None:
             # The base never forwarded the retain batch (e.g. GradAscent): one no-grad forward
@@ -300,6 +300,18 @@ class CLRegMixin:
             scale = self.clreg_weight * self._ga_correction(num_items_in_batch)
             loss = loss + scale * clreg.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def clreg_concept_ids(self, forget: Dict) -> Optional[torch.Tensor]:
+        """(B,) integer concept ids of the forget rows, or None for one concept.
+
+        ``forget`` is this step's copy of ``inputs["forget"]``, the one the base trainer will
+        see: the default pops ``clreg_concept_key`` from it. Override to derive concepts from
+        other fields (e.g. ``forget["index"] // 20`` when the forget set lists 20 questions per
+        person); then leave fields the base trainer reads in place.
+        """
+        if self.clreg_concept_key is None:
+            return None
+        return forget.pop(self.clreg_concept_key, None)
 
     def _clreg_term(self, forget_hidden: torch.Tensor, forget: Mapping,
                     concept_ids: Optional[torch.Tensor], retain_hidden: Optional[torch.Tensor],
