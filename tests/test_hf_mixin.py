@@ -208,7 +208,13 @@ CASES = {
                               dict(clreg_pooling="token", clreg_proj_dim=6, clreg_layer=0),
                               {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2},
                               True),
+    # A method that says its loss is already normalized over the accumulated batch: the Trainer
+    # then does not divide by the accumulation steps, so the mixin divides its own term.
+    "graddiff_accum2_loss_scaled_for_ga": (H.PlainGradDiff, H.CLRegGradDiff,
+                                           dict(clreg_proj_dim=5),
+                                           {"gradient_accumulation_steps": 2}, True),
 }
+TRAINER_ATTRS = {"graddiff_accum2_loss_scaled_for_ga": {"loss_is_scaled_for_ga": True}}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -220,11 +226,17 @@ def test_update_differs_from_the_base_by_the_clreg_gradient(case, tmp_path):
     lr = 0.5
     model = H.tiny_model()
     model0 = copy.deepcopy(model)
+    attrs = TRAINER_ATTRS.get(case, {})
+    if any(not hasattr(plain, name) for name in attrs):
+        pytest.skip(f"this transformers Trainer has no {sorted(attrs)}")
     base = make_trainer(plain, tmp_path, n_items=n_items, model=copy.deepcopy(model),
                         args=extra_args)
-    base.train()
     trainer = make_trainer(recording(mixed), tmp_path, n_items=n_items, model=model,
                            args=extra_args, **kwargs)
+    for name, value in attrs.items():
+        setattr(base, name, value)
+        setattr(trainer, name, value)
+    base.train()
     head0 = copy.deepcopy(trainer.clreg_head)
     trainer.train()
     assert len(trainer.records) == accum
@@ -429,6 +441,28 @@ def test_a_head_under_zero3_is_refused_without_a_head_it_is_allowed(tmp_path, mo
     with pytest.raises(NotImplementedError, match="ZeRO-3"):
         make_trainer(H.CLRegGradDiff, tmp_path, clreg_proj_dim=8)
     make_trainer(H.CLRegGradDiff, tmp_path)
+
+
+def test_a_head_under_fsdp_is_refused(tmp_path):
+    class FSDPLike(H.GradDiffLike):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.is_fsdp_enabled = True  # what Trainer sets when accelerate runs FSDP
+
+    class CLRegFSDPLike(hf_mixin.CLRegMixin, FSDPLike):
+        pass
+
+    with pytest.raises(NotImplementedError, match="FSDP"):
+        make_trainer(CLRegFSDPLike, tmp_path, clreg_proj_dim=8)
+    make_trainer(CLRegFSDPLike, tmp_path)
+
+
+def test_a_head_with_find_unused_parameters_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        make_trainer(H.CLRegGradDiff, tmp_path, clreg_proj_dim=8,
+                     args={"ddp_find_unused_parameters": True})
+    trainer = make_trainer(H.CLRegGradDiff, tmp_path, clreg_proj_dim=8)
+    assert trainer.args.ddp_find_unused_parameters is False
 
 
 def test_a_base_that_never_forwards_the_forget_batch_is_an_error(tmp_path):
