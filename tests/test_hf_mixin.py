@@ -354,18 +354,20 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     flag = ("activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing")
             else "gradient_checkpointing")
     results = []
-    for gc in (False, True):
-        trainer = make_trainer(H.CLRegNPO, tmp_path / str(gc), clreg_proj_dim=8,
-                               args={flag: gc})
-        if gc:
-            assert getattr(trainer.args, f"{flag}_kwargs") == {"use_reentrant": False}
+    for gc, reentrant in ((False, None), (True, None), (True, True), (True, False)):
+        args = {flag: gc}
+        if reentrant is not None:
+            args[f"{flag}_kwargs"] = {"use_reentrant": reentrant}
+        trainer = make_trainer(H.CLRegNPO, tmp_path / f"{gc}{reentrant}", clreg_proj_dim=8,
+                               args=args)
         trainer.train()
-        if gc:
-            root = trainer.model
-            assert any(getattr(m, "gradient_checkpointing", False) for m in root.modules())
+        checkpointed = any(getattr(m, "gradient_checkpointing", False)
+                           for m in trainer.model.modules())
+        assert checkpointed == gc
         results.append(params(trainer.model))
-    for name in results[0]:
-        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-6)
+    for other in results[1:]:
+        for name in results[0]:
+            torch.testing.assert_close(other[name], results[0][name], rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_trains(tmp_path):

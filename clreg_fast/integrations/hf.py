@@ -157,10 +157,9 @@ class CLRegMixin:
 
     Unsupported: a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters would be
     sharded where the loss reads them; raises ``NotImplementedError``; without a head both
-    work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), inputs given
-    as ``inputs_embeds``, and reentrant gradient checkpointing in transformers versions that
-    checkpoint around the layer's hooks (the mixin sets ``use_reentrant=False`` unless told
-    otherwise and raises a clear error if features come without gradients).
+    work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and inputs
+    given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks are
+    removed before backward, so recomputation neither records nor counts.
     """
 
     def __init__(self, *args, clreg_weight: float = 1.0, clreg_layer: int = -1,
@@ -194,8 +193,6 @@ class CLRegMixin:
             raise ValueError("CLReg needs at least 2 forget rows per micro-batch: "
                              "per_device_train_batch_size must be >= 2 with "
                              f"clreg_pooling={clreg_pooling!r} (or use clreg_pooling='token')")
-        if args_ is not None:
-            _prefer_non_reentrant_checkpointing(args_)
         if clreg_proj_dim is not None:
             self._add_head(model)
 
@@ -283,10 +280,9 @@ class CLRegMixin:
                 "recognized)")
         if not forget_hidden.requires_grad and any(p.requires_grad for p in target.parameters()):
             raise RuntimeError(
-                f"CLRegMixin: the features of decoder layer {layer} carry no gradient: either "
-                "every parameter up to that layer is frozen (pick a trained layer as "
-                "clreg_layer) or reentrant gradient checkpointing hid the layer's output from "
-                "autograd (pass gradient_checkpointing_kwargs={'use_reentrant': False})")
+                f"CLRegMixin: the features of decoder layer {layer} carry no gradient: every "
+                "parameter up to that layer seems frozen; pick a layer the method trains as "
+                "clreg_layer")
         retain_hidden = capture.hidden.get("retain")
         if retain_hidden is None and retain is not None:
             # The base never forwarded the retain batch (e.g. GradAscent): one no-grad forward
@@ -388,18 +384,6 @@ class CLRegMixin:
             self._clreg_log_sum = None
             self._clreg_log_count = 0
         return super().log(logs, *args, **kwargs)
-
-
-def _prefer_non_reentrant_checkpointing(args) -> None:
-    """``use_reentrant=False`` unless the user chose: older transformers default to reentrant
-    checkpointing around the layer's hooks, which records features without gradients."""
-    # transformers >= 5 reads activation_checkpointing*; gradient_checkpointing* before that.
-    for flag, kwargs_name in (("activation_checkpointing", "activation_checkpointing_kwargs"),
-                              ("gradient_checkpointing", "gradient_checkpointing_kwargs")):
-        if hasattr(args, kwargs_name):
-            if getattr(args, flag, False) and getattr(args, kwargs_name) is None:
-                setattr(args, kwargs_name, {"use_reentrant": False})
-            return
 
 
 def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_key, fallback):
