@@ -499,3 +499,7 @@ def test_two_process_ddp_gloo_trains(tmp_path):
     assert len(logged) == result["steps"] and all(math.isfinite(v) for v in logged)
     assert result["head_moved"] and result["model_moved"]
     assert result["forwards_per_rank"] == [2 * result["steps"]] * 2
+    # DDP's first update = one process's update on the mean over both ranks' micro-batches
+    assert result["micro_batches_first_step"] == 2
+    assert result["first_step_scale"] > 1e-3
+    assert result["first_step_error"] < 1e-5 * max(1.0, result["first_step_scale"]) + 2e-6
