@@ -287,6 +287,10 @@ class CLRegMixin:
         if retain_hidden is None and retain is not None:
             # The base never forwarded the retain batch (e.g. GradAscent): one no-grad forward
             # that stops right after the feature layer. Retain features are detached anyway.
+            if not getattr(self, "_clreg_said_retain_forward", False):
+                logger.info("CLRegMixin: the base trainer does not forward inputs['retain']; "
+                            "one no-grad forward up to layer %d gives the retain features", layer)
+                self._clreg_said_retain_forward = True
             with torch.no_grad():
                 retain_hidden = layer_hidden_states(model, retain["input_ids"],
                                                     retain["attention_mask"], layer)
@@ -403,7 +407,8 @@ def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_
     if not isinstance(backend, str):
         raise TypeError(f"clreg_backend must be a str, got {type(backend).__name__}")
     if concept_key is not None and not isinstance(concept_key, str):
-        raise TypeError(f"clreg_concept_key must be a str or None, got {type(concept_key).__name__}")
+        raise TypeError("clreg_concept_key must be a str or None, got "
+                        f"{type(concept_key).__name__}")
     if fallback not in FALLBACKS:
         raise ValueError(f"clreg_fallback must be one of {FALLBACKS}, got {fallback!r}")
 
