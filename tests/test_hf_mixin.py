@@ -57,11 +57,12 @@ def recording(cls):
     return Recording
 
 
-def make_trainer(cls, tmp_path, n_items=4, model=None, args=None, data_seed=0, **kwargs):
+def make_trainer(cls, tmp_path, n_items=4, model=None, args=None, data_seed=0, concepts=2,
+                 **kwargs):
     model = H.tiny_model() if model is None else model
     args = args if args is not None else {}
     trainer = cls(model=model, args=H.training_args(tmp_path / cls.__name__, **args),
-                  train_dataset=H.make_pairs(n_items, seed=data_seed),
+                  train_dataset=H.make_pairs(n_items, seed=data_seed, concepts=concepts),
                   data_collator=H.collate_pairs, **kwargs)
     trainer.records = []
     return trainer
@@ -412,6 +413,27 @@ def test_a_base_without_a_retain_forward_gets_one_truncated_no_grad_forward(tmp_
     assert counts == [2, 2, 1]
     assert trainer.records[0]["retain_hidden"] is not None
     assert any("clreg_loss" in e for e in trainer.state.log_history)
+
+
+def test_a_micro_batch_without_a_repeated_concept(tmp_path):
+    """Four forget rows of four concepts: "skip" drops the term (the base's update, the head
+    untouched, nothing logged); "one_concept" pools them into one concept."""
+    base = make_trainer(H.NPOLike, tmp_path, concepts=4)
+    base.train()
+    skipping = make_trainer(H.CLRegNPO, tmp_path, concepts=4, clreg_proj_dim=8,
+                            clreg_fallback="skip")
+    head0 = copy.deepcopy(skipping.clreg_head)
+    skipping.train()
+    p_base, p_skip = params(base.model), params(skipping.model)
+    for name in p_base:
+        assert torch.equal(p_base[name], p_skip[name]), name
+    assert torch.equal(skipping.clreg_head.weight, head0.weight)
+    assert all("clreg_loss" not in e for e in skipping.state.log_history)
+
+    pooled = make_trainer(H.CLRegNPO, tmp_path, concepts=4, clreg_proj_dim=8)
+    pooled.train()
+    assert any("clreg_loss" in e for e in pooled.state.log_history)
+    assert not torch.equal(pooled.clreg_head.weight, head0.weight)
 
 
 # ----------------------------------------------------------------------------- errors

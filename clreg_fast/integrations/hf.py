@@ -276,8 +276,8 @@ class CLRegMixin:
             raise RuntimeError(
                 "CLRegMixin: the base trainer's compute_loss did not forward the trained model "
                 "on inputs['forget']['input_ids'] with gradients enabled, so there are no forget "
-                "features to regularize (inputs_embeds and copied/sliced input_ids are not "
-                "recognized)")
+                "features to regularize (a forward is recognized by input_ids equal to the "
+                "batch's; inputs_embeds or a sliced batch are not)")
         if not forget_hidden.requires_grad and any(p.requires_grad for p in target.parameters()):
             raise RuntimeError(
                 f"CLRegMixin: the features of decoder layer {layer} carry no gradient: every "
@@ -299,6 +299,10 @@ class CLRegMixin:
             self._record_clreg(clreg)
             scale = self.clreg_weight * self._ga_correction(num_items_in_batch)
             loss = loss + scale * clreg.to(loss.dtype)
+        elif self.clreg_head is not None:
+            # A dropped term still keeps the head in the graph, so DDP's reducer sees its
+            # (zero) gradients on every rank.
+            loss = loss + sum(p.sum() for p in self.clreg_head.parameters()).to(loss.dtype) * 0.0
         return (loss, outputs) if return_outputs else loss
 
     def clreg_concept_ids(self, forget: Dict) -> Optional[torch.Tensor]:
@@ -318,8 +322,9 @@ class CLRegMixin:
                     retain: Optional[Mapping]) -> Optional[torch.Tensor]:
         """The (unweighted) CLReg loss of one micro-batch from the captured (B, T, D) states.
 
-        Returns None when the term is dropped for this micro-batch (see ``clreg_fallback``)
-        and there is no head that must stay in the graph.
+        Returns None when the term is dropped for this micro-batch: fewer than two forget rows
+        (e.g. "token" pooling over short answers), or no repeated concept with
+        ``clreg_fallback="skip"``.
         """
         head = self.clreg_head
         dtype = head.weight.dtype if head is not None else torch.float32
@@ -337,10 +342,6 @@ class CLRegMixin:
         loss, _info = clreg_term(f_feats, f_labels, r_feats, weight, bias,
                                  temperature=self.clreg_temperature,
                                  fallback=self.clreg_fallback, backend=self.clreg_backend)
-        if loss is None and head is not None:
-            # Keeps the head in the graph, so DDP's reducer sees its (zero) gradients.
-            loss = (head.weight.sum() + head.bias.sum()) * 0.0 + f_feats.sum() * 0.0
-            return loss
         return loss
 
     def _ga_correction(self, num_items_in_batch) -> float:
