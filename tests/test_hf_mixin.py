@@ -371,8 +371,13 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
             torch.testing.assert_close(other[name], results[0][name], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_autocast_trains(tmp_path):
-    trainer = make_trainer(H.CLRegNPO, tmp_path, clreg_proj_dim=8, args={"bf16": True})
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_bf16_trains(weights, tmp_path):
+    """bf16 autocast over float32 weights, and a model whose weights are bf16 (as loaded with
+    torch_dtype=bfloat16): the head stays float32 and the features are cast up to it."""
+    model = H.tiny_model().to(getattr(torch, weights))
+    trainer = make_trainer(H.CLRegNPO, tmp_path, model=model, clreg_proj_dim=8,
+                           args={"bf16": True})
     head0 = copy.deepcopy(trainer.clreg_head)
     trainer.train()
     logged = [e["clreg_loss"] for e in trainer.state.log_history if "clreg_loss" in e]
