@@ -372,9 +372,11 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16"])
-def test_bf16_trains(weights, tmp_path):
+def test_bf16_trains(weights, tmp_path, monkeypatch):
     """bf16 autocast over float32 weights, and a model whose weights are bf16 (as loaded with
     torch_dtype=bfloat16): the head stays float32 and the features are cast up to it."""
+    # older transformers export the precision to the environment: undone after the test
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     model = H.tiny_model().to(getattr(torch, weights))
     trainer = make_trainer(H.CLRegNPO, tmp_path, model=model, clreg_proj_dim=8,
                            args={"bf16": True})
@@ -515,7 +517,10 @@ def test_two_process_ddp_gloo_trains(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(SCRIPTS, "hf_mixin_worker.py"), "--out", str(out),
            "--output-dir", str(tmp_path / "run")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # Trainers built earlier in this process may have exported accelerate settings (older
+    # transformers set ACCELERATE_MIXED_PRECISION for bf16=True): keep them out of the workers.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode:
         pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
