@@ -17,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "tests", "dist_scripts")
