@@ -130,7 +130,9 @@ setup(
         "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy"],
         "flash": ["flash-attn"],
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm", "transformers>=4.45",
-                 "safetensors", "scipy"],
+                 "safetensors", "scipy", "accelerate"],
+        # CLRegMixin for transformers.Trainer-based methods (clreg_fast.integrations.hf)
+        "hf": ["transformers>=4.45", "accelerate"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
