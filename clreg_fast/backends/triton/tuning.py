@@ -91,12 +91,28 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
     return cfg
 
 
-# Candidate grids per (kernel, kind group, BLOCK_P) at K_TILES == 1, as (BLOCK_M, BLOCK_N,
-# warps, stages). Taken from the grid BLOCK_M, BLOCK_N in 32/64/128, warps 4/8, stages 2/3 by
-# compiling it (``compile_check --grid``) and keeping what had no spills and fit the shared
-# memory of both an A100 (164 KiB) and an H100/H200 (227 KiB). The default is always included.
-_TC = ("bf16", "fp16", "tf32")  # tensor-core kinds share a grid (tf32 operands are 4 bytes)
-_CANDIDATES: Dict[Tuple[str, str, int], Tuple[Tuple[int, int, int, int], ...]] = {}
+# Candidates per (kernel, kind group, BLOCK_P) at K_TILES == 1, as (BLOCK_M, BLOCK_N, warps,
+# stages), besides the default. Picked from the grid of ``compile_check --grid`` (BLOCK_M,
+# BLOCK_N in 32/64/128, warps 4/8, stages 2/3): the variants around the default, less every one
+# that spilled registers or passed an A100's 164 KiB of shared memory on sm_80 or sm_90 with
+# triton 3.8 (so one list serves both). Larger tiles mostly spill: the backward at BLOCK_P = 256
+# keeps a 64 x 256 float32 accumulator per program and fits with 8 warps and 32-wide steps only;
+# float32 backward at P = 256 has no alternative to its default. ``compile_check --candidates``
+# checks every entry and a slow test holds them to it. bf16 and fp16 share a list; tf32 and
+# P <= 64 or tiled P have the default only.
+_CANDIDATES: Dict[Tuple[str, str, int], Tuple[Tuple[int, int, int, int], ...]] = {
+    ("lse_forward", "lowp", 256): ((64, 64, 8, 2), (128, 32, 8, 2)),
+    ("lse_backward_rows", "lowp", 256): ((64, 32, 8, 3),),
+    ("lse_backward_cols", "lowp", 256): ((32, 64, 8, 3), (64, 64, 8, 2)),
+    ("lse_forward", "lowp", 128): ((64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2)),
+    ("lse_backward_rows", "lowp", 128): ((64, 64, 4, 2), (64, 64, 8, 3)),
+    ("lse_backward_cols", "lowp", 128): ((64, 64, 4, 2), (64, 64, 8, 3)),
+    ("lse_forward", "fp32", 256): ((32, 32, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2)),
+    ("lse_backward_cols", "fp32", 256): ((32, 32, 8, 3),),
+    ("lse_forward", "fp32", 128): ((32, 32, 4, 3),),
+    ("lse_backward_rows", "fp32", 128): ((32, 32, 4, 3), (64, 32, 8, 2)),
+    ("lse_backward_cols", "fp32", 128): ((32, 32, 4, 3), (32, 64, 8, 2)),
+}
 
 
 def _grid(kernel: str, group: str, block_p: int):
@@ -107,8 +123,8 @@ def candidates(kernel: str, kind: str, block_p: int, k_tiles: int) -> List[Kerne
     """The configurations the autotuner may choose for a shape class (the default first)."""
     default = default_config(kernel, kind, block_p, k_tiles)
     out = [default]
-    if k_tiles == 1:
-        group = "fp32" if kind == "fp32" else ("tf32" if kind == "tf32" else "lowp")
+    if k_tiles == 1 and kind != "tf32":
+        group = "fp32" if kind == "fp32" else "lowp"
         for values in _grid(kernel, group, block_p):
             cfg = KernelConfig(*values)
             if cfg not in out:
