@@ -1,8 +1,8 @@
 """The tuning space of the triton kernels: every candidate correct, tables read safely, autotune.
 
 * Every candidate configuration (``tuning.candidates``, the default included) runs in the
-  interpreter at a small shape that still leaves partial tiles (37 anchors, 150 columns, P = 200
-  or 100), against float64 math. The interpreter ignores warps and stages, so configurations
+  interpreter at a small shape that still leaves partial tiles (37 anchors, 150 columns, P = 200,
+  100, 40, 24 or 13), against float64 math. The interpreter ignores warps and stages, so configurations
   differing only there are run once; those are covered by the static check below.
 * Tables: a matching table is used, one for another device / triton version / an untested
   configuration is not; lookups read the disk once.
@@ -36,8 +36,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = 10.0
 KIND_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
               "fp16": torch.float16}
-CLASSES = [(kind, block_p) for kind in ("fp32", "bf16", "fp16", "tf32") for block_p in (256, 128)]
-P_OF_BLOCK = {256: 200, 128: 100}
+CLASSES = [(kind, block_p) for kind in ("fp32", "bf16", "fp16", "tf32")
+           for block_p in (256, 128, 64, 32, 16)]
+P_OF_BLOCK = {256: 200, 128: 100, 64: 40, 32: 24, 16: 13}
 
 
 def rel_err(got, want):
@@ -272,20 +273,24 @@ def test_autotune_command_dry_run_and_without_gpu(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_candidates_compile_without_spills_and_bf16_fp16_use_wgmma_on_hopper():
-    """Every candidate for sm_90 and sm_80 at P = 256 and 128 (bf16, fp16, fp32, tf32): compiles,
-    no register spills, shared memory within the limit; bf16/fp16 similarity kernels on sm_90
-    compile to wgmma. About 5 minutes on two busy cores the first time (reports are cached)."""
+    """Every candidate for sm_90 and sm_80 at every feature tile of P <= 256 (BLOCK_P 16 to 256;
+    bf16, fp16, fp32, tf32): compiles, no register spills, shared memory within the limit;
+    bf16/fp16 similarity kernels on sm_90 compile to wgmma. About 6 minutes on two busy cores
+    with empty caches (5.6 min measured for P 256/128), about 1 minute once triton's cache and
+    compile_check's report cache hold the kernels."""
     pytest.importorskip("triton.backends.nvidia")
+    PS = (256, 128, 64, 24, 16)  # one P per feature tile width
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "clreg_fast.backends.triton.compile_check", "--candidates",
-         "--arch", "90", "80", "--p", "256", "128", "--dtype", "bf16", "fp16", "fp32", "tf32"],
+         "--arch", "90", "80", "--p", *map(str, PS), "--dtype", "bf16", "fp16", "fp32", "tf32"],
         capture_output=True, text=True, env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    expected = sum(len(tuning.candidates(k, kind, bp, 1)) for k in tuning.SIMILARITY_KERNELS
-                   for kind in ("bf16", "fp16", "fp32", "tf32") for bp in (256, 128))
+    expected = sum(len(tuning.candidates(k, kind, triton.next_power_of_2(p), 1))
+                   for k in tuning.SIMILARITY_KERNELS
+                   for kind in ("bf16", "fp16", "fp32", "tf32") for p in PS)
     assert len(lines) == 2 * expected and all(line.startswith("ok  ") for line in lines)
     hopper_lowp = [line for line in lines if line.startswith("ok   sm_90")
                    and (" ROUND=1 " in line or " ROUND=2 " in line)]

@@ -76,10 +76,11 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
 
     float32 products run on FMA units, whose operands live in registers: smaller tiles than the
     tensor-core kinds. The column kernel gets BLOCK_N >= 64 wherever its M side runs on tensor
-    cores at K_TILES == 1 (wgmma on sm_90).
+    cores at K_TILES == 1 (wgmma on sm_90). Known: with P > 256 (K_TILES > 1) these spill
+    24-1200 bytes on sm_80/sm_90 (``compile_check --p 300``); the P <= 256 defaults do not.
     """
-    if block_p <= 32:
-        cfg = KernelConfig(64, 64, 4, 3)
+    if block_p <= 32:  # the float32 backward with 4 warps spills 200-300 bytes on sm_80
+        cfg = KernelConfig(64, 64, 8 if kind == "fp32" and kernel != "lse_forward" else 4, 3)
     elif kind == "fp32" or k_tiles > 1:
         cfg = KernelConfig(32, 32, 4 if block_p <= 128 else 8, 2)
     elif block_p <= 64:
