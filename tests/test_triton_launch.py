@@ -287,7 +287,8 @@ def test_tf32_similarity_kernels_within_tf32_error(kernels):
     assert 1e-5 < err < 4 * TF32_EPS * scale
     dza, dzc = kernels.lse_backward(za, zc, want.float(), w, 0, scale, 53)
     want_a, want_c = lse_backward_float64(za, zc, want.float(), w, 0, scale, 53)
-    assert rel_err(dza, want_a) < 8 * TF32_EPS * scale and rel_err(dzc, want_c) < 8 * TF32_EPS * scale
+    bar = 8 * TF32_EPS * scale
+    assert rel_err(dza, want_a) < bar and rel_err(dzc, want_c) < bar
     assert rel_err(dza, want_a) > 1e-6  # not float32 products
 
 

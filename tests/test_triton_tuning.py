@@ -1,9 +1,9 @@
 """The tuning space of the triton kernels: every candidate correct, tables read safely, autotune.
 
 * Every candidate configuration (``tuning.candidates``, the default included) runs in the
-  interpreter at a small shape that still leaves partial tiles (37 anchors, 150 columns, P = 200,
-  100, 40, 24 or 13), against float64 math. The interpreter ignores warps and stages, so configurations
-  differing only there are run once; those are covered by the static check below.
+  interpreter at a small shape that still leaves partial tiles (37 anchors, 150 columns,
+  P = 200, 100, 40, 24 or 13), against float64 math. The interpreter ignores warps and stages,
+  so configurations differing only there run once; the static check below covers those.
 * Tables: a matching table is used, one for another device / triton version / an untested
   configuration is not; lookups read the disk once.
 * ``autotune.tune`` with a fake timer (the interpreter cannot time a GPU): picks the fastest

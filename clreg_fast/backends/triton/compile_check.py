@@ -1,7 +1,7 @@
 """Compile the triton kernels for a GPU architecture without a GPU, and report what came out.
 
     python -m clreg_fast.backends.triton.compile_check --arch 90 80 --p 24 128 256 --dtype fp32 bf16
-    python -m clreg_fast.backends.triton.compile_check --candidates --arch 90 80 --p 256 --dtype bf16
+    python -m clreg_fast.backends.triton.compile_check --candidates --arch 90 80 --p 256 128
     python -m clreg_fast.backends.triton.compile_check --grid --arch 90 80 --p 256 --dtype bf16
 
 Default mode: each kernel variant that ``TritonKernels`` launches by default for the given feature
