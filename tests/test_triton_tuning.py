@@ -268,6 +268,30 @@ def test_autotune_command_dry_run_and_without_gpu(tmp_path, capsys):
         autotune.main(["--classes", "bf17:256"])
 
 
+def test_autotune_command_writes_a_table_the_launchers_accept(tmp_path, monkeypatch, capsys):
+    """The command's GPU path, with the interpreter standing in for the GPU and a fake timer."""
+    monkeypatch.setattr(autotune, "_tuning_device", lambda: torch.device(DEVICE))
+    monkeypatch.setattr(autotune, "cuda_timer", lambda fn, cfg: 1.0 / cfg.block_n)
+    monkeypatch.setattr(tuning, "device_record", lambda index: DEVICE_RECORD)
+    out = tmp_path / "sub" / "table.json"
+    assert autotune.main(["--out", str(out), "--classes", "bf16:100", "--rows", "20",
+                          "--cols", "45", "--budget-s", "600"]) == 0
+    table = json.loads(out.read_text())
+    assert table["device"] == DEVICE_RECORD and table["versions"]["triton"] == triton.__version__
+    assert table["shape"] == {"rows": 20, "cols": 45, "scale": autotune.SCALE}
+    assert len(table["timings"]) == sum(len(tuning.candidates(k, "bf16", 128, 1))
+                                        for k in tuning.SIMILARITY_KERNELS)
+    parsed = tuning.parse_table(table, DEVICE_RECORD)
+    assert set(parsed) == {tuning.shape_class(k, "bf16", 128, 1)
+                           for k in tuning.SIMILARITY_KERNELS}
+    for key, cfg in parsed.items():  # the fake timer favours the widest BLOCK_N
+        kernel = key.split("/")[0]
+        widest = max(c.block_n for c in tuning.candidates(kernel, "bf16", 128, 1))
+        assert cfg.block_n == widest
+    assert not list(out.parent.glob("*.tmp"))
+    assert "3 kernel shape classes measured" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- static checks
 
 

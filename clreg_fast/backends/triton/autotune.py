@@ -152,6 +152,13 @@ def _parse_classes(items: Sequence[str]) -> List[Tuple[str, int]]:
     return out
 
 
+def _tuning_device() -> Optional[torch.device]:
+    """The current CUDA device, or None where compiled kernels cannot run."""
+    if ops.INTERPRET or not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("triton_tuning.json"))
@@ -177,11 +184,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 n = len(tuning.candidates(kernel, kind, block_p, k_tiles))
                 print(f"{tuning.shape_class(kernel, kind, block_p, k_tiles)}: {n} candidates")
         return 0
-    if ops.INTERPRET or not torch.cuda.is_available():
+    device = _tuning_device()
+    if device is None:
         print("autotune: no CUDA device (or TRITON_INTERPRET=1): nothing to tune, no table "
               "written", file=sys.stderr)
         return 0
-    device = torch.device("cuda", torch.cuda.current_device())
     t0 = time.monotonic()
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -195,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tmp.replace(args.out)  # atomic: a reader never sees half a table
 
     entries, timings = tune(classes, args.rows, args.cols, args.budget_s, device,
-                            margin=args.margin, on_progress=write)
+                            timer=cuda_timer, margin=args.margin, on_progress=write)
     write(entries, timings)
     print(f"autotune: {len(entries)} kernel shape classes measured in "
           f"{time.monotonic() - t0:.1f} s -> {args.out}")
