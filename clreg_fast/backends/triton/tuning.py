@@ -94,23 +94,27 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
 
 # Candidates per (kernel, kind group, BLOCK_P) at K_TILES == 1, as (BLOCK_M, BLOCK_N, warps,
 # stages), besides the default. Picked from the grid of ``compile_check --grid`` (BLOCK_M,
-# BLOCK_N in 32/64/128, warps 4/8, stages 2/3): the variants around the default, less every one
-# that spilled registers or passed an A100's 164 KiB of shared memory on sm_80 or sm_90 with
-# triton 3.8 (so one list serves both). Larger tiles mostly spill: the backward at BLOCK_P = 256
+# BLOCK_N in 32/64/128, warps 4/8, stages 2/3; stage 4 of the smaller tiles tried after): the
+# variants around the default, less every one that spilled registers or passed an A100's 164 KiB
+# of shared memory on sm_80 or sm_90 with triton 3.8 (so one list serves both). Larger tiles mostly spill: the backward at BLOCK_P = 256
 # keeps a 64 x 256 float32 accumulator per program and fits with 8 warps and 32-wide steps only;
 # float32 backward at P = 256 has no alternative to its default. ``compile_check --candidates``
 # checks every entry and a slow test holds them to it. bf16 and fp16 share a list; tf32 and
 # P <= 64 or tiled P have the default only.
 _CANDIDATES: Dict[Tuple[str, str, int], Tuple[Tuple[int, int, int, int], ...]] = {
     ("lse_forward", "lowp", 256): ((64, 64, 8, 2), (128, 32, 8, 2)),
-    ("lse_backward_rows", "lowp", 256): ((64, 32, 8, 3),),
-    ("lse_backward_cols", "lowp", 256): ((32, 64, 8, 3), (64, 64, 8, 2)),
-    ("lse_forward", "lowp", 128): ((64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2)),
-    ("lse_backward_rows", "lowp", 128): ((64, 64, 4, 2), (64, 64, 8, 3)),
-    ("lse_backward_cols", "lowp", 128): ((64, 64, 4, 2), (64, 64, 8, 3)),
-    ("lse_forward", "fp32", 256): ((32, 32, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2)),
+    ("lse_backward_rows", "lowp", 256): ((64, 32, 8, 3), (64, 32, 8, 4)),
+    ("lse_backward_cols", "lowp", 256): ((32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 2)),
+    ("lse_forward", "lowp", 128): ((64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4),
+                                   (128, 64, 8, 2), (64, 128, 4, 2)),
+    ("lse_backward_rows", "lowp", 128): ((64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 4, 2),
+                                         (64, 64, 8, 3)),
+    ("lse_backward_cols", "lowp", 128): ((32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 4, 2),
+                                         (64, 64, 8, 3)),
+    ("lse_forward", "fp32", 256): ((32, 32, 8, 3), (32, 32, 8, 4), (64, 32, 8, 2),
+                                   (32, 64, 8, 2)),
     ("lse_backward_cols", "fp32", 256): ((32, 32, 8, 3),),
-    ("lse_forward", "fp32", 128): ((32, 32, 4, 3),),
+    ("lse_forward", "fp32", 128): ((32, 32, 4, 3), (32, 32, 4, 4)),
     ("lse_backward_rows", "fp32", 128): ((32, 32, 4, 3), (64, 32, 8, 2)),
     ("lse_backward_cols", "fp32", 128): ((32, 32, 4, 3), (32, 64, 8, 2)),
 }
