@@ -238,6 +238,8 @@ def test_automatic_splits_fill_the_gpu(monkeypatch):
     assert triton_ops._auto_column_splits(4, 2048, cuda) == 66
     assert triton_ops._auto_column_splits(4, 100, cuda) == 12      # capped by 8 tiles a split
     assert triton_ops._auto_column_splits(132, 10 ** 6, cuda) == 1  # the anchors fill the GPU
+    assert triton_ops._auto_column_splits(67, 10 ** 6, cuda) == 1   # more than half of it
+    assert triton_ops._auto_column_splits(66, 10 ** 6, cuda) == 4
     assert triton_ops._auto_column_splits(1, 10 ** 6, cuda) == triton_ops.MAX_COL_SPLITS
     assert triton_ops._auto_column_splits(4, 2048, torch.device("cpu")) == 1
     # the forced count never leaves a split without a column tile

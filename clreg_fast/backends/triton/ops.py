@@ -46,9 +46,9 @@ MAX_BLOCK_P = 256
 # exp(-2 * scale) must stay a normal float32 for the fixed-shift log-sum-exp: scale <= 43.6.
 FIXED_SHIFT_MAX_SCALE = 40.0
 
-# Column splits: used when the anchor blocks alone leave most SMs idle (few anchors against
-# many columns). Each split sweeps at least MIN_TILES_PER_SPLIT column tiles; the splits aim at
-# SPLIT_WAVES programs per SM. A rule, not yet timed on a GPU.
+# Column splits: used when the anchor blocks alone leave at least half of the SMs idle (few
+# anchors against many columns). Each split sweeps at least MIN_TILES_PER_SPLIT column tiles;
+# the splits aim at SPLIT_WAVES programs per SM. A rule, not yet timed on a GPU.
 MIN_TILES_PER_SPLIT = 8
 SPLIT_WAVES = 2
 MAX_COL_SPLITS = 128
@@ -80,7 +80,7 @@ def _auto_column_splits(programs: int, col_tiles: int, device: torch.device) -> 
     if INTERPRET or device.type != "cuda":
         return 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if programs >= sms:
+    if 2 * programs > sms:
         return 1
     wanted = triton.cdiv(SPLIT_WAVES * sms, programs)
     return max(1, min(wanted, col_tiles // MIN_TILES_PER_SPLIT, MAX_COL_SPLITS))
