@@ -122,6 +122,7 @@ setup(
     version="0.1.0",
     description="Fused Triton/CUDA kernels for the CLReg contrastive unlearning regularizer",
     packages=find_packages(include=["clreg_fast", "clreg_fast.*"]),
+    package_data={"clreg_fast.backends.triton": ["tuned/*.json"]},  # measured launch tables
     python_requires=">=3.9",
     entry_points={"console_scripts": ["clreg-unlearn=clreg_fast.unlearn.cli:main"]},
     install_requires=["torch>=2.6"],

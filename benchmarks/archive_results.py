@@ -2,9 +2,9 @@
 
     python benchmarks/archive_results.py /path/to/OUT [--commit abc123] [--dest benchmarks/results]
 
-Copies results.csv, results.md, the PNG plots, meta.json and logs. ``--commit`` fills in the
-commit where the run recorded "unknown" (the GPU machine's copy of the tree has no .git); it
-never overwrites a recorded commit.
+Copies results.csv, results.md, the PNG plots, meta.json, triton_tuning.json (the autotuned
+launch table) and logs. ``--commit`` fills in the commit where the run recorded "unknown" (the
+GPU machine's copy of the tree has no .git); it never overwrites a recorded commit.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clreg_fast.bench.env import slug  # noqa: E402
 
-KEEP = ("results.csv", "results.md", "time_vs_n.png", "memory_vs_n.png", "meta.json")
+KEEP = ("results.csv", "results.md", "time_vs_n.png", "memory_vs_n.png", "meta.json",
+        "triton_tuning.json")
 
 
 def archive(src: Path, dest_root: Path, commit: str = "") -> Path:

@@ -7,19 +7,22 @@
 #   CLREG_BENCH_COMMIT=$(git rev-parse --short=12 HEAD) OUT=... bash benchmarks/gpu_suite.sh
 #   bash benchmarks/gpu_suite.sh --dry-run                     # print the plan, run nothing
 #
-# Options: --total-s S (whole script), --build-s S, --gpu-tests-s S, --sweep-s S (sweep budget;
-# default: what is left after the other steps' reserves), --skip-build, --skip-tests, --dry-run.
+# Options: --total-s S (whole script), --build-s S, --gpu-tests-s S, --autotune-s S (triton
+# autotuning, default 120), --sweep-s S (sweep budget; default: what is left after the other
+# steps' reserves), --skip-build, --skip-tests, --skip-autotune, --dry-run.
 # Environment: OUT (required unless --dry-run), PYTHON (default python3), CUDA_HOME (detected if
 # unset), CLREG_BENCH_COMMIT (the commit to record; the GPU machine's copy has no .git),
 # CLREG_SUITE_SWEEP_ARGS (replaces "--preset gpu" in the sweep; for tests on CPU).
 #
 # Files in $OUT (at most 8 come back from the machine): gpu_suite.log (every step's output),
-# results.csv, results.md, time_vs_n.png, memory_vs_n.png, meta.json.
+# results.csv, results.md, time_vs_n.png, memory_vs_n.png, meta.json, triton_tuning.json.
 set -uo pipefail
 
 TOTAL_S=540
 BUILD_S=200
 GPU_TESTS_S=150
+AUTOTUNE_S=120
+SKIP_AUTOTUNE=0
 SWEEP_S=""
 SUITE_MIN_S=45      # the whole suite runs only if at least this much is left
 REPORT_RESERVE_S=25 # kept for rewriting the report at the end
@@ -33,6 +36,8 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY_RUN=1 ;;
         --skip-build) SKIP_BUILD=1 ;;
         --skip-tests) SKIP_TESTS=1 ;;
+        --skip-autotune) SKIP_AUTOTUNE=1 ;;
+        --autotune-s) AUTOTUNE_S="$2"; shift ;;
         --total-s) TOTAL_S="$2"; shift ;;
         --build-s) BUILD_S="$2"; shift ;;
         --gpu-tests-s) GPU_TESTS_S="$2"; shift ;;
@@ -42,7 +47,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-for v in "$TOTAL_S" "$BUILD_S" "$GPU_TESTS_S" ${SWEEP_S:+"$SWEEP_S"}; do
+for v in "$TOTAL_S" "$BUILD_S" "$GPU_TESTS_S" "$AUTOTUNE_S" ${SWEEP_S:+"$SWEEP_S"}; do
     case "$v" in (*[!0-9]*|'') echo "gpu_suite.sh: '$v' is not a number of seconds" >&2; exit 2 ;; esac
 done
 
@@ -84,11 +89,13 @@ if [ "$DRY_RUN" = 1 ]; then
     echo "  3a. CUDA kernels (<= 150 s): $PY -m pytest -m gpu tests/test_cuda_backend.py (sweep and legacy kernels; legacy from here on if only the sweep fails)"; fi
     if [ "$SKIP_TESTS" = 1 ]; then echo "  3. GPU tests: skipped (--skip-tests)"; else
     echo "  3. GPU tests (<= ${GPU_TESTS_S} s): $PY -m pytest -m 'gpu or not slow' tests/test_backends.py tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_token_scale.py"; fi
+    if [ "$SKIP_AUTOTUNE" = 1 ]; then echo "  3b. triton autotune: skipped (--skip-autotune)"; else
+    echo "  3b. triton autotune (<= ${AUTOTUNE_S} s): $PY -m clreg_fast.backends.triton.autotune --budget-s $(( AUTOTUNE_S - 30 )) --out \$OUT/triton_tuning.json; the sweep reads it (CLREG_TRITON_TUNING)"; fi
     echo "  4. sweep (budget ${SWEEP_S:-what is left minus ${SUITE_MIN_S}+${REPORT_RESERVE_S} s}): $PY -m clreg_fast.bench --preset gpu --budget-s B --out \$OUT"
     if [ "$SKIP_TESTS" = 1 ]; then echo "  5. whole test suite: skipped (--skip-tests)"; else
     echo "  5. whole test suite (what is left, if >= ${SUITE_MIN_S} s): $PY -m pytest -q"; fi
     echo "  6. report: $PY -m clreg_fast.bench report --csv \$OUT/results.csv (also after a killed sweep)"
-    echo "  files: gpu_suite.log results.csv results.md time_vs_n.png memory_vs_n.png meta.json"
+    echo "  files: gpu_suite.log results.csv results.md time_vs_n.png memory_vs_n.png meta.json triton_tuning.json"
     echo "sweep plan (first 12 tasks; the sweep skips what its budget cannot fit):"
     dev=cpu; "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && dev=cuda
     "$PY" -m clreg_fast.bench --preset gpu --device "$dev" --dry-run | head -13
@@ -185,6 +192,19 @@ if [ "$SKIP_TESTS" = 0 ]; then
     run_step gpu-tests "$(min "$GPU_TESTS_S" $(( $(left) - 150 )))" \
         "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_backends.py \
         tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_token_scale.py
+fi
+
+# Triton autotuning (issue 16): time the candidate configurations at the benchmark's shapes and
+# write the table the launchers read; the sweep and everything after it use it. Its budget is
+# checked before each candidate; 30 s are kept for the last compile and the write.
+if [ "$SKIP_AUTOTUNE" = 0 ]; then
+    run_step autotune "$(min "$AUTOTUNE_S" $(( $(left) - 150 )))" \
+        "$PY" -m clreg_fast.backends.triton.autotune --budget-s $(( AUTOTUNE_S - 30 )) \
+        --out "$OUT/triton_tuning.json"
+    if [ -s "$OUT/triton_tuning.json" ]; then
+        export CLREG_TRITON_TUNING="$OUT/triton_tuning.json"
+        say "triton tuning table: $CLREG_TRITON_TUNING"
+    fi
 fi
 
 BUDGET="$(sweep_budget)"

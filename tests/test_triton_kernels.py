@@ -479,16 +479,17 @@ def test_int64_row_offsets_on_gpu():
 @pytest.mark.slow
 def test_kernels_compile_for_hopper_and_ampere():
     """Compile every launched variant for sm_90 and sm_80 with the GPU toolchain (no GPU needed):
-    catches what the interpreter cannot (dot layouts and dtypes, shared memory limits)."""
+    catches what the interpreter cannot (dot layouts and dtypes, shared memory limits, register
+    spills). The default configurations at P = 200 (the widest tiles) and 24, every input kind."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-m", "clreg_fast.backends.triton.compile_check", "--arch", "90", "80",
-         "--p", "200", "--dtype", "fp32", "bf16"],  # P = 200: the widest tiles, most shared memory
-        capture_output=True, text=True, env=env, timeout=600)
+         "--p", "200", "24", "--dtype", "fp32", "bf16", "fp16", "tf32"],
+        capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok  ") == 2 * 2 * 7
+    assert proc.stdout.count("ok  ") == 2 * 2 * 4 * 7  # archs x P x kinds x variants
 
 
 @pytest.mark.parametrize("kernels", [TORCH, DEFAULT], ids=["torch", "triton"])

@@ -7,17 +7,29 @@ Conventions shared by every kernel:
 * ``P`` (the feature width) is covered by tiles of ``BLOCK_P`` columns. ``K_TILES`` is the number
   of such tiles: with ``K_TILES == 1`` a block of rows is loaded once and kept in registers; with
   more, scores are accumulated over the tiles and each output tile is its own program.
-* ``ROUND`` is the dtype of the user's inputs (0 float32, 1 bfloat16, 2 float16). On a GPU the
-  operands of the similarity products are rounded to it, so bf16/fp16 products run on tensor
-  cores with float32 accumulation; float32 products use ``input_precision="ieee"`` (no TF32).
+* ``ROUND`` is the dtype of the user's inputs (0 float32, 1 bfloat16, 2 float16), or 3 for
+  float32 inputs in TF32 mode. On a GPU the operands of the similarity products are rounded to
+  it, so bf16/fp16 products run on tensor cores with float32 accumulation; float32 products use
+  ``input_precision="ieee"`` (exact float32 products) and TF32 mode ``input_precision="tf32"``
+  (operands keep 10 mantissa bits, tensor cores).
 * The backward multiplies probability tiles into the features. Before rounding, a tile holds
   ``Pr`` (row kernel; the anchor weight ``scale * w_i`` is applied to the float32 result) or
   ``Pr * w_i / max|w|`` (column kernel; ``scale * max|w|`` is applied to the result), and for
   fp16 times ``FP16_PROB_SCALE``: weights of 1 / (number of anchors) and probabilities of
   1 / (number of columns) would otherwise leave fp16's range at token scale.
 * ``INTERPRET`` is set under ``TRITON_INTERPRET=1``: every ``tl.dot`` then takes float32
-  operands (the interpreter's bf16 products are wrong), and the rounding of the GPU path is
-  emulated exactly, so interpreter tests see the numbers a GPU computes.
+  operands (the interpreter's bf16 products are wrong) and the operand rounding of the GPU path
+  is emulated, so interpreter tests check the GPU path's arithmetic, not its exact bits: on a GPU
+  ``tl.exp``, ``tl.log``, ``tl.sqrt`` and ``/`` compile to approximate instructions (ex2.approx,
+  lg2.approx, ...) and products are summed in another order, so GPU results agree with the
+  interpreter's to ~1e-6 relative (times the scale ``1 / tau`` for exponentials of scores), not
+  bitwise; GPU test tolerances allow that. TF32 rounding is emulated to nearest, which the
+  hardware's conversion may not match bit for bit (TF32 tests use a TF32-sized bar).
+* Column splits (``pid(1)`` of the forward, ``pid(2)`` of the row backward) cover
+  ``cols_per_split`` columns each, a multiple of ``BLOCK_N``: with few anchors against many
+  columns the launcher gives each block of anchors several programs. The forward then writes one
+  partial log-sum-exp per split (merged by a log-sum-exp), the row backward one partial sum per
+  split (added); both at ``split * split_stride`` past the output pointer.
 """
 import triton
 import triton.language as tl
@@ -25,6 +37,7 @@ import triton.language as tl
 ROUND_FP32 = 0
 ROUND_BF16 = 1
 ROUND_FP16 = 2
+ROUND_TF32 = 3  # float32 inputs, TF32 tensor-core products (opt-in)
 
 # fp16 probability tiles are stored times 2^12 (Pr <= 1, so at most 4096 < 65504): small
 # probabilities (~1 / number of columns) stay normal fp16 numbers instead of flushing to zero.
@@ -48,6 +61,14 @@ def _dot_operand(x, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
             out = x.to(tl.float16).to(tl.float32)
         else:
             out = x.to(tl.float16)
+    elif ROUND == 3:
+        if INTERPRET:
+            # TF32 keeps 10 of float32's 23 mantissa bits: round the low 13 to nearest even.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0xFFF + ((bits >> 13) & 1)) >> 13) << 13
+            out = bits.to(tl.float32, bitcast=True)
+        else:
+            out = x  # the tensor cores read only the TF32 bits of float32 operands
     else:
         out = x
     return out
@@ -58,6 +79,8 @@ def _dot(a, b, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
     """``a @ b`` with float32 accumulation; float32 operands get full float32 products."""
     if ROUND == 0 or INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif ROUND == 3:
+        out = tl.dot(a, b, input_precision="tf32")
     else:
         out = tl.dot(a, b)
     return out
@@ -118,6 +141,9 @@ def project_kernel(x_ptr, w_ptr, b_ptr, out_ptr, norm_ptr, n_rows, D, P,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + outs64[:, None] * stride_w + kk[None, :],
                     mask=out_mask[:, None] & k_mask[None, :], other=0.0)
+        if ROUND == 3:  # float32 inputs: TF32 operands
+            x = _dot_operand(x, ROUND, INTERPRET)
+            w = _dot_operand(w, ROUND, INTERPRET)
         acc += _dot(x, tl.trans(w), ROUND, INTERPRET)
     if HAS_BIAS:
         b = tl.load(b_ptr + outs, mask=out_mask, other=0.0).to(tl.float32)
@@ -186,7 +212,7 @@ def normalize_backward_kernel(dz_ptr, z_ptr, norm_ptr, dy_ptr, n_rows, P, stride
 
 @triton.jit
 def lse_forward_kernel(za_ptr, zc_ptr, lse_ptr, n_rows, n_cols, P, stride_a, stride_c,
-                       self_offset, scale,
+                       self_offset, scale, cols_per_split, split_stride,
                        FIXED_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_P: tl.constexpr, K_TILES: tl.constexpr, ROUND: tl.constexpr,
                        INTERPRET: tl.constexpr):
@@ -195,8 +221,14 @@ def lse_forward_kernel(za_ptr, zc_ptr, lse_ptr, n_rows, n_cols, P, stride_a, str
     ``FIXED_SHIFT``: rows have norm <= 1, so ``scale * s - scale <= 0`` and the sum of
     ``exp(scale * s - scale)`` neither overflows nor (for the scales the launcher allows)
     underflows; no running max is needed. Otherwise a running max rescales the partial sum.
+    Split ``pid(1)`` covers columns ``[pid(1) * cols_per_split, + cols_per_split)`` and writes
+    its partial lse at ``lse_ptr + pid(1) * split_stride`` (-inf when no column is valid).
     """
     pid = tl.program_id(0)
+    split = tl.program_id(1)
+    c_begin = split * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, n_cols)
+    lse_ptr += split.to(tl.int64) * split_stride
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -206,9 +238,9 @@ def lse_forward_kernel(za_ptr, zc_ptr, lse_ptr, n_rows, n_cols, P, stride_a, str
     # A finite start keeps exp(m_old - m_new) free of inf - inf; it never wins a max.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK_N):
+    for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
+        col_mask = cols < c_end
         cols64 = cols.to(tl.int64)
         if K_TILES == 1:
             c = _load_tile(zc_ptr, stride_c, cols64, col_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
@@ -234,15 +266,22 @@ def lse_forward_kernel(za_ptr, zc_ptr, lse_ptr, n_rows, n_cols, P, stride_a, str
 
 @triton.jit
 def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_cols, P,
-                             stride_a, stride_c, stride_d, self_offset, scale,
+                             stride_a, stride_c, stride_d, self_offset, scale, cols_per_split,
+                             split_stride,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
                              K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
     """``dza_i = scale * w_i * sum_c Pr_ic zc_c`` for a block of anchors and output tile pid(1).
 
     ``Pr_ic = exp(scale * s_ic - lse_i)`` is recomputed tile by tile from the stored lse.
+    Split ``pid(2)`` sums over columns ``[pid(2) * cols_per_split, + cols_per_split)`` into
+    ``dza_ptr + pid(2) * split_stride``.
     """
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
+    split = tl.program_id(2)
+    c_begin = split * cols_per_split
+    c_end = tl.minimum(c_begin + cols_per_split, n_cols)
+    dza_ptr += split.to(tl.int64) * split_stride
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     rows64 = rows.to(tl.int64)
@@ -254,9 +293,9 @@ def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_
         a = _load_tile(za_ptr, stride_a, rows64, row_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
 
     acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, n_cols, BLOCK_N):
+    for c0 in range(c_begin, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
+        col_mask = cols < c_end
         cols64 = cols.to(tl.int64)
         if K_TILES == 1:
             c_out = _load_tile(zc_ptr, stride_c, cols64, col_mask, 0, P, BLOCK_P, ROUND, INTERPRET)
