@@ -44,11 +44,17 @@ def _cuda_kernels():
     return CudaKernels(ext), None
 
 
-@functools.lru_cache(maxsize=None)
-def _torch_kernels():
-    from clreg_fast.backends.torch_chunked import TorchChunkedKernels
+# Backends already loaded, by name. resolve_backend reads this plain dict first: a traced call
+# (torch.compile) then sees a constant object instead of tracing a loader and its imports.
+_LOADED = {}
 
-    return TorchChunkedKernels()
+
+def _torch_kernels():
+    if "torch" not in _LOADED:
+        from clreg_fast.backends.torch_chunked import TorchChunkedKernels
+
+        _LOADED["torch"] = TorchChunkedKernels()
+    return _LOADED["torch"]
 
 
 def available_backends() -> List[str]:
@@ -73,6 +79,17 @@ def resolve_backend(name: str, x: torch.Tensor) -> Optional[SimilarityKernels]:
     if name == "reference":
         return None
     on_gpu = x.is_cuda
+    key = (name, on_gpu, x.dtype == torch.float64, triton_interpreting())
+    loaded = _LOADED.get(key)
+    if loaded is not None:
+        return loaded
+    kernels = _resolve_uncached(name, x, on_gpu)
+    if name == "auto" or kernels.name == name:  # a fallback with a warning warns every time
+        _LOADED[key] = kernels
+    return kernels
+
+
+def _resolve_uncached(name: str, x: torch.Tensor, on_gpu: bool) -> Optional[SimilarityKernels]:
     if x.dtype == torch.float64 and name in ("triton", "cuda"):
         raise TypeError(f"backend={name!r} takes fp16, bf16 or fp32 inputs; use backend='torch' "
                         "or 'reference' for float64")
