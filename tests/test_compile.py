@@ -208,3 +208,65 @@ def test_compiled_loss_makes_no_host_sync_gpu(backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- triton
+
+def _triton_or_skip():
+    if "triton" not in available_backends():
+        pytest.skip("the triton backend is not usable here (no GPU and no TRITON_INTERPRET=1)")
+    from clreg_fast.backends.triton import library
+
+    return library
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("p, bias", [(None, False), (8, True), (20, False)])
+def test_triton_project_normalize_passes_opcheck(p, bias):
+    _triton_or_skip()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 6, generator=g).to(DEVICE)
+    weight = torch.randn(p, 6, generator=g).to(DEVICE) if p else None
+    b = torch.randn(p, generator=g).to(DEVICE) if bias else None
+    torch.library.opcheck(torch.ops.clreg_fast.triton_project_normalize.default,
+                          (x, weight, b, 16))
+    dz, z, norm = torch.randn(9, 6), _rows(9, 6, 1), torch.rand(9) + 0.5
+    torch.library.opcheck(torch.ops.clreg_fast.triton_normalize_backward.default,
+                          (dz.to(DEVICE), z.to(DEVICE), norm.to(DEVICE)))
+
+
+@pytest.mark.parametrize("dot_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_grad_cols, need_dza, offset", [(19, True, 0), (7, True, 0),
+                                                           (0, True, 0), (19, False, 3)])
+def test_triton_lse_ops_pass_opcheck(dot_dtype, n_grad_cols, need_dza, offset):
+    _triton_or_skip()
+    za, zc = _rows(7, 20, 0, DEVICE), _rows(19, 20, 1, DEVICE)
+    torch.library.opcheck(torch.ops.clreg_fast.triton_lse_forward.default,
+                          (za, zc, offset, 5.0, dot_dtype, 16, None))
+    lse = torch.ops.clreg_fast.triton_lse_forward(za, zc, offset, 5.0, dot_dtype, 16, None)
+    w = torch.rand(7, device=DEVICE)
+    torch.library.opcheck(torch.ops.clreg_fast.triton_lse_backward.default,
+                          (za, zc, lse, w, offset, 5.0, n_grad_cols, dot_dtype, need_dza, 16,
+                           None))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_triton():
+    """Under the interpreter the triton ops are opaque custom ops; on GPU triton_ops."""
+    _triton_or_skip()
+    torch.manual_seed(0)
+    model = TinyModel(backend="triton").to(DEVICE)
+    explained = torch._dynamo.explain(model)(*_batch(10, 7, 0, device=DEVICE))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager" if DEVICE == "cpu" else "inductor",
+                             fullgraph=True)
+    for seed, (nf, nr) in enumerate([(10, 7), (13, 9)]):
+        batch = _batch(nf, nr, seed, device=DEVICE)
+        want_loss, want_grads = _loss_and_grads(model, model, batch)
+        got_loss, got_grads = _loss_and_grads(model, compiled, batch)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+        for got, want in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

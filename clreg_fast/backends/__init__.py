@@ -21,17 +21,30 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+def _memo(probe):
+    """Cache a probe's answer in a plain dict (torch.compile traces through it quietly, unlike
+    functools.lru_cache)."""
+    answers = {}
+
+    @functools.wraps(probe)
+    def cached():
+        if "answer" not in answers:
+            answers["answer"] = probe()
+        return answers["answer"]
+    return cached
+
+
+@_memo
 def _triton_kernels():
     """The triton backend, or the reason it cannot load (triton missing or too old)."""
     try:
-        from clreg_fast.backends.triton import TritonKernels
+        from clreg_fast.backends.triton.library import CompilableTritonKernels
     except ImportError as exc:
         return None, f"triton could not be imported ({exc}); install it with `pip install triton`"
-    return TritonKernels(), None
+    return CompilableTritonKernels(), None
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _cuda_kernels():
     """The compiled CUDA backend, or the reason it is not available."""
     try:

@@ -22,6 +22,15 @@ except ImportError:  # pragma: no cover - very old or very new triton layouts
 # triton.jit reads TRITON_INTERPRET when kernels.py is imported; ask the kernels themselves.
 INTERPRET = isinstance(K.lse_forward_kernel, _InterpretedFunction)
 
+# Every launch goes through _launch(kernel)[grid](...): torch.library.wrap_triton (torch >= 2.6)
+# lets torch.compile trace the launches inside the triton_op custom ops of library.py; outside
+# a trace it launches as usual. Interpreted kernels cannot be wrapped: identity there.
+if hasattr(torch.library, "wrap_triton") and not INTERPRET:
+    _launch = torch.library.wrap_triton
+else:
+    def _launch(kernel):
+        return kernel
+
 # Widest feature tile a program keeps whole. Wider P is split into tiles of this width: the
 # projection then writes y and normalizes in a second pass, the similarity kernels sum scores
 # over the tiles and give each output tile its own program (scores are recomputed per tile).
@@ -137,7 +146,7 @@ class TritonKernels(SimilarityKernels):
         bias = bias.contiguous() if bias is not None else None
         block_m, block_k, block_p, p_tiles, warps = _project_config(p, round_kind, self.max_block_p)
         grid = (triton.cdiv(n, block_m), p_tiles)
-        K.project_kernel[grid](
+        _launch(K.project_kernel)[grid](
             x, weight, bias if bias is not None else x, z, norm, n, d, p,
             x.stride(0), weight.stride(0), z.stride(0), NORM_EPS,
             HAS_BIAS=bias is not None, NORMALIZE=p_tiles == 1, BLOCK_M=block_m, BLOCK_K=block_k,
@@ -150,7 +159,7 @@ class TritonKernels(SimilarityKernels):
     def _normalize_into(self, y: torch.Tensor, z: torch.Tensor, norm: torch.Tensor) -> None:
         n, p = y.shape
         block_m, block_p, warps = _rowwise_config(p)
-        K.normalize_kernel[(triton.cdiv(n, block_m),)](
+        _launch(K.normalize_kernel)[(triton.cdiv(n, block_m),)](
             y, z, norm, n, p, y.stride(0), z.stride(0), NORM_EPS,
             BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps,
         )
@@ -166,7 +175,7 @@ class TritonKernels(SimilarityKernels):
         if n == 0:
             return dy
         block_m, block_p, warps = _rowwise_config(p)
-        K.normalize_backward_kernel[(triton.cdiv(n, block_m),)](
+        _launch(K.normalize_backward_kernel)[(triton.cdiv(n, block_m),)](
             dz, z, norm, dy, n, p, dz.stride(0), z.stride(0), dy.stride(0), NORM_EPS,
             BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps,
         )
@@ -190,7 +199,7 @@ class TritonKernels(SimilarityKernels):
             return lse
         block_p, k_tiles = _feature_block(p, self.max_block_p)
         block_m, block_n, warps, stages = _similarity_config(block_p, k_tiles, round_kind)
-        K.lse_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+        _launch(K.lse_forward_kernel)[(triton.cdiv(n_rows, block_m),)](
             za, zc, lse, n_rows, n_cols, p, za.stride(0), zc.stride(0), int(self_offset),
             float(scale),
             FIXED_SHIFT=self._fixed_shift(float(scale)), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -216,7 +225,7 @@ class TritonKernels(SimilarityKernels):
         common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, K_TILES=k_tiles,
                       ROUND=round_kind, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
         if n_rows and need_dza:
-            K.lse_backward_rows_kernel[(triton.cdiv(n_rows, block_m), k_tiles)](
+            _launch(K.lse_backward_rows_kernel)[(triton.cdiv(n_rows, block_m), k_tiles)](
                 za, zc, lse, w, dza, n_rows, n_cols, p, za.stride(0), zc.stride(0),
                 dza.stride(0), int(self_offset), float(scale), **common,
             )
@@ -224,7 +233,7 @@ class TritonKernels(SimilarityKernels):
         if n_grad_cols and n_rows:
             # max|w| stays on the device (no host sync); the kernel divides the weights by it.
             w_max = w.abs().amax().clamp_min(1e-30).reshape(1)
-            K.lse_backward_cols_kernel[(triton.cdiv(n_grad_cols, block_n), k_tiles)](
+            _launch(K.lse_backward_cols_kernel)[(triton.cdiv(n_grad_cols, block_n), k_tiles)](
                 za, zc, lse, w, w_max, dzc, n_rows, n_grad_cols, p, za.stride(0), zc.stride(0),
                 dzc.stride(0), int(self_offset), float(scale), **common,
             )
