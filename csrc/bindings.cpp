@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include "clreg.h"
+#include "clreg_torch.h"
 
 namespace clreg {
 namespace {
@@ -89,6 +90,8 @@ Splits choose_splits(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_elem
   return {static_cast<int>(ceil_div(std::max<int64_t>(n_swept_tiles, 1), per_split)),
           static_cast<int>(per_split)};
 }
+
+}  // namespace
 
 torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offset, double scale,
                           const std::string& dot_dtype) {
@@ -187,7 +190,6 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   return {dza, dzc};
 }
 
-}  // namespace
 }  // namespace clreg
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -178,6 +178,23 @@ def test_providers_agree_on_the_loss():
     assert d["forget"].dtype == torch.bfloat16 and d["forget"].abs().sum() > 0
 
 
+def test_supcon_provider_equals_the_reference():
+    """pytorch-metric-learning's SupConLoss with unique retain labels is the spec's loss.
+
+    (Not with a single concept and no retain rows: SupConLoss returns 0 when there is no
+    negative pair at all; the bench always has retain rows.)
+    """
+    pytest.importorskip("pytorch_metric_learning")
+    for c in (BenchConfig(40, 21, 12, 6, "fp32", labels=True), BenchConfig(9, 4, 5, None, "fp32")):
+        x = make_inputs(c, CPU, seed=1)
+        ref = make_loss_fn("reference", c)(x)
+        got = make_loss_fn("supcon", c)(x)
+        assert float(got) == pytest.approx(float(ref), rel=1e-5)
+        ref_grads = torch.autograd.grad(ref, [x["forget"]])
+        got_grads = torch.autograd.grad(got, [x["forget"]])
+        torch.testing.assert_close(got_grads[0], ref_grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_measure_task_records_unavailable_provider():
     row = measure.measure_task(Task(BenchConfig(8, 8, 4, 2, "fp32"), "cuda"), CPU)
     assert row["status"] == "unavailable" and "GPU" in row["note"]
