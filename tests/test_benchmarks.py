@@ -481,3 +481,18 @@ def test_gpu_suite_end_to_end_on_cpu_with_a_tiny_plan(tmp_path):
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "gpu_suite summary" in log and "sweep" in log and "commit: test123" in log
     assert {r["git_commit"] for r in report.read_csv(tmp_path / "results.csv")} == {"test123"}
+
+
+def test_compile_step_bench_counts_graphs_and_matches_eager(tmp_path):
+    from clreg_fast.bench import compile_step
+
+    rows = compile_step.measure_step(steps=5, base=8, d=6, hidden=8, p=4, compiler="aot_eager")
+    eager, compiled = rows
+    assert eager["graphs"] == 0 and 1 <= compiled["graphs"] <= 2
+    assert float(compiled["max_loss_diff_vs_eager"]) < 1e-5
+    overhead = compile_step.measure_overhead(reps=20)
+    assert {r["name"] for r in overhead} >= {"lse_forward", "lse_backward"}
+    assert all(r["direct_us"] > 0 and r["custom_op_us"] > 0 for r in overhead)
+    assert compile_step.main(["--out", str(tmp_path), "--skip-step", "--reps", "20"]) == 0
+    assert "Per-call overhead" in (tmp_path / "compile_step.md").read_text()
+    assert (tmp_path / "op_overhead.csv").exists()
