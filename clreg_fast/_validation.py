@@ -91,7 +91,7 @@ def label_groups(labels: Optional[torch.Tensor]) -> Optional[LabelGroups]:
     In eager mode this raises if no forget row has a positive, which reads one number on the
     host. Under ``torch.compile`` that check is left out (a host sync would break the graph):
     the loss of such a batch is then NaN for ``reduction="mean"`` (0 anchors), 0 for "sum" and
-    all zeros for "none", and every gradient is 0 ("mean": NaN).
+    all zeros for "none", and every gradient is 0 (no anchor, no gradient).
     """
     if labels is None:
         return None

@@ -152,6 +152,8 @@ def test_no_positive_raises_eager_and_is_nan_under_compile():
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     loss = compiled(x_f, x_r, unique)
     assert torch.isnan(loss)  # documented: mean over 0 anchors
+    loss.backward()
+    assert all(torch.all(p.grad == 0) for p in model.parameters())  # documented: no gradient
     model.backend = "torch"
 
     def summed(f, r):
