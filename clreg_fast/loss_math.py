@@ -59,13 +59,14 @@ def others_in_group(x: torch.Tensor, groups: Optional[LabelGroups]) -> torch.Ten
 
     Float64 accumulation, result in ``x.dtype``; deterministic (prefix sums and gathers only).
     """
-    wide = x.double()
     if groups is None:
-        return (wide.sum(dim=0, keepdim=True) - wide).to(x.dtype)
-    prefix = torch.cumsum(wide[groups.order], dim=0)
-    prefix = torch.cat([prefix.new_zeros((1, x.shape[1])), prefix])
-    sums = prefix[groups.seg_end] - prefix[groups.seg_start]   # sorted order
-    return (sums[groups.rank] - wide).to(x.dtype)
+        return (x.sum(dim=0, keepdim=True, dtype=torch.float64) - x).to(x.dtype)
+    prefix = torch.cumsum(x[groups.order], dim=0, dtype=torch.float64)  # sorted order
+    # Sum over sorted rows seg_start..seg_end-1 = prefix[seg_end - 1] - prefix[seg_start - 1].
+    before = prefix[(groups.seg_start - 1).clamp_min(0)]
+    before.mul_((groups.seg_start > 0)[:, None])
+    sums = prefix[groups.seg_end - 1].sub_(before)
+    return sums[groups.rank].sub_(x).to(x.dtype)
 
 
 def positive_counts(groups: Optional[LabelGroups], nf: int, device) -> torch.Tensor:

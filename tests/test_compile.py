@@ -272,3 +272,20 @@ def test_compiled_step_matches_eager_triton():
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
         for got, want in zip(got_grads, want_grads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- cuda
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dot", ["float32", "bfloat16", "float16"])
+def test_cuda_ops_pass_opcheck(dot):
+    if "cuda" not in available_backends():
+        pytest.skip("the cuda backend is not available here")
+    za, zc = _rows(70, 40, 0, "cuda"), _rows(133, 40, 1, "cuda")
+    torch.library.opcheck(torch.ops.clreg_fast.cuda_lse_forward.default, (za, zc, 0, 10.0, dot))
+    lse = torch.ops.clreg_fast.cuda_lse_forward(za, zc, 0, 10.0, dot)
+    w = torch.rand(70, device="cuda")
+    for n_grad_cols, need_dza in [(133, True), (70, True), (0, True), (133, False)]:
+        torch.library.opcheck(torch.ops.clreg_fast.cuda_lse_backward.default,
+                              (za, zc, lse, w, 0, 10.0, n_grad_cols, dot, need_dza))

@@ -195,3 +195,21 @@ def test_anchors_without_a_positive_are_not_swept(spy, reduction):
 def test_registry_hands_out_the_torch_backend_object_once():
     a = resolve_backend("torch", torch.empty(1))
     assert a is resolve_backend("torch", torch.empty(1))
+
+
+def test_distributed_loss_does_not_import_functional():
+    """The shared math lives below both: distributed/loss.py -> loss_math, never functional."""
+    import ast
+    import inspect
+
+    import clreg_fast.distributed.loss as dist_loss
+    import clreg_fast.loss_math as loss_math
+
+    def imported(module):
+        tree = ast.parse(inspect.getsource(module))
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+
+    assert "clreg_fast.functional" not in imported(dist_loss)
+    assert "clreg_fast.loss_math" in imported(dist_loss)
+    assert not {m for m in imported(loss_math) if m and m.startswith("clreg_fast.")} - {
+        "clreg_fast.backends.base"}
