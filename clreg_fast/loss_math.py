@@ -5,10 +5,11 @@ sits below ``functional`` and ``distributed.loss`` (both import it, it imports n
 
 Grouping is sort based: every tensor here has Nf rows whatever the labels are (no
 ``torch.unique``, whose output size depends on the data), so the loss traces under
-``torch.compile`` without graph breaks or host syncs. Per-concept sums are segment sums of the
-rows sorted by concept, taken as differences of a float64 prefix sum: the result is the same
-bitwise on every run and device (no ``index_add_`` float atomics on GPU), and float64 keeps the
-differences exact to far below float32 rounding.
+``torch.compile`` without graph breaks or host syncs. Per-concept sums are accumulated by
+``index_put_(accumulate=True)`` into the slot of each concept's first row: bitwise the same on
+every eager run (sequential on CPU, a sort-based kernel on CUDA, no float atomics as
+``index_add_`` has on GPU). Segment sums as differences of a prefix sum over the sorted rows
+were tried first: CPU ``cumsum`` along rows costs ~6 ms at 4096 x 128 (60x ``index_add_``).
 """
 from __future__ import annotations
 
@@ -18,55 +19,48 @@ import torch
 
 
 class LabelGroups(NamedTuple):
-    """Forget rows grouped by concept, as Nf-sized index tensors (int64, on the rows' device).
+    """Forget rows grouped by concept, as Nf-sized int64 tensors on the rows' device.
 
-    ``order`` sorts the rows by concept (stable) and ``rank`` is its inverse. In sorted order,
-    the rows of the concept of sorted row k are ``seg_start[k]:seg_end[k]``; ``row_count[i]``
-    is the size of row i's concept.
-    ``n_anchors`` (rows with a positive) is a Python int when it was read on the host (eager
-    mode), None otherwise.
+    ``first_row[i]`` is the first row (lowest index) of row i's concept, which names the
+    concept; ``row_count[i]`` is the concept's size. ``n_anchors`` (rows with a positive) is a
+    Python int when it was read on the host (eager mode), None otherwise.
     """
 
     row_count: torch.Tensor
-    order: torch.Tensor
-    rank: torch.Tensor
-    seg_start: torch.Tensor
-    seg_end: torch.Tensor
+    first_row: torch.Tensor
     n_anchors: Optional[int] = None
 
 
 def group_labels(labels: torch.Tensor) -> LabelGroups:
     """Sort-based concept groups of integer ``labels`` (Nf,); no host sync, no data-dependent shape."""
-    labels = labels.long()
-    nf = labels.shape[0]
-    sorted_labels, order = torch.sort(labels, stable=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(nf, device=labels.device)  # order is a permutation: no conflicts
-    seg_start = torch.searchsorted(sorted_labels, sorted_labels, right=False)
-    seg_end = torch.searchsorted(sorted_labels, sorted_labels, right=True)
-    row_count = (seg_end - seg_start)[rank]
-    return LabelGroups(row_count, order, rank, seg_start, seg_end)
+    sorted_labels, order = torch.sort(labels.long(), stable=True)
+    start = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    end = torch.searchsorted(sorted_labels, sorted_labels, right=True)
+    # order is a permutation: the scatters write every position exactly once.
+    first_row = torch.empty_like(order)
+    first_row[order] = order[start]  # stable sort: a concept's first sorted row is its lowest
+    row_count = torch.empty_like(order)
+    row_count[order] = end - start
+    return LabelGroups(row_count, first_row)
 
 
 def concept_ids(groups: LabelGroups) -> torch.Tensor:
-    """(Nf,) one id per concept (the sorted position of its first row): labels that group the
-    rows as ``groups`` does."""
-    return groups.seg_start[groups.rank]
+    """(Nf,) one id per concept (its first row): labels that group the rows as ``groups`` does."""
+    return groups.first_row
 
 
 def others_in_group(x: torch.Tensor, groups: Optional[LabelGroups]) -> torch.Tensor:
     """Row i: the sum of the other rows of row i's concept (``groups=None``: one concept).
 
-    Float64 accumulation, result in ``x.dtype``; deterministic (prefix sums and gathers only).
+    Accumulated in ``x.dtype`` (as the kernels accumulate float32). Deterministic:
+    ``index_put_(accumulate=True)`` runs sequentially on CPU and as a sort-based kernel without
+    float atomics on CUDA (always, not only under ``torch.use_deterministic_algorithms``),
+    unlike ``index_add_``.
     """
     if groups is None:
-        return (x.sum(dim=0, keepdim=True, dtype=torch.float64) - x).to(x.dtype)
-    prefix = torch.cumsum(x[groups.order], dim=0, dtype=torch.float64)  # sorted order
-    # Sum over sorted rows seg_start..seg_end-1 = prefix[seg_end - 1] - prefix[seg_start - 1].
-    before = prefix[(groups.seg_start - 1).clamp_min(0)]
-    before.mul_((groups.seg_start > 0)[:, None])
-    sums = prefix[groups.seg_end - 1].sub_(before)
-    return sums[groups.rank].sub_(x).to(x.dtype)
+        return x.sum(dim=0, keepdim=True) - x
+    sums = torch.zeros_like(x).index_put_((groups.first_row,), x, accumulate=True)
+    return sums[groups.first_row] - x
 
 
 def positive_counts(groups: Optional[LabelGroups], nf: int, device) -> torch.Tensor:

@@ -35,7 +35,7 @@ def test_grouping_matches_unique_and_index_add(nf, n_labels):
     zf = torch.nn.functional.normalize(torch.randn(nf, 13, generator=g, dtype=torch.float64), dim=1)
     w = torch.rand(nf, generator=g, dtype=torch.float64)
     groups = group_labels(labels)
-    for t in groups[:5]:
+    for t in groups[:2]:
         assert t.shape == (nf,)  # Nf-sized whatever the labels
     n_pos, pos_sum, others = positive_term(zf, groups)
     old_n_pos, old_pos_sum, old_grad = _old_positive_math(zf, labels, w, 7.0)

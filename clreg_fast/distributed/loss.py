@@ -35,7 +35,7 @@ Communication per step (P = projected width, Nf/Nr = rows of the largest rank)
 
 The per-concept sums of the positive term are computed on every rank from the gathered forget
 features, which each rank holds anyway for the negatives: no extra all-reduce is needed. They are
-sorted segment sums (``clreg_fast.loss_math``, no float atomics), so every rank gets bitwise the
+float-atomic-free scatters (``clreg_fast.loss_math``), so every rank gets bitwise the
 same sums and loss.
 
 ``backend="reference"`` is an independent plain-autograd implementation for testing: it gathers
