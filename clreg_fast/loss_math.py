@@ -32,7 +32,10 @@ class LabelGroups(NamedTuple):
 
 
 def group_labels(labels: torch.Tensor) -> LabelGroups:
-    """Sort-based concept groups of integer ``labels`` (Nf,); no host sync, no data-dependent shape."""
+    """Sort-based concept groups of integer ``labels`` (Nf,).
+
+    No host sync and no data-dependent shape (unlike ``torch.unique``).
+    """
     sorted_labels, order = torch.sort(labels.long(), stable=True)
     start = torch.searchsorted(sorted_labels, sorted_labels, right=False)
     end = torch.searchsorted(sorted_labels, sorted_labels, right=True)

@@ -15,7 +15,9 @@ std::tuple<at::Tensor, at::Tensor> lse_backward_op(at::Tensor za, at::Tensor zc,
   // An operator has fixed outputs: without need_dza, dza is an empty (0, P) tensor.
   auto result = clreg::lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype,
                                     need_dza);
-  if (!need_dza) std::get<0>(result) = za.new_empty({0, za.size(1)}, za.options().dtype(at::kFloat));
+  if (!need_dza) {
+    std::get<0>(result) = at::empty({0, za.size(1)}, za.options().dtype(at::kFloat));
+  }
   return result;
 }
 

@@ -76,8 +76,9 @@ def _batch(nf, nr, seed, n_labels=3, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, n_labels, (nf,), generator=g)
     labels[:2] = 0  # at least one positive
-    return (torch.randn(nf, 12, generator=g).to(device), torch.randn(nr, 12, generator=g).to(device),
-            labels.to(device))
+    x_forget = torch.randn(nf, 12, generator=g).to(device)
+    x_retain = torch.randn(nr, 12, generator=g).to(device)
+    return x_forget, x_retain, labels.to(device)
 
 
 def _loss_and_grads(model, fn, batch):
