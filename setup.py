@@ -130,6 +130,7 @@ setup(
         "triton": ["triton>=3.2"],
         "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy"],
         "flash": ["flash-attn"],
+        "bench": ["pytorch-metric-learning", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm", "transformers>=4.45",
                  "safetensors", "scipy", "accelerate"],
         # CLRegMixin for transformers.Trainer-based methods (clreg_fast.integrations.hf)

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
+
+from clreg_fast.backends.base import NORM_EPS
+from clreg_fast.loss_math import LabelGroups, group_labels
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class LabelGroups(NamedTuple):
-    """Forget labels mapped to dense concept ids 0..C-1, with the size of each concept."""
-
-    ids: torch.Tensor     # (Nf,) int64
-    counts: torch.Tensor  # (C,) int64
 
 
 def _check_tensor(name: str, t, ndim: int) -> None:
@@ -88,22 +85,59 @@ def check_labels(labels, nf: int, device) -> Optional[torch.Tensor]:
     return labels
 
 
-def label_groups(labels: Optional[torch.Tensor], nf: int, device) -> LabelGroups:
-    """Dense concept ids; raises if no forget row has a positive (this reads labels on the host)."""
+def label_groups(labels: Optional[torch.Tensor]) -> Optional[LabelGroups]:
+    """Concept groups of ``labels`` (None: one concept, no grouping needed).
+
+    In eager mode this raises if no forget row has a positive, which reads one number on the
+    host. Under ``torch.compile`` that check is left out (a host sync would break the graph):
+    the loss of such a batch is then NaN for ``reduction="mean"`` (0 anchors), 0 for "sum" and
+    all zeros for "none", and every gradient is 0 (no anchor, no gradient).
+    """
     if labels is None:
-        ids = torch.zeros(nf, dtype=torch.long, device=device)
-        counts = torch.full((1,), nf, dtype=torch.long, device=device)
-        return LabelGroups(ids, counts)
-    _, ids, counts = torch.unique(labels.long(), return_inverse=True, return_counts=True)
-    if int(counts.max()) < 2:
+        return None
+    groups = group_labels(labels)
+    if torch.compiler.is_compiling():
+        return groups
+    # One host read gives both the check and the number of anchors (used to skip the rows
+    # without a positive in the kernels).
+    largest, n_anchors = (int(v) for v in torch.stack(
+        [groups.row_count.max(), (groups.row_count > 1).sum()]).tolist())
+    if largest < 2:
         raise ValueError(
             "no forget row has a positive: every label occurs once, so the loss is undefined; "
             "give at least two forget rows the same label"
         )
-    return LabelGroups(ids, counts)
+    return groups._replace(n_anchors=n_anchors)
 
 
-def check_inputs(forget, retain, weight, bias, labels, temperature, reduction) -> LabelGroups:
+def check_extra_negatives(extra_negatives, forget, weight) -> Optional[torch.Tensor]:
+    """Extra negative columns as the kernels take them: detached, normalized, float32 (float64).
+
+    Rows of a feature queue are normalized already; normalizing again is a no-op up to rounding
+    and guarantees the ``s <= 1`` bound the kernels' fixed-shift exponentials rely on.
+    """
+    if extra_negatives is None:
+        return None
+    if not isinstance(extra_negatives, torch.Tensor):
+        raise TypeError("extra_negatives must be a torch.Tensor, got "
+                        f"{type(extra_negatives).__name__}")
+    width = weight.shape[0] if weight is not None else forget.shape[1]
+    if extra_negatives.dim() != 2 or extra_negatives.shape[1] != width:
+        raise ValueError(
+            f"extra_negatives must have shape (M, {width}) (rows in the projected space), got "
+            f"{tuple(extra_negatives.shape)}"
+        )
+    if not extra_negatives.dtype.is_floating_point:
+        raise TypeError(f"extra_negatives must be a floating tensor, got {extra_negatives.dtype}")
+    if extra_negatives.device != forget.device:
+        raise ValueError(f"extra_negatives is on {extra_negatives.device} but forget is on "
+                         f"{forget.device}")
+    compute = torch.float64 if forget.dtype == torch.float64 else torch.float32
+    return F.normalize(extra_negatives.detach().to(compute), dim=1, eps=NORM_EPS)
+
+
+def check_inputs(forget, retain, weight, bias, labels, temperature,
+                 reduction) -> Optional[LabelGroups]:
     """Every check of the spec's inputs; returns the label groups the loss needs."""
     check_features(forget, retain, weight, bias)
     nf = forget.shape[0]
@@ -113,4 +147,4 @@ def check_inputs(forget, retain, weight, bias, labels, temperature, reduction) -
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     labels = check_labels(labels, nf, forget.device)
-    return label_groups(labels, nf, forget.device)
+    return label_groups(labels)

@@ -9,119 +9,60 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from clreg_fast._validation import LabelGroups, check_inputs
+from clreg_fast._validation import check_extra_negatives, check_inputs
 from clreg_fast.backends import resolve_backend
-from clreg_fast.backends.base import NORM_EPS, SimilarityKernels
+from clreg_fast.backends.base import SimilarityKernels
+from clreg_fast.loss_math import (LabelGroups, positive_grad, positive_term,
+                                  projection_backward)
+
+__all__ = ["fused_clreg_loss", "CLRegFunction", "apply_clreg"]
 
 
-def positive_term(zf: torch.Tensor, groups: LabelGroups):
-    """Per forget row: number of positives, sum of similarities to them, label column sums.
-
-    ``sum_{p in P(i)} z_i . z_p = z_i . u_c - z_i . z_i`` with ``u_c`` the sum of the rows of
-    label c, so no Nf x Nf product is needed.
-    """
-    n_pos = groups.counts[groups.ids] - 1
-    col_sums = zf.new_zeros((groups.counts.shape[0], zf.shape[1])).index_add_(0, groups.ids, zf)
-    pos_sum = (zf * col_sums[groups.ids]).sum(dim=1) - (zf * zf).sum(dim=1)
-    return n_pos, pos_sum, col_sums
-
-
-def positive_grad(zf, groups: LabelGroups, n_pos, col_sums, anchor_weight, scale):
-    """Gradient w.r.t. the forget rows of ``-scale * sum_i w_i * pos_sum_i / n_pos_i``."""
-    q = torch.where(n_pos > 0, anchor_weight / n_pos.clamp_min(1), torch.zeros_like(anchor_weight))
-    # Row j gets q_j (u_c - z_j) as an anchor and sum_{i in c, i != j} q_i z_i as a positive.
-    weighted_sums = torch.zeros_like(col_sums).index_add_(0, groups.ids, zf * q[:, None])
-    return -scale * (q[:, None] * (col_sums[groups.ids] - 2 * zf) + weighted_sums[groups.ids])
-
-
-def check_extra_negatives(extra_negatives, forget, weight) -> Optional[torch.Tensor]:
-    """Extra negative columns as the kernels take them: detached, normalized, float32 (float64).
-
-    Rows of a feature queue are normalized already; normalizing again is a no-op up to rounding
-    and guarantees the ``s <= 1`` bound the kernels' fixed-shift exponentials rely on.
-    """
-    if extra_negatives is None:
+def _anchor_order(groups: Optional[LabelGroups], nf: int):
+    """``(order, inverse, n)``: forget rows with a positive first, so that the kernels sweep
+    only the first ``n`` rows as anchors; None when every row is an anchor or the count is not
+    known on the host (under torch.compile every row is swept, the weights of the rows without
+    a positive being 0)."""
+    if groups is None or groups.n_anchors is None or groups.n_anchors == nf:
         return None
-    if not isinstance(extra_negatives, torch.Tensor):
-        raise TypeError("extra_negatives must be a torch.Tensor, got "
-                        f"{type(extra_negatives).__name__}")
-    width = weight.shape[0] if weight is not None else forget.shape[1]
-    if extra_negatives.dim() != 2 or extra_negatives.shape[1] != width:
-        raise ValueError(
-            f"extra_negatives must have shape (M, {width}) (rows in the projected space), got "
-            f"{tuple(extra_negatives.shape)}"
-        )
-    if not extra_negatives.dtype.is_floating_point:
-        raise TypeError(f"extra_negatives must be a floating tensor, got {extra_negatives.dtype}")
-    if extra_negatives.device != forget.device:
-        raise ValueError(f"extra_negatives is on {extra_negatives.device} but forget is on "
-                         f"{forget.device}")
-    compute = torch.float64 if forget.dtype == torch.float64 else torch.float32
-    return F.normalize(extra_negatives.detach().to(compute), dim=1, eps=NORM_EPS)
-
-
-def projection_backward(forget, retain, weight, dyf, dyr, need_forget, need_retain, need_weight,
-                        need_bias):
-    """Gradients of the inputs and the projection from those of the pre-normalization rows.
-
-    ``dyf``/``dyr`` may be None (rows whose gradient was not needed, or none on this rank).
-    """
-    grad_forget = grad_retain = grad_weight = grad_bias = None
-    if weight is None:
-        if need_forget:
-            grad_forget = dyf.to(forget.dtype) if dyf is not None else torch.zeros_like(forget)
-        if need_retain:
-            grad_retain = dyr.to(retain.dtype) if dyr is not None else torch.zeros_like(retain)
-        return grad_forget, grad_retain, None, None
-    # Low-precision inputs: round dy to their dtype for the GEMMs (fp32 accumulation).
-    dyf_c = dyf.to(forget.dtype) if dyf is not None else None
-    dyr_c = dyr.to(retain.dtype) if dyr is not None else None
-    if need_forget:
-        grad_forget = dyf_c @ weight if dyf_c is not None else torch.zeros_like(forget)
-    if need_retain:
-        grad_retain = dyr_c @ weight if dyr_c is not None else torch.zeros_like(retain)
-    if need_weight:
-        grad_weight = torch.zeros_like(weight)
-        if dyf_c is not None:
-            grad_weight += dyf_c.T @ forget
-        if dyr_c is not None:
-            grad_weight += dyr_c.T @ retain
-    if need_bias:
-        db = torch.zeros(weight.shape[0], dtype=dyf.dtype if dyf is not None else torch.float32,
-                         device=weight.device)
-        if dyf is not None:
-            db = db + dyf.sum(dim=0)
-        if dyr is not None:
-            db = db + dyr.sum(dim=0)
-        grad_bias = db.to(weight.dtype)
-    return grad_forget, grad_retain, grad_weight, grad_bias
+    order = torch.sort((groups.row_count < 2).to(torch.uint8), stable=True).indices
+    return order, torch.argsort(order), groups.n_anchors
 
 
 class CLRegFunction(torch.autograd.Function):
-    """CLReg forward and backward for any backend that implements ``SimilarityKernels``."""
+    """CLReg forward and backward for any backend that implements ``SimilarityKernels``.
+
+    Inside the kernels the forget rows may be reordered (rows with a positive first, see
+    ``_anchor_order``); the positive term and every result are in the caller's row order.
+    """
 
     @staticmethod
-    def forward(ctx, forget, retain, weight, bias, groups_ids, groups_counts, temperature,
-                reduction, kernels: SimilarityKernels, extra_negatives=None):
-        groups = LabelGroups(groups_ids, groups_counts)
+    def forward(ctx, forget, retain, weight, bias, extra_negatives, groups, temperature,
+                reduction, kernels: SimilarityKernels):
         scale = 1.0 / temperature
         nf = forget.shape[0]
         zf, norm_f = kernels.project_normalize(forget, weight, bias)
+        anchors = _anchor_order(groups, nf)
+        zk = zf if anchors is None else zf[anchors[0]]  # forget rows in kernel order
         # Extra negatives (already normalized, no gradient) are columns after the retain rows.
         extra = [] if extra_negatives is None else [extra_negatives.to(zf.dtype)]
         if retain.shape[0]:
             zr, norm_r = kernels.project_normalize(retain, weight, bias)
-            z_all = torch.cat([zf, zr] + extra)
+            z_all = torch.cat([zk, zr] + extra)
         else:
             norm_r = norm_f[:0]
-            z_all = torch.cat([zf] + extra) if extra else zf
+            z_all = torch.cat([zk] + extra) if extra else zk
 
         # The positive term sees the operands the kernels' scores see (bf16/fp16 rounding).
-        n_pos, pos_sum, col_sums = positive_term(kernels.dot_operands(zf, forget.dtype), groups)
-        lse = kernels.lse_forward(zf, z_all, 0, scale, dot_dtype=forget.dtype)
+        n_pos, pos_sum, others = positive_term(kernels.dot_operands(zf, forget.dtype), groups)
+        if anchors is None:
+            lse = kernels.lse_forward(zk, z_all, 0, scale, dot_dtype=forget.dtype)
+        else:
+            order, inverse, n_anchor_rows = anchors
+            lse = kernels.lse_forward(zk[:n_anchor_rows], z_all, 0, scale, dot_dtype=forget.dtype)
+            lse = torch.cat([lse, lse.new_zeros(nf - n_anchor_rows)])[inverse]
         has_pos = n_pos > 0
         per_anchor = torch.where(has_pos, lse - scale * pos_sum / n_pos.clamp_min(1),
                                  torch.zeros_like(lse))
@@ -135,8 +76,9 @@ class CLRegFunction(torch.autograd.Function):
         else:
             loss = per_anchor.sum() / n_anchors
 
-        ctx.save_for_backward(forget, retain, weight, z_all, norm_f, norm_r, lse, groups_ids,
-                              groups_counts, n_pos, col_sums, n_anchors)
+        ctx.save_for_backward(forget, retain, weight, zf, z_all, norm_f, norm_r, lse, n_pos,
+                              others, n_anchors)
+        ctx.groups, ctx.anchors = groups, anchors
         ctx.nf, ctx.scale, ctx.reduction, ctx.kernels = nf, scale, reduction, kernels
         ctx.has_bias = bias is not None
         return loss
@@ -144,15 +86,19 @@ class CLRegFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        (forget, retain, weight, z_all, norm_f, norm_r, lse, ids, counts, n_pos, col_sums,
+        (forget, retain, weight, zf, z_all, norm_f, norm_r, lse, n_pos, others,
          n_anchors) = ctx.saved_tensors
-        nf, scale, kernels = ctx.nf, ctx.scale, ctx.kernels
+        nf, scale, kernels, anchors = ctx.nf, ctx.scale, ctx.kernels, ctx.anchors
+        nr = retain.shape[0]
         need_forget, need_retain, need_weight, need_bias = ctx.needs_input_grad[:4]
-        # Retain rows need a feature gradient for their own input or for the projection;
-        # when neither asks, the retain columns' work is skipped inside the kernels.
-        need_retain_z = retain.shape[0] > 0 and (need_retain or need_weight or need_bias)
-        if not (need_forget or need_retain_z or need_weight or need_bias):
-            return (None,) * 10
+        need_proj = need_weight or need_bias
+        # Anchor (forget) rows need a feature gradient for their own input or the projection;
+        # retain rows likewise. What neither asks for is not computed (no anchor pass without
+        # need_zf, no retain columns without need_zr).
+        need_zf = need_forget or need_proj
+        need_zr = nr > 0 and (need_retain or need_proj)
+        if not (need_zf or need_zr):
+            return (None,) * 9
 
         has_pos = n_pos > 0
         grad_loss = grad_loss.to(z_all.dtype)
@@ -165,24 +111,47 @@ class CLRegFunction(torch.autograd.Function):
         # where, not a product: a non-finite cotangent on an anchor without a positive (whose
         # loss is the constant 0) must not reach the gradients, as in the reference.
         anchor_weight = torch.where(has_pos, per_anchor_grad, torch.zeros_like(per_anchor_grad))
+        if anchors is None:
+            za, lse_k, w_k = z_all[:nf], lse, anchor_weight
+        else:
+            order, inverse, n_anchor_rows = anchors
+            rows = order[:n_anchor_rows]
+            za, lse_k, w_k = z_all[:n_anchor_rows], lse[rows], anchor_weight[rows]
 
-        zf = z_all[:nf]
-        nr = retain.shape[0]
-        n_grad_cols = nf + nr if need_retain_z else nf
-        dzf, dz_cols = kernels.lse_backward(zf, z_all, lse, anchor_weight, 0, scale, n_grad_cols,
-                                            dot_dtype=forget.dtype)
-        dzf = dzf + dz_cols[:nf]
-        dzf += positive_grad(kernels.dot_operands(zf, forget.dtype), LabelGroups(ids, counts),
-                             n_pos, col_sums, anchor_weight, scale)
-        dyf = kernels.normalize_backward(dzf, zf, norm_f)
-        dyr = (kernels.normalize_backward(dz_cols[nf:], z_all[nf:nf + nr], norm_r)
-               if need_retain_z else None)
+        dyf = dyr = None
+        if need_zf:
+            n_grad_cols = nf + nr if need_zr else nf
+            dza, dz_cols = kernels.lse_backward(za, z_all, lse_k, w_k, 0, scale, n_grad_cols,
+                                                dot_dtype=forget.dtype, need_dza=True)
+            if anchors is None:
+                dzf = dz_cols[:nf] + dza
+            else:
+                dzf = torch.cat([dza, dza.new_zeros((nf - n_anchor_rows, dza.shape[1]))])
+                dzf = (dzf + dz_cols[:nf])[inverse]
+            dzf += positive_grad(kernels.dot_operands(zf, forget.dtype), ctx.groups, n_pos,
+                                 others, anchor_weight, scale)
+            dyf = kernels.normalize_backward(dzf, zf, norm_f)
+            dz_retain = dz_cols[nf:] if need_zr else None
+        elif need_zr:
+            # Only the retain columns: a column-only call on them (an offset of nr names none
+            # of them as an anchor's own column).
+            _, dz_retain = kernels.lse_backward(za, z_all[nf:nf + nr], lse_k, w_k, nr, scale, nr,
+                                                dot_dtype=forget.dtype, need_dza=False)
+        if need_zr:
+            dyr = kernels.normalize_backward(dz_retain, z_all[nf:nf + nr], norm_r)
 
         grad_forget, grad_retain, grad_weight, grad_bias = projection_backward(
             forget, retain, weight, dyf, dyr, need_forget, need_retain, need_weight,
             need_bias and ctx.has_bias)
-        return (grad_forget, grad_retain, grad_weight, grad_bias, None, None, None, None, None,
-                None)
+        return grad_forget, grad_retain, grad_weight, grad_bias, None, None, None, None, None
+
+
+def apply_clreg(forget, retain, weight, bias, groups: Optional[LabelGroups], temperature: float,
+                reduction: str, kernels: SimilarityKernels,
+                extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The fused loss on checked inputs (``retain`` a tensor, possibly with 0 rows)."""
+    return CLRegFunction.apply(forget, retain, weight, bias, extra_negatives, groups,
+                               float(temperature), reduction, kernels)
 
 
 def fused_clreg_loss(
@@ -242,5 +211,5 @@ def fused_clreg_loss(
         return _reference_impl(forget, retain, weight, bias, labels, float(temperature), reduction,
                                compute_dtype=torch.float64 if forget.dtype == torch.float64
                                else torch.float32)
-    return CLRegFunction.apply(forget, retain, weight, bias, groups.ids, groups.counts,
-                               float(temperature), reduction, kernels, extra)
+    return apply_clreg(forget, retain, weight, bias, groups, temperature, reduction, kernels,
+                       extra)

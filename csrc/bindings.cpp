@@ -13,6 +13,7 @@
 #include <torch/extension.h>
 
 #include "clreg.h"
+#include "clreg_torch.h"
 #include "splits.h"
 
 namespace clreg {
@@ -105,6 +106,8 @@ torch::Tensor zero_padded(const torch::Tensor& v) {
   out.narrow(0, 0, v.size(0)).copy_(v);
   return out;
 }
+
+}  // namespace
 
 torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offset, double scale,
                           const std::string& dot_dtype) {
@@ -258,7 +261,6 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   return {dza, dzc};
 }
 
-}  // namespace
 }  // namespace clreg
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -134,6 +134,19 @@ import os, sys
 import clreg_fast._C as ext
 assert os.path.realpath(ext.__file__).startswith(os.path.realpath(sys.argv[1])), ext.__file__
 assert callable(ext.lse_forward) and callable(ext.lse_backward)
+# The TORCH_LIBRARY operators (csrc/torch_ops.cpp) are registered, and their Python fake
+# implementations give the right shapes on fake CUDA tensors (no GPU needed).
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from clreg_fast.backends.cuda import register_fake_impls
+assert register_fake_impls(), "torch.ops.clreg_fast.cuda_* are not registered"
+with FakeTensorMode():
+    za, zc = torch.empty(5, 8, device="cuda"), torch.empty(9, 8, device="cuda")
+    lse, w = torch.empty(5, device="cuda"), torch.empty(5, device="cuda")
+    assert torch.ops.clreg_fast.cuda_lse_forward(za, zc, 0, 10.0, "float32").shape == (5,)
+    dza, dzc = torch.ops.clreg_fast.cuda_lse_backward(za, zc, lse, w, 0, 10.0, 4, "float32", False)
+    assert dza.shape == (0, 8) and dzc.shape == (4, 8)
+print("== torch.ops.clreg_fast.cuda_lse_forward/backward: registered, fake impls ok")
 print(f"== import clreg_fast._C: ok ({os.path.basename(ext.__file__)}, "
       f"CUDA runtime {ext.cuda_runtime_version})")
 EOF

@@ -178,6 +178,23 @@ def test_providers_agree_on_the_loss():
     assert d["forget"].dtype == torch.bfloat16 and d["forget"].abs().sum() > 0
 
 
+def test_supcon_provider_equals_the_reference():
+    """pytorch-metric-learning's SupConLoss with unique retain labels is the spec's loss.
+
+    (Not with a single concept and no retain rows: SupConLoss returns 0 when there is no
+    negative pair at all; the bench always has retain rows.)
+    """
+    pytest.importorskip("pytorch_metric_learning")
+    for c in (BenchConfig(40, 21, 12, 6, "fp32", labels=True), BenchConfig(9, 4, 5, None, "fp32")):
+        x = make_inputs(c, CPU, seed=1)
+        ref = make_loss_fn("reference", c)(x)
+        got = make_loss_fn("supcon", c)(x)
+        assert float(got) == pytest.approx(float(ref), rel=1e-5)
+        ref_grads = torch.autograd.grad(ref, [x["forget"]])
+        got_grads = torch.autograd.grad(got, [x["forget"]])
+        torch.testing.assert_close(got_grads[0], ref_grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_measure_task_records_unavailable_provider():
     row = measure.measure_task(Task(BenchConfig(8, 8, 4, 2, "fp32"), "cuda"), CPU)
     assert row["status"] == "unavailable" and "GPU" in row["note"]
@@ -464,3 +481,18 @@ def test_gpu_suite_end_to_end_on_cpu_with_a_tiny_plan(tmp_path):
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "gpu_suite summary" in log and "sweep" in log and "commit: test123" in log
     assert {r["git_commit"] for r in report.read_csv(tmp_path / "results.csv")} == {"test123"}
+
+
+def test_compile_step_bench_counts_graphs_and_matches_eager(tmp_path):
+    from clreg_fast.bench import compile_step
+
+    rows = compile_step.measure_step(steps=5, base=8, d=6, hidden=8, p=4, compiler="aot_eager")
+    eager, compiled = rows
+    assert eager["graphs"] == 0 and 1 <= compiled["graphs"] <= 2
+    assert float(compiled["max_loss_diff_vs_eager"]) < 1e-5
+    overhead = compile_step.measure_overhead(reps=20)
+    assert {r["name"] for r in overhead} >= {"lse_forward", "lse_backward"}
+    assert all(r["direct_us"] > 0 and r["custom_op_us"] > 0 for r in overhead)
+    assert compile_step.main(["--out", str(tmp_path), "--skip-step", "--reps", "20"]) == 0
+    assert "Per-call overhead" in (tmp_path / "compile_step.md").read_text()
+    assert (tmp_path / "op_overhead.csv").exists()

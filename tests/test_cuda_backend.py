@@ -19,7 +19,7 @@ from clreg_fast import available_backends, fused_clreg_loss
 from clreg_fast._validation import check_inputs
 from clreg_fast.backends.base import SimilarityKernels
 from clreg_fast.backends.cuda import CudaKernels, build_env, load_extension
-from clreg_fast.functional import CLRegFunction
+from clreg_fast.functional import apply_clreg
 from clreg_fast.reference import _reference_impl
 
 
@@ -427,8 +427,10 @@ class _Float64Kernels(SimilarityKernels):
 
 def _emulated_loss(forget, retain, weight, bias, *, labels, temperature, reduction):
     groups = check_inputs(forget, retain, weight, bias, labels, temperature, reduction)
-    return CLRegFunction.apply(forget, retain, weight, bias, groups.ids, groups.counts,
-                               float(temperature), reduction, _Float64Kernels())
+    if retain is None:
+        retain = forget.new_zeros((0, forget.shape[1]))
+    return apply_clreg(forget, retain, weight, bias, groups, temperature, reduction,
+                       _Float64Kernels())
 
 
 def _reference(dtype):

@@ -21,17 +21,30 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+def _memo(probe):
+    """Cache a probe's answer in a plain dict (torch.compile traces through it quietly, unlike
+    functools.lru_cache)."""
+    answers = {}
+
+    @functools.wraps(probe)
+    def cached():
+        if "answer" not in answers:
+            answers["answer"] = probe()
+        return answers["answer"]
+    return cached
+
+
+@_memo
 def _triton_kernels():
     """The triton backend, or the reason it cannot load (triton missing or too old)."""
     try:
-        from clreg_fast.backends.triton import TritonKernels
+        from clreg_fast.backends.triton.library import CompilableTritonKernels
     except ImportError as exc:
         return None, f"triton could not be imported ({exc}); install it with `pip install triton`"
-    return TritonKernels(), None
+    return CompilableTritonKernels(), None
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _cuda_kernels():
     """The compiled CUDA backend, or the reason it is not available."""
     try:
@@ -44,11 +57,17 @@ def _cuda_kernels():
     return CudaKernels(ext), None
 
 
-@functools.lru_cache(maxsize=None)
-def _torch_kernels():
-    from clreg_fast.backends.torch_chunked import TorchChunkedKernels
+# Backends already loaded, by name. resolve_backend reads this plain dict first: a traced call
+# (torch.compile) then sees a constant object instead of tracing a loader and its imports.
+_LOADED = {}
 
-    return TorchChunkedKernels()
+
+def _torch_kernels():
+    if "torch" not in _LOADED:
+        from clreg_fast.backends.torch_chunked import TorchChunkedKernels
+
+        _LOADED["torch"] = TorchChunkedKernels()
+    return _LOADED["torch"]
 
 
 def available_backends() -> List[str]:
@@ -73,6 +92,17 @@ def resolve_backend(name: str, x: torch.Tensor) -> Optional[SimilarityKernels]:
     if name == "reference":
         return None
     on_gpu = x.is_cuda
+    key = (name, on_gpu, x.dtype == torch.float64, triton_interpreting())
+    loaded = _LOADED.get(key)
+    if loaded is not None:
+        return loaded
+    kernels = _resolve_uncached(name, x, on_gpu)
+    if name == "auto" or kernels.name == name:  # a fallback with a warning warns every time
+        _LOADED[key] = kernels
+    return kernels
+
+
+def _resolve_uncached(name: str, x: torch.Tensor, on_gpu: bool) -> Optional[SimilarityKernels]:
     if x.dtype == torch.float64 and name in ("triton", "cuda"):
         raise TypeError(f"backend={name!r} takes fp16, bf16 or fp32 inputs; use backend='torch' "
                         "or 'reference' for float64")

@@ -27,15 +27,41 @@ point into the wrong block of columns splits the call.
 
 ``project_normalize`` and ``normalize_backward`` have plain PyTorch defaults here; a backend
 may fuse them.
+
+Custom ops: every backend registers its kernels as ``torch.ops.clreg_fast.<backend>_<name>``
+(schemas of tensors and scalars only) so that ``torch.compile`` sees them as single calls with
+fake (shape-only) implementations. Eager calls skip the op dispatch and call the
+implementation directly (it costs tens of microseconds per call in Python; see the per-call
+overhead bench); ``route_through_ops(True)`` sends eager calls through the ops too (tests).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 NORM_EPS = 1e-12  # the clamp of torch.nn.functional.normalize
+
+_ROUTE_THROUGH_OPS = False
+
+
+def tracing() -> bool:
+    """Whether backend calls go through the registered custom ops: always while
+    ``torch.compile``/``torch.export`` traces, in eager mode only under ``route_through_ops``."""
+    return _ROUTE_THROUGH_OPS or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def route_through_ops(enabled: bool = True):
+    """Send eager backend calls through the custom ops (as a compiled graph calls them)."""
+    global _ROUTE_THROUGH_OPS
+    previous, _ROUTE_THROUGH_OPS = _ROUTE_THROUGH_OPS, enabled
+    try:
+        yield
+    finally:
+        _ROUTE_THROUGH_OPS = previous
 
 
 class SimilarityKernels:

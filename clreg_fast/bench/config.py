@@ -18,9 +18,12 @@ import torch
 #                  low-precision PyTorch loss would do; only for bf16/fp16 inputs
 #   compile        torch.compile of the reference math (float32), no input validation inside
 #   compile_native torch.compile of the math in the inputs' dtype; only for bf16/fp16 inputs
+#   supcon         pytorch-metric-learning's SupConLoss (float32) on the projected rows, retain
+#                  rows with unique labels: the unfused peer a user would otherwise pick
 #   torch/triton/cuda  fused_clreg_loss(backend=...)
-PROVIDERS = ("reference", "eager_native", "compile", "compile_native", "torch", "triton", "cuda")
-MATERIALIZING = ("reference", "eager_native", "compile", "compile_native")  # hold the Nf x N matrix
+PROVIDERS = ("reference", "eager_native", "compile", "compile_native", "supcon", "torch",
+             "triton", "cuda")
+MATERIALIZING = ("reference", "eager_native", "compile", "compile_native", "supcon")
 FUSED = ("torch", "triton", "cuda")
 NATIVE_ONLY_LOWP = ("eager_native", "compile_native")
 
@@ -262,6 +265,7 @@ def _gpu_jobs():
         (big, ["reference", "triton", "cuda"]),
         # torch.compile after those two: its compilations cost tens of seconds each.
         (TARGET, ["compile", "compile_native"]),
+        (TARGET, ["supcon"]),
     ]
     # N sweep of the headline group.
     for n in N_SWEEP_GPU:
@@ -291,7 +295,7 @@ def _gpu_jobs():
 def _cpu_jobs():
     """A few minutes on two busy cores: one compile, two N sweeps, three one-factor variants."""
     head = BenchConfig(2048, 2048, 1024, 128, "fp32")
-    jobs = [(head, ["reference", "compile", "torch"])]
+    jobs = [(head, ["reference", "compile", "supcon", "torch"])]
     for n in [256, 512, 1024, 4096]:
         jobs.append((dataclasses.replace(head, nf=n, nr=n), ["reference", "torch"]))
     for n in [256, 512, 1024, 2048]:

@@ -58,6 +58,13 @@ def availability(provider: str, device: torch.device) -> Tuple[bool, str]:
                                          or shutil.which("clang++")):
             return False, "torch.compile on CPU needs a C++ compiler (g++)"
         return True, ""
+    if provider == "supcon":
+        try:
+            import pytorch_metric_learning  # noqa: F401
+        except ImportError:
+            return False, ("pytorch-metric-learning is not installed (pip install "
+                           "pytorch-metric-learning)")
+        return True, ""
     if provider not in FUSED:
         return True, ""
     from clreg_fast import available_backends
@@ -104,9 +111,37 @@ def make_loss_fn(provider: str, config: BenchConfig) -> LossFn:
         torch._dynamo.reset()
         compiled = torch.compile(math_only, dynamic=False)
         return lambda x: compiled(x["forget"], x["retain"], x["weight"], x["bias"], x["labels"])
+    if provider == "supcon":
+        return _supcon_loss_fn(tau)
     if provider in FUSED:
         def fn(x):
             return fused_clreg_loss(x["forget"], x["retain"], x["weight"], x["bias"],
                                     labels=x["labels"], temperature=tau, backend=provider)
         return fn
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+
+
+def _supcon_loss_fn(tau: float) -> LossFn:
+    """pytorch-metric-learning's SupConLoss as a user would call it: float32 projected rows of
+    forget and retain, retain rows given labels of their own (the spec's equivalence)."""
+    import torch.nn.functional as F
+    from pytorch_metric_learning.losses import SupConLoss
+
+    loss_fn = SupConLoss(temperature=tau)
+
+    def fn(x):
+        forget, retain = x["forget"], x["retain"]
+        nf = forget.shape[0]
+        nr = retain.shape[0] if retain is not None else 0
+        rows = forget if nr == 0 else torch.cat([forget, retain])
+        rows = rows.float()
+        if x["weight"] is not None:
+            bias = x["bias"].float() if x["bias"] is not None else None
+            rows = F.linear(rows, x["weight"].float(), bias)
+        labels = x["labels"]
+        labels = (labels.long() if labels is not None
+                  else torch.zeros(nf, dtype=torch.long, device=forget.device))
+        # Retain ids above every forget label: each retain row is a class of its own.
+        retain_ids = labels.max() + 1 + torch.arange(nr, device=forget.device)
+        return loss_fn(rows, torch.cat([labels, retain_ids]))
+    return fn

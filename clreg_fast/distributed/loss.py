@@ -33,10 +33,10 @@ Communication per step (P = projected width, Nf/Nr = rows of the largest rank)
   row gradient of its own anchors against all global columns and the column gradient of its own
   rows against all global anchors, from the gathered features and the per-anchor scalars.
 
-The label column sums ``u_c`` of the positive term are computed on every rank from the gathered
-forget features, which each rank holds anyway for the negatives: no extra all-reduce is needed.
-On CPU every rank gets bitwise the same sums (and loss); on GPU ``index_add_`` accumulates with
-atomics, so the ranks' sums, and loss values, may differ in the last bits.
+The per-concept sums of the positive term are computed on every rank from the gathered forget
+features, which each rank holds anyway for the negatives: no extra all-reduce is needed. They are
+float-atomic-free scatters (``clreg_fast.loss_math``), so every rank gets bitwise the
+same sums and loss.
 
 ``backend="reference"`` is an independent plain-autograd implementation for testing: it gathers
 the raw (D wide) rows with an all-gather whose backward all-reduces the gradient, and runs the
@@ -52,12 +52,12 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from clreg_fast._validation import (
-    REDUCTIONS, LabelGroups, check_features, check_labels, check_temperature,
+    REDUCTIONS, check_extra_negatives, check_features, check_labels, check_temperature,
 )
 from clreg_fast.backends import resolve_backend
 from clreg_fast.backends.base import SimilarityKernels
-from clreg_fast.functional import (check_extra_negatives, positive_grad, positive_term,
-                                   projection_backward)
+from clreg_fast.loss_math import (LabelGroups, concept_ids, group_labels, positive_grad,
+                                  positive_term, projection_backward)
 
 _DTYPE_CODES = {torch.float16: 1.0, torch.bfloat16: 2.0, torch.float32: 3.0, torch.float64: 4.0}
 _BACKEND_CODES = {"auto": 0.0, "reference": 1.0, "torch": 2.0, "triton": 3.0, "cuda": 4.0}
@@ -77,7 +77,7 @@ class _Plan(NamedTuple):
     nr_counts: List[int]     # retain rows of every rank
     f_offset: int            # first global forget row of this rank
     r_offset: int            # first global retain row of this rank
-    groups: LabelGroups      # dense concept ids of all global forget rows
+    groups: Optional[LabelGroups]  # concepts of all global forget rows (None: one concept)
     n_anchors: int           # global anchors with at least one positive
     scale: float             # 1 / temperature
     reduction: str
@@ -181,24 +181,23 @@ def _check_agreement(meta: torch.Tensor) -> None:
 
 
 def _global_groups(labels, nf_counts, meta, group, world, device):
-    """Dense concept ids of every global forget row (the same on every rank) and the number
-    of anchors with a positive."""
+    """Concept groups of every global forget row (the same on every rank; None: one concept)
+    and the number of anchors with a positive."""
     nf_total = sum(nf_counts)
     labels_given = bool((meta[:, _LABELS] * (meta[:, _NF] > 0)).any())
     if not labels_given:
-        return LabelGroups(torch.zeros(nf_total, dtype=torch.long, device=device),
-                           torch.full((1,), nf_total, dtype=torch.long, device=device)), nf_total
+        return None, nf_total
     local = (labels.long() if labels is not None
              else torch.zeros(0, dtype=torch.long, device=device))
     all_labels = _gather_rows(local.to(device), nf_counts, group, world)
-    _, ids, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-    n_anchors = int((counts[counts > 1]).sum())  # the one host sync on labels
+    groups = group_labels(all_labels)
+    n_anchors = int((groups.row_count > 1).sum())  # the one host sync on labels
     if n_anchors == 0:
         raise ValueError(
             "no forget row has a positive: every label occurs once over all ranks, so the loss "
             "is undefined; give at least two forget rows the same label"
         )
-    return LabelGroups(ids, counts), n_anchors
+    return groups, n_anchors
 
 
 def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, backend,
@@ -282,7 +281,7 @@ class DistributedCLRegFunction(torch.autograd.Function):
         del parts, packed, columns
         zf_all = z_cols[:nf_total]
 
-        n_pos, pos_sum, col_sums = positive_term(kernels.dot_operands(zf_all, forget.dtype),
+        n_pos, pos_sum, others = positive_term(kernels.dot_operands(zf_all, forget.dtype),
                                                  plan.groups)
         lse_local = (kernels.lse_forward(zf, z_cols, plan.f_offset, plan.scale,
                                          dot_dtype=forget.dtype)
@@ -300,14 +299,14 @@ class DistributedCLRegFunction(torch.autograd.Function):
         else:
             loss = per_anchor.sum() / plan.n_anchors
 
-        ctx.save_for_backward(forget, retain, weight, z_cols, norm_f, norm_r, lse, n_pos, col_sums)
+        ctx.save_for_backward(forget, retain, weight, z_cols, norm_f, norm_r, lse, n_pos, others)
         ctx.plan, ctx.kernels, ctx.has_bias = plan, kernels, bias is not None
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        forget, retain, weight, z_cols, norm_f, norm_r, lse, n_pos, col_sums = ctx.saved_tensors
+        forget, retain, weight, z_cols, norm_f, norm_r, lse, n_pos, others = ctx.saved_tensors
         plan, kernels = ctx.plan, ctx.kernels
         nf, nr = forget.shape[0], retain.shape[0]
         nf_total = sum(plan.nf_counts)
@@ -350,7 +349,7 @@ class DistributedCLRegFunction(torch.autograd.Function):
                                              dot_dtype=forget.dtype, need_dza=False)
             dzf = dzf + dz_col
             dzf += positive_grad(kernels.dot_operands(zf_all, forget.dtype), plan.groups, n_pos,
-                                 col_sums, anchor_weight, plan.scale)[f0:f0 + nf]
+                                 others, anchor_weight, plan.scale)[f0:f0 + nf]
             dyf = kernels.normalize_backward(dzf, zf, norm_f)
         if need_zr:
             # Retain columns have no self pair: an offset of nr never names one of them.
@@ -409,8 +408,8 @@ def _reference_distributed(forget, retain, weight, bias, labels, temperature, pl
     forget_all = gathered(forget, plan.nf_counts, plan.f_offset)
     retain_all = gathered(retain, plan.nr_counts, plan.r_offset)
     compute = torch.float64 if forget.dtype == torch.float64 else torch.float32
-    # Dense global ids stand for the labels: same groups, so the same loss.
-    labels_all = plan.groups.ids
+    # Concept ids stand for the labels: same groups, so the same loss.
+    labels_all = concept_ids(plan.groups) if plan.groups is not None else None
     if plan.reduction != "none":
         return _reference_impl(forget_all, retain_all, weight, bias, labels_all, temperature,
                                plan.reduction, compute_dtype=compute)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from clreg_fast.backends.base import SimilarityKernels
+from clreg_fast.backends.base import SimilarityKernels, tracing
 from clreg_fast.backends.cuda import build_env
 
 logger = logging.getLogger("clreg_fast")
@@ -115,14 +115,46 @@ def load_extension() -> Tuple[Optional[object], Optional[str]]:
     return _jit_build(import_error)
 
 
+_FAKES_REGISTERED = False
+
+
+def register_fake_impls() -> bool:
+    """Shape-only implementations of ``torch.ops.clreg_fast.cuda_*`` (defined in csrc/torch_ops.cpp)
+    for FakeTensor tracing; False when the loaded extension predates the operators."""
+    global _FAKES_REGISTERED
+    if _FAKES_REGISTERED:
+        return True
+    namespace = torch.ops.clreg_fast
+    if not (hasattr(namespace, "cuda_lse_forward") and hasattr(namespace, "cuda_lse_backward")):
+        return False
+
+    @torch.library.register_fake("clreg_fast::cuda_lse_forward")
+    def _(za, zc, self_offset, scale, dot_dtype):
+        return za.new_empty((za.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("clreg_fast::cuda_lse_backward")
+    def _(za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype, need_dza):
+        rows = za.shape[0] if need_dza else 0
+        return (za.new_empty((rows, za.shape[1]), dtype=torch.float32),
+                za.new_empty((n_grad_cols, za.shape[1]), dtype=torch.float32))
+
+    _FAKES_REGISTERED = True
+    return True
+
+
 class CudaKernels(SimilarityKernels):
-    """The similarity primitives of ``backends/base.py`` on the compiled CUDA kernels."""
+    """The similarity primitives of ``backends/base.py`` on the compiled CUDA kernels.
+
+    Eager calls go through the pybind11 functions; traced calls (torch.compile) through the
+    operators ``torch.ops.clreg_fast.cuda_lse_forward``/``cuda_lse_backward``.
+    """
 
     name = "cuda"
     rounds_dot_operands = True
 
     def __init__(self, extension):
         self._ext = extension
+        self.has_ops = register_fake_impls()
 
     @staticmethod
     def _dot_name(dot_dtype) -> str:
@@ -132,16 +164,32 @@ class CudaKernels(SimilarityKernels):
             raise TypeError(f"backend='cuda' takes fp16, bf16 or fp32 inputs, got dot_dtype="
                             f"{dot_dtype}") from None
 
+    def _check_ops(self):
+        if not self.has_ops:
+            raise RuntimeError("torch.compile with backend='cuda' needs the operators of "
+                               "csrc/torch_ops.cpp; this build of clreg_fast._C predates them: "
+                               "rebuild it (pip install . --no-build-isolation)")
+
     def lse_forward(self, za, zc, self_offset, scale, dot_dtype=torch.float32):
+        if tracing():
+            self._check_ops()
+            return torch.ops.clreg_fast.cuda_lse_forward(za, zc, self_offset, float(scale),
+                                                         self._dot_name(dot_dtype))
         return self._ext.lse_forward(za, zc, int(self_offset), float(scale),
                                      self._dot_name(dot_dtype))
 
     def lse_backward(self, za, zc, lse, w, self_offset, scale, n_grad_cols, dot_dtype=torch.float32,
                      need_dza=True):
+        if tracing():
+            self._check_ops()
+            dza, dzc = torch.ops.clreg_fast.cuda_lse_backward(
+                za, zc, lse, w, self_offset, float(scale), n_grad_cols, self._dot_name(dot_dtype),
+                bool(need_dza))
+            return (dza if need_dza else None), dzc
         dza, dzc = self._ext.lse_backward(za, zc, lse, w, int(self_offset), float(scale),
                                           int(n_grad_cols), self._dot_name(dot_dtype),
                                           bool(need_dza))
         return (dza if need_dza else None), dzc
 
 
-__all__ = ["CudaKernels", "load_extension", "jit_build_directory"]
+__all__ = ["CudaKernels", "load_extension", "jit_build_directory", "register_fake_impls"]

@@ -15,8 +15,9 @@ ENV_BUILD = "CLREG_FAST_CUDA_BUILD"  # "1": build or fail, "0": never build, uns
 DEFAULT_ARCH_LIST = "8.0;9.0"       # A100 (sm_80), H100/H200 (sm_90)
 EXTENSION_NAME = "clreg_fast._C"
 # Kernel code in .cu files, PyTorch glue in bindings.cpp, shared declarations in headers.
-SOURCES = ("bindings.cpp", "lse_forward.cu", "lse_backward.cu", "sweep_tc.cu")
-HEADERS = ("clreg.h", "splits.h", "tiles.cuh", "mma_sm80.cuh")
+# torch_ops.cpp registers the same functions as torch.ops.clreg_fast.cuda_* (TORCH_LIBRARY).
+SOURCES = ("bindings.cpp", "torch_ops.cpp", "lse_forward.cu", "lse_backward.cu", "sweep_tc.cu")
+HEADERS = ("clreg.h", "clreg_torch.h", "splits.h", "tiles.cuh", "mma_sm80.cuh")
 
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
 # torch 2.x, C++20 for recent releases); the sources compile under both.
