@@ -464,3 +464,17 @@ def test_gpu_suite_end_to_end_on_cpu_with_a_tiny_plan(tmp_path):
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "gpu_suite summary" in log and "sweep" in log and "commit: test123" in log
     assert {r["git_commit"] for r in report.read_csv(tmp_path / "results.csv")} == {"test123"}
+
+
+@pytest.mark.parametrize("value, loops", [(None, "sweep"), ("auto", "sweep"), ("sweep", "sweep"),
+                                          ("legacy", "legacy")])
+def test_meta_records_the_cuda_kernel_family(monkeypatch, value, loops):
+    """gpu_suite.sh falls back to CLREG_FAST_CUDA_LOOPS=legacy when the sweep fails its GPU
+    tests: meta.json must say which kernels the cuda numbers came from."""
+    from clreg_fast.bench import env
+
+    if value is None:
+        monkeypatch.delenv("CLREG_FAST_CUDA_LOOPS", raising=False)
+    else:
+        monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", value)
+    assert env.collect(torch.device("cpu"))["cuda_loops"] == loops
