@@ -432,3 +432,50 @@ def test_kernel_source_check_is_not_vacuous(old, new):
     assert old in sources["sweep_tc.cu"]
     sources["sweep_tc.cu"] = sources["sweep_tc.cu"].replace(old, new, 1)
     assert _source_mismatches(sources)
+
+
+def test_emulated_mma_fragments_follow_the_ptx_tables_element_by_element():
+    """An independent transcription of the PTX ISA tables for mma.m16n8k16 (.f16/.bf16, "Matrix
+    Fragments for mma.m16n8k16"), element index i as the ISA numbers them (two per 32-bit
+    register, the lower index in the lower half), against the emulator's register-wise maps:
+        A: row = groupID for a_i with i < 2 or 4 <= i < 6, else groupID + 8;
+           col = 2 threadID_in_group + (i & 1), + 8 for i >= 4
+        B: row = 2 threadID_in_group + (i & 1), + 8 for i >= 2; col = groupID
+        C: row = groupID for c_i with i < 2, else groupID + 8; col = 2 threadID_in_group + (i & 1)
+    A mistake shared by the emulator's ldmatrix and mma (which the product test above would not
+    see) shows up here."""
+    rng = np.random.default_rng(7)
+    A, B = rng.standard_normal((16, 16)), rng.standard_normal((16, 8))
+    a = np.empty((4, 32, 2))
+    b0, b1 = np.empty((32, 2)), np.empty((32, 2))
+    for lane in range(32):
+        gid, tig = lane >> 2, lane & 3
+        for i in range(8):
+            row = gid if (i < 2 or 4 <= i < 6) else gid + 8
+            col = 2 * tig + (i & 1) + (8 if i >= 4 else 0)
+            a[i // 2, lane, i % 2] = A[row, col]
+        for i in range(4):
+            row = 2 * tig + (i & 1) + (8 if i >= 2 else 0)
+            (b0 if i < 2 else b1)[lane, i % 2] = B[row, gid]
+    c = np.zeros((32, 4))
+    emu.mma_16816(c, a, b0, b1)
+    want = A @ B
+    for lane in range(32):
+        gid, tig = lane >> 2, lane & 3
+        for i in range(4):
+            row = gid if i < 2 else gid + 8
+            assert c[lane, i] == pytest.approx(want[row, 2 * tig + (i & 1)], rel=1e-12, abs=1e-12)
+    # ldmatrix (PTX ISA, ldmatrix): thread 8j + r gives the address of row r of matrix j; each
+    # thread then holds row lane / 4, elements 2 (lane % 4) and + 1 of each matrix (.trans: of
+    # the transposed matrix).
+    tile = rng.standard_normal(64 * 8)
+    addr = 8 * ((np.arange(32) * 5) % 64)  # any 32 row addresses of 16 bytes
+    for trans in (False, True):
+        regs = emu.ldmatrix_x4(tile, addr, trans=trans)
+        for j in range(4):
+            mat = np.stack([tile[addr[8 * j + r]: addr[8 * j + r] + 8] for r in range(8)])
+            if trans:
+                mat = mat.T
+            for lane in range(32):
+                assert list(regs[j, lane]) == [mat[lane // 4, 2 * (lane % 4)],
+                                               mat[lane // 4, 2 * (lane % 4) + 1]]
