@@ -224,6 +224,10 @@ def test_loops_selection(monkeypatch):
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "fast")
     with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
         EXT.loops("bfloat16", 128)
+    # A misspelt value fails on every call, not only where the sweep could run.
+    for dot, dim in [("float32", 64), ("bfloat16", 300)]:
+        with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
+            EXT.loops(dot, dim)
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
