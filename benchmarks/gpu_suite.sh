@@ -231,6 +231,7 @@ fi
 {
     echo
     echo "== gpu_suite summary ($(elapsed) s of ${TOTAL_S}) =="
+    echo "cuda kernels: CLREG_FAST_CUDA_LOOPS=${CLREG_FAST_CUDA_LOOPS:-<unset: the tensor-core kernels for fp16/bf16, P <= 256>} (meta.json: cuda_loops)"
     printf '%-12s %-8s %s\n' step exit seconds
     for s in "${SUMMARY[@]}"; do IFS='|' read -r a b c <<< "$s"; printf '%-12s %-8s %s\n' "$a" "$b" "$c"; done
     if [ -s "$OUT/results.md" ]; then

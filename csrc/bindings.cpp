@@ -82,15 +82,14 @@ Splits splits_for(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_element
 // Which loops run: the tensor-core sweep (sweep_tc.cu) for fp16/bf16 up to 256 features, the
 // SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu) otherwise. CLREG_FAST_CUDA_LOOPS=legacy
 // selects the latter everywhere (the previous kernels, kept for comparison and as a fallback).
+// The variable is checked on every call, whatever the dtype, so that a misspelt value fails
+// at once instead of only on the first fp16/bf16 call.
 bool use_sweep_tc(DotType dot, int64_t dim) {
-  if (dot == DotType::kFloat32 || sweep_tc_dim(dim) == 0) return false;
   const char* env = std::getenv("CLREG_FAST_CUDA_LOOPS");
-  if (env == nullptr || *env == '\0') return true;
-  const std::string value(env);
-  if (value == "legacy") return false;
-  TORCH_CHECK_VALUE(value == "auto" || value == "sweep",
+  const std::string value(env == nullptr ? "" : env);
+  TORCH_CHECK_VALUE(value.empty() || value == "auto" || value == "sweep" || value == "legacy",
                     "CLREG_FAST_CUDA_LOOPS must be 'auto', 'sweep' or 'legacy', got '", value, "'");
-  return true;
+  return dot != DotType::kFloat32 && sweep_tc_dim(dim) != 0 && value != "legacy";
 }
 
 // z (float32) rounded to the dot type once, zero-padded to (round_up(rows, 64), dim_pad).
@@ -168,7 +167,7 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   lse = lse.contiguous();
   w = w.contiguous();
   auto options = za.options().dtype(torch::kFloat32);
-  if (n_anchor == 0 || n_col == 0) {
+  if (n_anchor == 0 || n_col == 0 || (!need_dza && n_grad_cols == 0)) {  // nothing to sweep
     return {torch::zeros({need_dza ? n_anchor : 0, dim}, options),
             torch::zeros({n_grad_cols, dim}, options)};
   }

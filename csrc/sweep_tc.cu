@@ -277,7 +277,7 @@ sweep_tc_kernel(const T* __restrict__ own, const T* __restrict__ swept,
       }
     }
   }
-  sm80::cp_async_wait<0>();  // no copy may outlive the block (empty groups only, by now)
+  sm80::cp_async_wait<0>();  // no copy may outlive the block (pending: empty groups, or own)
 
   if (kForward) {
     // Merge the four lanes of each row (q = 0..3), then lane q == 0 writes.

@@ -8,7 +8,9 @@ tests/test_cuda_emulation.py compares them with dense float64 math on odd sizes.
 The tensor-core sweep (csrc/sweep_tc.cu) is emulated at fragment level: the XOR-swizzled
 shared-memory tiles, ``ldmatrix`` (plain and transposed) and ``mma.m16n8k16`` follow the PTX ISA
 fragment layouts, lane by lane, so a wrong address or fragment index in the kernel's formulas
-shows up here as a wrong number.
+shows up here as a wrong number. Its swept tiles reach the warps through an emulated cp.async
+ring (commit / wait_group groups, barriers): a tile read before its copy lands, or a stage
+overwritten while a warp may still read it, fails.
 """
 from __future__ import annotations
 
@@ -206,6 +208,111 @@ def mma_16816(c, a, b0, b1):
         c[:, 2 + t] += C[G + 8, 2 * Q + t]
 
 
+def sweep_stages(d):
+    """SweepConfig<D>::kStages: the depth of the cp.async ring."""
+    return 3 if d <= 128 else 2
+
+
+class CpAsyncBlock:
+    """The shared memory of one block under cp.async, group by group (PTX ISA, cp.async):
+    a copy lands only when a ``cp.async.wait_group`` retires its group, and a ``__syncthreads``
+    orders the warps. Reading a buffer whose copy is still in flight, or issuing a copy into a
+    buffer that a warp may still read (no barrier since its last read), is an AssertionError.
+    """
+
+    def __init__(self):
+        self.smem = {}
+        self.groups = []    # committed groups, oldest first: lists of (buffer, value)
+        self.open = []      # copies issued since the last commit
+        self.epoch = 0      # __syncthreads count
+        self.last_read = {}  # buffer -> epoch of its last read
+
+    def copy(self, buf, value):
+        assert self.last_read.get(buf, -1) < self.epoch, (
+            f"copy into {buf!r} without a barrier after its last read: another warp may still "
+            "read it")
+        self.open.append((buf, value))
+
+    def commit(self):
+        self.groups.append(self.open)
+        self.open = []
+
+    def wait_group(self, n):
+        while len(self.groups) > n:
+            for buf, value in self.groups.pop(0):
+                self.smem[buf] = value
+
+    def syncthreads(self):
+        self.epoch += 1
+
+    def in_flight(self, buf):
+        return any(b == buf for g in self.groups + [self.open] for b, _ in g)
+
+    def read(self, buf):
+        assert not self.in_flight(buf), f"{buf!r} is read while a copy into it is in flight"
+        assert buf in self.smem, f"{buf!r} is read before any copy landed"
+        self.last_read[buf] = self.epoch
+        return self.smem[buf]
+
+
+def sweep_ring(n_tiles, stages, load, *, wait_n=None, ahead=None, load_before_barrier=False):
+    """The prologue and main loop of sweep_tc_kernel as the block's shared memory sees them:
+    returns the swept stage contents read in iterations 0..n_tiles-1 (each asserted to be the
+    tile of that iteration) and checks every read and every copy against CpAsyncBlock.
+    ``load(tile)`` gives a stage's contents. ``wait_n``, ``ahead`` and ``load_before_barrier``
+    are the kernel's choices (kStages - 2, kStages - 1, False); other values are there so the
+    tests can show that the model catches a wrong schedule."""
+    wait_n = stages - 2 if wait_n is None else wait_n
+    ahead = stages - 1 if ahead is None else ahead
+    blk = CpAsyncBlock()
+    blk.copy("own", "own")  # the owned tile: group 0
+    blk.commit()
+    for st in range(stages - 1):
+        if st < n_tiles:
+            blk.copy(("stage", st), (st, load(st)))
+        blk.commit()  # committed even when empty
+    reads = []
+
+    def issue(it):
+        nxt = it + ahead
+        if nxt < n_tiles:
+            blk.copy(("stage", nxt % stages), (nxt, load(nxt)))
+        blk.commit()
+
+    for it in range(n_tiles):
+        blk.wait_group(wait_n)
+        if load_before_barrier:
+            issue(it)
+        blk.syncthreads()
+        if not load_before_barrier:
+            issue(it)
+        assert blk.read("own") == "own"
+        tile, value = blk.read(("stage", it % stages))
+        assert tile == it, f"iteration {it} reads tile {tile}"
+        reads.append(value)
+    # cp_async_wait<0> at the end retires the rest: after at least one iteration only empty
+    # groups are left (with no tile at all, which the split policy never launches, the owned
+    # tile's copy is, and the wait covers it).
+    if n_tiles:
+        assert not any(blk.groups) and not blk.open, "a copy outlives the loop"
+    blk.wait_group(0)
+    assert not blk.groups
+    return reads
+
+
+def load_vectors(lse, w, row0):
+    """load_vectors_async: threads 0-15 copy lse[row0 + 4c ..], threads 16-31 w[row0 + 4c ..],
+    four floats each, to vec[4c] and vec[64 + 4c] (c = thread & 15)."""
+    vec = np.full(2 * TILE, np.nan)
+    for t in range(32):
+        c = t & 15
+        src = lse if t < 16 else w
+        dst = (0 if t < 16 else TILE) + 4 * c
+        vec[dst:dst + 4] = src[row0 + 4 * c: row0 + 4 * c + 4]
+    assert not np.isnan(vec).any(), "lse / w must be padded to whole tiles"
+    return vec
+
+
 def _score_fragments(d, nb_count, own_tile, swept_tile, warp_row0, n0):
     s = np.zeros((nb_count, 32, 4))
     for kk in range(d // 16):
@@ -230,6 +337,13 @@ def sweep_tc_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_
         for by in range(n_splits):
             tile_begin = by * tiles_per_split
             tile_end = min(tile_begin + tiles_per_split, n_swept_tiles)
+
+            def load(i, tile_begin=tile_begin):  # load_stage: the swept tile (and vectors)
+                t = tile_begin + i
+                vec = load_vectors(lse, w, t * TILE) if mode == "cols" else None
+                return load_tile(d, swept, t * TILE), vec
+
+            staged = sweep_ring(tile_end - tile_begin, sweep_stages(d), load)
             for warp in range(4):
                 warp_row0 = warp * 16
                 own_row = [own0 + warp_row0 + G + 8 * h for h in range(2)]
@@ -240,11 +354,7 @@ def sweep_tc_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_
                 run_sum = [np.zeros(32) for _ in range(2)]
                 acc = np.zeros((d // 8, 32, 4))
                 for tile in range(tile_begin, tile_end):
-                    swept_tile = load_tile(d, swept, tile * TILE)
-                    vec = None
-                    if mode == "cols":  # load_vectors_async from the padded lse / w
-                        vec = np.concatenate([lse[tile * TILE: tile * TILE + TILE],
-                                              w[tile * TILE: tile * TILE + TILE]])
+                    swept_tile, vec = staged[tile - tile_begin]  # through the cp.async ring
                     sw0 = tile * TILE
                     n_valid = min(TILE, n_swept - sw0)
                     diag = []

@@ -496,3 +496,17 @@ def test_compile_step_bench_counts_graphs_and_matches_eager(tmp_path):
     assert compile_step.main(["--out", str(tmp_path), "--skip-step", "--reps", "20"]) == 0
     assert "Per-call overhead" in (tmp_path / "compile_step.md").read_text()
     assert (tmp_path / "op_overhead.csv").exists()
+
+
+@pytest.mark.parametrize("value, loops", [(None, "sweep"), ("auto", "sweep"), ("sweep", "sweep"),
+                                          ("legacy", "legacy")])
+def test_meta_records_the_cuda_kernel_family(monkeypatch, value, loops):
+    """gpu_suite.sh falls back to CLREG_FAST_CUDA_LOOPS=legacy when the sweep fails its GPU
+    tests: meta.json must say which kernels the cuda numbers came from."""
+    from clreg_fast.bench import env
+
+    if value is None:
+        monkeypatch.delenv("CLREG_FAST_CUDA_LOOPS", raising=False)
+    else:
+        monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", value)
+    assert env.collect(torch.device("cpu"))["cuda_loops"] == loops

@@ -202,6 +202,9 @@ SHAPES = [  # (Na, Nc, P, self_offset)
     (70, 260, 200, 3),      # 128 < P <= 256: the sweep's D = 256, steps of 16 swept rows
     (129, 200, 256, 0),     # P = 256 exactly
     (256, 40000, 64, 0),    # few anchors against many columns: hundreds of splits
+    (100, 120, 72, -63),    # D = 128 (3-stage ring), the left-out pair at a tile's column 0
+    (30, 200, 40, 64),      # the left-out pair a whole tile to the right
+    (20, 50, 16, 2 ** 40),  # 64-bit offset: nothing left out
 ]
 
 
@@ -224,6 +227,10 @@ def test_loops_selection(monkeypatch):
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "fast")
     with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
         EXT.loops("bfloat16", 128)
+    # A misspelt value fails on every call, not only where the sweep could run.
+    for dot, dim in [("float32", 64), ("bfloat16", 300)]:
+        with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
+            EXT.loops(dot, dim)
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)

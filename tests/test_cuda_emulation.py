@@ -177,6 +177,56 @@ def test_sweep_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
     _check_backward(got, want)
 
 
+# Variants the shapes above miss: D = 128 (3-stage ring, 8 feature blocks of 16), the left-out
+# pair one tile away or at a tile's last column, offsets far outside and past 2^32.
+SWEEP_SHAPES = [  # (Na, Nc, P, self_offset)
+    (70, 200, 100, 3),       # D = 128, ld_out = 128
+    (33, 129, 128, -5),      # D = 128 exactly, a one-row last column tile
+    (30, 200, 40, 64),       # the pair is one whole tile to the right
+    (100, 120, 72, -63),     # D = 128, the pair at column 0 of a tile for row 63
+    (40, 90, 24, -1000),     # far negative: nothing left out
+    (20, 50, 16, 2 ** 40),   # 64-bit offset: nothing left out
+]
+
+
+@pytest.mark.parametrize("na, nc, p, off", SWEEP_SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_sweep_forward_emulation_more_variants(na, nc, p, off, tau):
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    for sms, per_sm in [(132, 6), (1, 1)]:
+        got = emu.tc_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+        np.testing.assert_allclose(got, emu.dense_lse_forward(za, zc, off, scale), rtol=1e-12,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SWEEP_SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "odd"])
+def test_sweep_backward_emulation_more_variants(na, nc, p, off, grad_cols):
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    for sms, per_sm in [(132, 6), (1, 1)]:
+        for fp16 in (False, True):
+            got = emu.tc_lse_backward(za, zc, lse, w, off, scale, n_grad, fp16, sms, per_sm)
+            _check_backward(got, want)
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_cp_async_ring_model_catches_wrong_schedules(stages):
+    """The ring of sweep_tc_kernel passes the cp.async model for any tile count (fewer tiles
+    than stages included); the model is not vacuous: a shallower wait, a deeper prefetch or a
+    copy issued before the barrier each fail it."""
+    for n_tiles in range(0, 8):
+        assert emu.sweep_ring(n_tiles, stages, lambda t: t) == list(range(n_tiles))
+    n = 6
+    with pytest.raises(AssertionError, match="in flight"):
+        emu.sweep_ring(n, stages, lambda t: t, wait_n=stages - 1)
+    with pytest.raises(AssertionError, match="in flight"):
+        emu.sweep_ring(n, stages, lambda t: t, ahead=stages)
+    with pytest.raises(AssertionError, match="without a barrier"):
+        emu.sweep_ring(n, stages, lambda t: t, load_before_barrier=True)
+
+
 @pytest.mark.parametrize("p", [200, 256])
 def test_sweep_at_256_features(p):
     """D = 256 runs the backward in steps of 16 swept rows; every path at once, small sizes."""
@@ -250,26 +300,182 @@ def test_sweep_shared_memory_reads_are_conflict_free(d):
             distinct_groups(dst[ph: ph + 8])
 
 
-def test_emulation_follows_the_kernel_source():
-    """The index formulas emulated above are the ones in csrc/sweep_tc.cu: an edit of the kernel
-    that does not reach the emulation fails here (whitespace ignored)."""
-    import pathlib
-    import re
-
-    src = re.sub(r"\s+", "", (pathlib.Path(__file__).parents[1] / "csrc" / "sweep_tc.cu").read_text())
-    for expr in [
+# The kernel statements that tests/_cuda_emulation.py mirrors, whitespace removed. An edit of
+# one of them that does not reach the emulation fails test_emulation_follows_the_kernel_source.
+KERNEL_EXPRESSIONS = {
+    "sweep_tc.cu": [
         "returnr*D+((((k>>3)^(r&7)))<<3);",                                   # swizzle
+        "staticconstexprintkStages=D<=128?3:2;",                              # ring depth
+        "staticconstexprintkSweptPerStep=D==256?16:64;",
+        # load_tile_async / load_vectors_async
+        "constintr=e/C::kChunks;", "constintc=e%C::kChunks;",
+        "sm80::cp_async_16(tile+swz<D>(r,c*8),src+(row0+r)*D+c*8);",
+        "constintc=threadIdx.x&15;",
+        "constfloat*src=(threadIdx.x<16?lse:w)+row0+4*c;",
+        "sm80::cp_async_16(vec+(threadIdx.x<16?0:kTile)+4*c,src);",
+        # score fragments
         "own_tile+swz<D>(warp_row0+(lane&15),kk*16+8*(lane>>4))",            # A of S
         "swz<D>(n0+np*16+(lane&7)+8*(lane>>4),kk*16+8*((lane>>3)&1))",       # B of S
-        "swz<D>(n0+kk*16+(lane&7)+8*((lane>>3)&1),np*16+8*(lane>>4))",       # B of P.V
+        "sm80::mma_16816<T>(s[2*np],a,b[0],b[1]);",
+        "sm80::mma_16816<T>(s[2*np+1],a,b[2],b[3]);",
+        # grid, rows, splits
+        "constint64_town0=int64_t(blockIdx.x)*kTile;",
+        "constint64_ttile_begin=int64_t(blockIdx.y)*tiles_per_split;",
+        "constint64_ttile_end=min(tile_begin+tiles_per_split,n_swept_tiles);",
+        "own_row[h]=own0+warp_row0+g+8*h;",                                   # fragment row
+        "own_ok[h]=own_row[h]<n_own;",
+        "if(M==SweepMode::kRows&&own_ok[h])lse_own[h]=__ldg(lse+own_row[h]);",
+        # the ring: prologue, then wait -> barrier -> prefetch -> read in every iteration
+        "if(st<n_tiles)load_stage(st,tile_begin+st);",
+        "if(next<n_tiles)load_stage(next%C::kStages,tile_begin+next);",
+        "constT*swept_tile=stage_tile(it%C::kStages);",
+        # masks
+        "constint64_tsw0=(tile_begin+it)*kTile;",
+        "constintn_valid=static_cast<int>(min(int64_t(kTile),n_swept-sw0));",
+        "constint64_td=own_row[h]+pair_offset-sw0;",                          # left-out pair
+        "diag[h]=(d<0||d>=kTile)?-1:static_cast<int>(d);",
+        "constintn0=step*kNB*8;",
+        # forward epilogue and merge
+        "constintcol=n0+8*nb+2*q+j;",
+        "x[nb][j]=(col<n_valid&&col!=diag[h])?scale*s[nb][2*h+j]:-INFINITY;",
+        "run_max[h]=fixed_shift?scale:-INFINITY;",
+        "for(intmask=1;mask<=2;mask<<=1)",
+        "if(q==0&&own_ok[h])",
+        "out[int64_t(blockIdx.y)*n_own+own_row[h]]=",
+        "(m==-INFINITY||sum==0.f)?-INFINITY:m+logf(sum);",
+        # backward epilogue
+        "constintcol=n0+8*nb+2*q+(e&1);",                                     # fragment column
+        "if(own_ok[h]&&col<n_valid&&col!=diag[h])",
+        "p=expf(scale*s[nb][e]-lse_own[h]);",
+        "p=vec[kTile+col]*expf(scale*s[nb][e]-vec[col]);",
+        "if(std::is_same<T,__half>::value)p*=kFp16ProbScale;",
         "a[0]=sm80::pack2<T>(s[2*kk][0],s[2*kk][1]);",                        # C -> A
         "a[1]=sm80::pack2<T>(s[2*kk][2],s[2*kk][3]);",
         "a[2]=sm80::pack2<T>(s[2*kk+1][0],s[2*kk+1][1]);",
         "a[3]=sm80::pack2<T>(s[2*kk+1][2],s[2*kk+1][3]);",
-        "constint64_td=own_row[h]+pair_offset-sw0;",                          # left-out pair
-        "constintcol=n0+8*nb+2*q+(e&1);",                                     # fragment column
-        "own_row[h]=own0+warp_row0+g+8*h;",                                   # fragment row
-        "staticconstexprintkSweptPerStep=D==256?16:64;",
-        "slice+own_row[h]*ld_out+8*nd+2*q",                                   # the one write
-    ]:
-        assert expr in src, expr
+        "sm80::ldmatrix_x4_trans(b,swept_tile+swz<D>(n0+kk*16+(lane&7)+8*((lane>>3)&1),np*16+8*(lane>>4)));",
+        "sm80::mma_16816<T>(acc[2*np],a,b[0],b[1]);",
+        "sm80::mma_16816<T>(acc[2*np+1],a,b[2],b[3]);",
+        # the one write of the backward
+        "float*slice=out+int64_t(blockIdx.y)*round_up(n_own,kTile)*ld_out;",
+        "if(8*nd<ld_out){",
+        "slice+own_row[h]*ld_out+8*nd+2*q",
+        "make_float2(acc[nd][2*h],acc[nd][2*h+1])",
+    ],
+    "mma_sm80.cuh": [  # the PTX the emulated layouts stand for
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+        "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+        "cp.async.cg.shared.global[%0],[%1],16;",
+        "__floats2bfloat162_rn(lo,hi)", "__floats2half2_rn(lo,hi)",
+    ],
+    "bindings.cpp": [  # the glue that tc_lse_forward / tc_lse_backward mirror
+        "splits_for(ceil_div(n_anchor,kTile),ceil_div(n_col,kTile),n_anchor,",
+        "splits_for(n_anchor_tiles,n_col_tiles,n_anchor_tiles*kTile*dim_pad,",
+        "splits_for(n_grad_tiles,n_anchor_tiles,n_grad_tiles*kTile*dim_pad,",
+        "n_anchor,n_col,dim_pad,self_offset,scale_f,false,dim_tc,",
+        "acc_cols.data_ptr<float>(),n_grad_cols,n_anchor,dim_pad,-self_offset,scale_f,false,dim_tc,",
+        "launch_sweep_tc(SweepMode::kCols,zc_tc.data_ptr(),za_tc.data_ptr(),",
+        "(w*(scale_f*tile_scale)).unsqueeze(1)",
+        "(w_max*(scale_f*tile_scale))",
+        "autow_max=w.abs().max().clamp_min(1e-30);",
+        "returntorch::logsumexp(partial,0);",
+    ],
+}
+# Statements that must come in this order inside sweep_tc_kernel's main loop.
+RING_ORDER = [
+    "for(intit=0;it<n_tiles;++it){",
+    "sm80::cp_async_wait<C::kStages-2>();",
+    "__syncthreads();",
+    "constintnext=it+C::kStages-1;",
+    "constT*swept_tile=stage_tile(it%C::kStages);",
+    "sm80::cp_async_wait<0>();",
+]
+
+
+def _kernel_sources():
+    import pathlib
+    import re
+
+    csrc = pathlib.Path(__file__).parents[1] / "csrc"
+    return {name: re.sub(r"\s+", "", (csrc / name).read_text()) for name in KERNEL_EXPRESSIONS}
+
+
+def _source_mismatches(sources):
+    missing = [f"{name}: {e}" for name, exprs in KERNEL_EXPRESSIONS.items() for e in exprs
+               if e not in sources[name]]
+    src, pos = sources["sweep_tc.cu"], -1
+    for stmt in RING_ORDER:
+        nxt = src.find(stmt, pos + 1)
+        if nxt < 0:
+            missing.append(f"sweep_tc.cu: {stmt} (in this order: {RING_ORDER})")
+            break
+        pos = nxt
+    return missing
+
+
+def test_emulation_follows_the_kernel_source():
+    """The formulas emulated above are the ones in csrc/ (whitespace ignored): an edit of the
+    kernel or the glue that does not reach the emulation fails here."""
+    assert _source_mismatches(_kernel_sources()) == []
+
+
+@pytest.mark.parametrize("old, new", [
+    ("b[0],b[1]);", "b[1],b[0]);"),                       # swapped B fragments
+    ("col<n_valid&&col!=diag[h]", "col<=n_valid&&col!=diag[h]"),
+    ("sm80::cp_async_wait<C::kStages-2>();__syncthreads();",
+     "__syncthreads();sm80::cp_async_wait<C::kStages-2>();"),  # barrier before the wait
+])
+def test_kernel_source_check_is_not_vacuous(old, new):
+    sources = _kernel_sources()
+    assert old in sources["sweep_tc.cu"]
+    sources["sweep_tc.cu"] = sources["sweep_tc.cu"].replace(old, new, 1)
+    assert _source_mismatches(sources)
+
+
+def test_emulated_mma_fragments_follow_the_ptx_tables_element_by_element():
+    """An independent transcription of the PTX ISA tables for mma.m16n8k16 (.f16/.bf16, "Matrix
+    Fragments for mma.m16n8k16"), element index i as the ISA numbers them (two per 32-bit
+    register, the lower index in the lower half), against the emulator's register-wise maps:
+        A: row = groupID for a_i with i < 2 or 4 <= i < 6, else groupID + 8;
+           col = 2 threadID_in_group + (i & 1), + 8 for i >= 4
+        B: row = 2 threadID_in_group + (i & 1), + 8 for i >= 2; col = groupID
+        C: row = groupID for c_i with i < 2, else groupID + 8; col = 2 threadID_in_group + (i & 1)
+    A mistake shared by the emulator's ldmatrix and mma (which the product test above would not
+    see) shows up here."""
+    rng = np.random.default_rng(7)
+    A, B = rng.standard_normal((16, 16)), rng.standard_normal((16, 8))
+    a = np.empty((4, 32, 2))
+    b0, b1 = np.empty((32, 2)), np.empty((32, 2))
+    for lane in range(32):
+        gid, tig = lane >> 2, lane & 3
+        for i in range(8):
+            row = gid if (i < 2 or 4 <= i < 6) else gid + 8
+            col = 2 * tig + (i & 1) + (8 if i >= 4 else 0)
+            a[i // 2, lane, i % 2] = A[row, col]
+        for i in range(4):
+            row = 2 * tig + (i & 1) + (8 if i >= 2 else 0)
+            (b0 if i < 2 else b1)[lane, i % 2] = B[row, gid]
+    c = np.zeros((32, 4))
+    emu.mma_16816(c, a, b0, b1)
+    want = A @ B
+    for lane in range(32):
+        gid, tig = lane >> 2, lane & 3
+        for i in range(4):
+            row = gid if i < 2 else gid + 8
+            assert c[lane, i] == pytest.approx(want[row, 2 * tig + (i & 1)], rel=1e-12, abs=1e-12)
+    # ldmatrix (PTX ISA, ldmatrix): thread 8j + r gives the address of row r of matrix j; each
+    # thread then holds row lane / 4, elements 2 (lane % 4) and + 1 of each matrix (.trans: of
+    # the transposed matrix).
+    tile = rng.standard_normal(64 * 8)
+    addr = 8 * ((np.arange(32) * 5) % 64)  # any 32 row addresses of 16 bytes
+    for trans in (False, True):
+        regs = emu.ldmatrix_x4(tile, addr, trans=trans)
+        for j in range(4):
+            mat = np.stack([tile[addr[8 * j + r]: addr[8 * j + r] + 8] for r in range(8)])
+            if trans:
+                mat = mat.T
+            for lane in range(32):
+                assert list(regs[j, lane]) == [mat[lane // 4, 2 * (lane % 4)],
+                                               mat[lane // 4, 2 * (lane % 4) + 1]]

@@ -58,6 +58,15 @@ def triton_version() -> str:
     return getattr(triton, "__version__", "unknown")
 
 
+def cuda_loops() -> str:
+    """Which kernel family the cuda backend runs for fp16/bf16 with P <= 256: "sweep" (the
+    tensor-core sweep, the default) or "legacy" (CLREG_FAST_CUDA_LOOPS=legacy, which
+    benchmarks/gpu_suite.sh sets when the sweep fails its GPU tests), as csrc/bindings.cpp
+    reads the variable; recorded so that no number is credited to the wrong kernels."""
+    value = os.environ.get("CLREG_FAST_CUDA_LOOPS", "")
+    return {"": "sweep", "auto": "sweep"}.get(value, value)
+
+
 def collect(device: torch.device) -> Dict[str, str]:
     """Run-level metadata; every value a string so it goes into CSV cells unchanged."""
     from clreg_fast import __version__, available_backends
@@ -75,6 +84,7 @@ def collect(device: torch.device) -> Dict[str, str]:
         "clreg_fast_version": __version__,
         "threads": str(torch.get_num_threads()),
         "backends": " ".join(available_backends()),
+        "cuda_loops": cuda_loops(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
