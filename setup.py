@@ -127,10 +127,11 @@ setup(
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy"],
+        "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy", "gguf",
+                    "accelerate", "rouge-score", "scikit-learn"],
         "flash": ["flash-attn"],
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm", "transformers>=4.45",
-                 "safetensors", "scipy"],
+                 "safetensors", "scipy", "gguf", "accelerate", "rouge-score", "scikit-learn"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
