@@ -505,16 +505,27 @@ def utility_metrics(model, sets: Dict[str, Sequence[Dict]], tokenizer, pad_id: i
     for name, examples in sets.items():
         if not examples:
             raise ValueError(f"utility set {name!r} is empty")
+        if not all((ex.get("alternatives") or {}).get("paraphrased") and
+                   ex["alternatives"].get("perturbed") for ex in examples):
+            raise ValueError(f"every row of utility set {name!r} needs paraphrased and "
+                             "perturbed answers")
         lp = [s["logprobs"].mean() for s in token_stats(model, examples, batch_size, pad_id)]
+        para = [s["logprobs"].mean() for s in token_stats(
+            model, [ex["alternatives"]["paraphrased"] for ex in examples], batch_size, pad_id)]
+        flat = [alt for ex in examples for alt in ex["alternatives"]["perturbed"]]
+        flat_lp = [s["logprobs"].mean() for s in token_stats(model, flat, batch_size, pad_id)]
+        pert, pos = [], 0
+        for ex in examples:
+            n = len(ex["alternatives"]["perturbed"])
+            pert.append(flat_lp[pos:pos + n])
+            pos += n
         if name == "world":
-            pert = [[s["logprobs"].mean() for s in token_stats(
-                model, ex["alternatives"]["perturbed"], batch_size, pad_id)] for ex in examples]
             prob = float(np.mean([normalized_answer_prob(a, p) for a, p in zip(lp, pert)]))
         else:
             prob = float(np.mean(np.exp(lp)))
         rouge = float(rouge_l_of_model(model, examples, tokenizer, pad_id, max_new_tokens,
                                        batch_size).mean())
-        tr = truth_ratio_utility(truth_ratios(model, examples, batch_size, pad_id))
+        tr = truth_ratio_utility([truth_ratio(a, p) for a, p in zip(para, pert)])
         out.update({f"{name}_prob": prob, f"{name}_rouge": rouge, f"{name}_truth": tr})
         parts += [prob, rouge, tr]
     out["model_utility"] = harmonic_mean(parts)
