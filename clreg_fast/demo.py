@@ -117,7 +117,7 @@ def preset(model: str = TINY, quick: bool = False, seed: int = 0) -> DemoConfig:
     if not quick:
         return DemoConfig(data=EnglishAuthorsConfig(n_authors=20, n_forget_authors=2,
                                                     n_holdout_authors=4, n_facts=4, seed=seed),
-                          train_epochs=5, max_steps=10, knn_k=2, utility_rows=12,
+                          train_epochs=10, max_steps=10, knn_k=2, utility_rows=12,
                           world_facts=8, **common)
     return DemoConfig(data=EnglishAuthorsConfig(n_authors=8, n_forget_authors=2,
                                                 n_holdout_authors=2, n_facts=3, seed=seed),
@@ -608,6 +608,8 @@ def main(argv=None) -> int:
                        ("clreg_temperature", float), ("clreg_pooling", str), ("max_steps", int)):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                             help=f"override the preset's {name}")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated unlearning methods (default: the preset's)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
@@ -619,6 +621,13 @@ def main(argv=None) -> int:
     overrides = {k: getattr(args, k) for k in ("clreg_layer", "clreg_weight", "clreg_temperature",
                                                "clreg_pooling", "max_steps")
                  if getattr(args, k) is not None}
+    if args.methods:
+        from clreg_fast.unlearn.methods import METHODS as KNOWN_METHODS
+
+        overrides["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in overrides["methods"] if m not in KNOWN_METHODS]
+        if bad or not overrides["methods"]:
+            parser.error(f"--methods: unknown {bad}; choose from {', '.join(KNOWN_METHODS)}")
     cfg = dataclasses.replace(cfg, **overrides)
     out_dir = args.out_dir or os.path.join(
         "runs", "demo" if model == TINY else "demo-" + os.path.basename(model.rstrip("/")))
