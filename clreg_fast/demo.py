@@ -421,10 +421,21 @@ def plot_entanglement(features: Dict[str, Dict], results: Dict, methods: Sequenc
 # --------------------------------------------------------------------------- main
 
 
+def _cpu_name() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _machine() -> Dict:
     import transformers
 
-    return {"platform": platform.platform(), "processor": platform.processor() or None,
+    return {"platform": platform.platform(), "processor": _cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__,
