@@ -116,3 +116,16 @@ def test_real_fetch_and_conversion(tmp_path):
     tok = AutoTokenizer.from_pretrained(folder)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     model.save_pretrained(str(tmp_path / "resaved"))  # the GGUF-loaded model could not
+
+
+def test_clreg_unlearn_resolves_model_names(tmp_path, monkeypatch):
+    """clreg-unlearn --model goes through resolve_model: a missing local path is a clear error
+    before anything is loaded."""
+    pytest.importorskip("transformers")
+    from clreg_fast.unlearn import cli
+
+    data = tmp_path / "rows.json"
+    data.write_text('[{"question": "q", "answer": "a"}]')
+    with pytest.raises(ValueError, match="not a folder"):
+        cli.main(["--model", str(tmp_path / "absent"), "--forget", str(data), "--retain",
+                  str(data), "--out", str(tmp_path / "out")])

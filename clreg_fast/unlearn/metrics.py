@@ -31,6 +31,12 @@ of the right token with the true prefix, i.e. teacher forcing):
 * ``knn_mixing``: entanglement of forget and retain features at one layer (see
   :func:`knn_mixing`); ``forget_retain_cos``: mean cosine between forget and retain features;
   ``retain_drift``: mean ``1 - cos`` between retain features now and before unlearning.
+* ``entanglement_score`` (Zhao et al. 2024, lower = more separated), ``silhouette`` (cosine,
+  forget/retain labels) and ``linear_probe_acc`` (cross-validated balanced accuracy of a
+  logistic probe), all on L2-normalized features at that layer.
+* Model utility (:func:`utility_metrics`, TOFU): the harmonic mean of probability, ROUGE-L
+  recall of the greedy answer (``rouge-score``) and truth-ratio score ``max(0, 1 - R)`` on the
+  retain set and on general-knowledge "world facts".
 """
 from __future__ import annotations
 
