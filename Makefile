@@ -5,21 +5,31 @@ OUT ?= out
 
 .PHONY: venv demo demo-quick test test-unit check-cuda-build check-cpu-install bench-cpu gpu-suite
 
-venv:
-	test -x $(PYTHON) || python3 -m venv .venv
-	$(PYTHON) -m pip install -q -r requirements-dev.txt
+# `make demo` and `make test` create .venv on first use (a fresh clone needs nothing else). With
+# PYTHON set to another interpreter, that one is used as it is.
+VENV_STAMP = .venv/.installed
 
-demo:
-	$(PYTHON) -m clreg_fast.demo
+venv: $(if $(filter .venv/bin/python,$(PYTHON)),$(VENV_STAMP))
 
-demo-quick:
-	$(PYTHON) -m clreg_fast.demo --quick
+$(VENV_STAMP): requirements-dev.txt
+	test -x .venv/bin/python || python3 -m venv .venv
+	.venv/bin/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# MODEL=smollm2-135m runs the real-model configuration (the model is fetched once).
+MODEL ?= tiny
+
+demo: venv
+	$(PYTHON) -m clreg_fast.demo --model $(MODEL)
+
+demo-quick: venv
+	$(PYTHON) -m clreg_fast.demo --model $(MODEL) --quick
 
 # Unit, interpreter and torchrun/gloo tests; then the install checks: the CUDA extension compiles,
 # links and imports (sm_80 + sm_90, no GPU needed), and a CPU-only torch installs without it.
-test: test-unit check-cuda-build check-cpu-install
+test: venv test-unit check-cuda-build check-cpu-install
 
-test-unit:
+test-unit: venv
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 check-cuda-build:

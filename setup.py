@@ -128,11 +128,13 @@ setup(
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy"],
+        "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy", "gguf",
+                    "accelerate", "rouge-score", "scikit-learn"],
         "flash": ["flash-attn"],
         "bench": ["pytorch-metric-learning", "tqdm", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "tqdm", "transformers>=4.45",
-                 "safetensors", "scipy", "accelerate"],
+                 "safetensors", "scipy", "gguf", "accelerate", "rouge-score", "scikit-learn",
+                 "pytorch-metric-learning"],
         # CLRegMixin for transformers.Trainer-based methods (clreg_fast.integrations.hf)
         "hf": ["transformers>=4.45", "accelerate"],
     },

@@ -1,4 +1,5 @@
-"""The demo end to end in its --quick size (about a minute on 2 CPU cores)."""
+"""The experiment runner: the tiny configuration in its --quick size (about a minute on 2 CPU
+cores) and a small slice of the real-model (SmolLM2-135M) configuration."""
 import json
 import os
 
@@ -75,3 +76,69 @@ def test_format_table():
     lines = text.splitlines()
     assert lines[0].startswith("arm") and set(lines[1]) == {"-"}
     assert "1.000" in lines[2] and "0.250" in lines[3] and "-3.0" in lines[3]
+
+
+# ----------------------------------------------------------------------------- real model
+
+
+REAL_ARMS = ("target", "oracle", "npo", "npo+clreg")
+REAL_REQUIRED = ("forget_quality", "model_utility", "extraction_strength", "privleak",
+                 "entanglement_score", "knn_mixing", "silhouette", "linear_probe_acc")
+
+
+def test_smollm2_presets_have_every_method_and_the_issue_arms():
+    for quick in (False, True):
+        cfg = demo.preset("smollm2-135m", quick=quick)
+        assert tuple(cfg.methods) == ("graddiff", "npo", "simnpo")
+        assert cfg.train_layers and cfg.clreg_layer >= 30 - cfg.train_layers  # CLReg is trained
+        assert cfg.utility_rows > 0 and cfg.world_facts > 0
+    assert demo.preset("tiny").model == "tiny" and demo.quick_config().model == "tiny"
+
+
+@pytest.mark.slow
+def test_real_model_slice_end_to_end(tmp_path):
+    """A small slice of the --model smollm2-135m --quick path: fetch (or reuse the cached
+    model), fine-tune target and oracle, NPO with and without CLReg, every measure, both PNGs."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("sklearn")
+    pytest.importorskip("rouge_score")
+    from clreg_fast.unlearn.english_authors import EnglishAuthorsConfig
+    from clreg_fast.unlearn.models import ModelUnavailableError
+
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        demo.preset("smollm2-135m", quick=True),
+        data=EnglishAuthorsConfig(n_authors=3, n_forget_authors=1, n_holdout_authors=1,
+                                  n_facts=2),
+        methods=("npo",), train_epochs=1, max_steps=1, batch_size=2, utility_rows=2,
+        world_facts=2, knn_k=1, max_new_tokens=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = str(tmp_path / "out")
+    try:
+        demo.run(cfg, out, str(tmp_path / "cache"), progress=False, log=lambda t: None)
+    except ModelUnavailableError as err:
+        pytest.skip(f"the model cannot be fetched here: {err}")
+    finally:
+        torch.set_num_threads(threads)
+    with open(os.path.join(out, "metrics.json")) as f:
+        arms = json.load(f)
+    assert list(arms) == list(REAL_ARMS)
+    for arm in REAL_ARMS:
+        for key in REAL_REQUIRED:
+            assert isinstance(arms[arm][key], float), (arm, key)
+        assert 0.0 <= arms[arm]["model_utility"] <= 1.0
+    assert arms["oracle"]["forget_quality"] == 1.0 and arms["oracle"]["privleak"] == 0.0
+    with open(os.path.join(out, "run.json")) as f:
+        run_info = json.load(f)
+    assert run_info["model"] == "smollm2-135m" and run_info["n_params"] == 134_515_008
+    assert "decoder layers 18-29" in run_info["trained_parameters"]
+    assert set(run_info["seconds"]["arms"]) == {"npo", "npo+clreg"}
+    for name in ("tradeoff.png", "entanglement.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 10_000
+    for split in ("forget", "retain", "holdout", "world"):
+        assert os.path.exists(os.path.join(out, "data", f"{split}.json"))
+    # CLReg changed the NPO run (the two arms differ at the CLReg layer)
+    assert arms["npo"]["entanglement_score"] != arms["npo+clreg"]["entanglement_score"]

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clreg-unlearn", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = parser.add_argument_group("model and data")
-    io.add_argument("--model", required=True, help="Hugging Face model directory or hub id")
+    io.add_argument("--model", required=True,
+                    help="Hugging Face model directory or hub id, or a known name "
+                         "(smollm2-135m: fetched once into ~/.cache/clreg_fast)")
     io.add_argument("--tokenizer", default=None, help="tokenizer path (default: --model)")
     io.add_argument("--forget", required=True, help="forget set (JSON / JSONL)")
     io.add_argument("--retain", required=True, help="retain set (JSON / JSONL)")
@@ -171,7 +173,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     fields = {f.name for f in dataclasses.fields(UnlearnConfig)}
     cfg = UnlearnConfig(out_dir=args.out, **{k: v for k, v in vars(args).items() if k in fields})
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    from clreg_fast.unlearn.models import resolve_model
+
+    model_path = resolve_model(args.model)  # a known name becomes its cached HF folder
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     load_kwargs = {}
     if cfg.attn_implementation:
@@ -185,9 +190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             load_kwargs["attn_implementation"] = cfg.attn_implementation
     # float32 master weights; bf16 compute comes from autocast / the FSDP policy.
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **load_kwargs)
     except TypeError:  # transformers < 4.56 spells it torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32,
                                                      **load_kwargs)
 
     id_map: Dict = {}  # concept names -> ids, shared by both files

@@ -31,6 +31,12 @@ of the right token with the true prefix, i.e. teacher forcing):
 * ``knn_mixing``: entanglement of forget and retain features at one layer (see
   :func:`knn_mixing`); ``forget_retain_cos``: mean cosine between forget and retain features;
   ``retain_drift``: mean ``1 - cos`` between retain features now and before unlearning.
+* ``entanglement_score`` (Zhao et al. 2024, lower = more separated), ``silhouette`` (cosine,
+  forget/retain labels) and ``linear_probe_acc`` (cross-validated balanced accuracy of a
+  logistic probe), all on L2-normalized features at that layer.
+* Model utility (:func:`utility_metrics`, TOFU): the harmonic mean of probability, ROUGE-L
+  recall of the greedy answer (``rouge-score``) and truth-ratio score ``max(0, 1 - R)`` on the
+  retain set and on general-knowledge "world facts".
 """
 from __future__ import annotations
 
@@ -160,6 +166,120 @@ def truth_ratio(paraphrased_logprob: float, perturbed_logprobs: Sequence[float])
     if len(perturbed_logprobs) == 0:
         raise ValueError("truth_ratio needs at least one perturbed answer")
     return float(math.exp(float(np.mean(perturbed_logprobs)) - paraphrased_logprob))
+
+
+def _normalized_pair(forget, retain):
+    f, r = _as_2d_float(forget, "forget"), _as_2d_float(retain, "retain")
+    if f.shape[1] != r.shape[1]:
+        raise ValueError(f"forget and retain have {f.shape[1]} and {r.shape[1]} features")
+    if f.shape[0] < 1 or r.shape[0] < 1:
+        raise ValueError(f"needs forget and retain rows, got {f.shape[0]} and {r.shape[0]}")
+    return (torch.nn.functional.normalize(f, dim=1), torch.nn.functional.normalize(r, dim=1))
+
+
+def entanglement_score(forget, retain) -> float:
+    """Entanglement Score of Zhao et al. 2024 ("What makes unlearning hard") on L2-normalized rows:
+
+    ``ES = (mean_r ||z_r - mu_R||^2 + mean_f ||z_f - mu_F||^2)
+    / (0.5 (||mu_R - mu||^2 + ||mu_F - mu||^2))``, ``mu`` the mean of all rows.
+
+    Within-set spread over between-set distance: lower = better separated (0 for two tight,
+    distinct clusters; large when both sets come from one distribution).
+    """
+    zf, zr = _normalized_pair(forget, retain)
+    mu_f, mu_r = zf.mean(0), zr.mean(0)
+    mu = torch.cat([zf, zr]).mean(0)
+    within = ((zr - mu_r) ** 2).sum(1).mean() + ((zf - mu_f) ** 2).sum(1).mean()
+    between = 0.5 * (((mu_r - mu) ** 2).sum() + ((mu_f - mu) ** 2).sum())
+    if between.item() == 0.0:
+        return math.inf if within.item() > 0 else float("nan")
+    return (within / between).item()
+
+
+def forget_retain_silhouette(forget, retain) -> float:
+    """Silhouette score (scikit-learn, cosine distance) of the forget/retain labelling:
+    1 = separated, about 0 = overlapping, negative = rows closer to the other set."""
+    from sklearn.metrics import silhouette_score
+
+    zf, zr = _normalized_pair(forget, retain)
+    if zf.shape[0] + zr.shape[0] < 3:
+        raise ValueError("silhouette needs at least 3 rows")
+    x = torch.cat([zf, zr]).numpy()
+    labels = np.r_[np.zeros(zf.shape[0], int), np.ones(zr.shape[0], int)]
+    return float(silhouette_score(x, labels, metric="cosine"))
+
+
+def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0) -> float:
+    """Cross-validated accuracy of a logistic-regression probe telling forget from retain rows
+    (scikit-learn; stratified folds, at most ``folds`` and at most the smaller set's size;
+    balanced class weights). 1 = linearly separable; its error is ``1 - accuracy``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    zf, zr = _normalized_pair(forget, retain)
+    n_splits = min(int(folds), zf.shape[0], zr.shape[0])
+    if n_splits < 2:
+        raise ValueError("linear_probe_accuracy needs at least 2 forget and 2 retain rows")
+    x = torch.cat([zf, zr]).numpy()
+    y = np.r_[np.zeros(zf.shape[0], int), np.ones(zr.shape[0], int)]
+    probe = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")
+    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    # Balanced accuracy: with 10% forget rows, plain accuracy would reward "always retain".
+    return float(cross_val_score(probe, x, y, cv=cv, scoring="balanced_accuracy").mean())
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """ROUGE-L recall of ``prediction`` against ``reference`` (the ``rouge-score`` package,
+    stemmed, as TOFU reports it)."""
+    if not isinstance(prediction, str) or not isinstance(reference, str):
+        raise TypeError("prediction and reference must be strings")
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].recall)
+
+
+_SCORER = None
+
+
+def _rouge_scorer():
+    global _SCORER
+    if _SCORER is None:
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError:
+            raise ImportError("ROUGE-L needs the rouge-score package: pip install rouge-score") from None
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _SCORER
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """Harmonic mean of non-negative numbers (0 when any is 0), TOFU's model-utility aggregate."""
+    v = np.asarray(list(values), float)
+    if v.size == 0:
+        raise ValueError("harmonic_mean needs at least one value")
+    if np.isnan(v).any() or (v < 0).any():
+        raise ValueError(f"harmonic_mean takes non-negative numbers, got {v.tolist()}")
+    if (v == 0).any():
+        return 0.0
+    return float(v.size / (1.0 / v).sum())
+
+
+def truth_ratio_utility(ratios) -> float:
+    """TOFU's truth-ratio score for retain-like sets: mean of ``max(0, 1 - R)``, ``R`` the truth
+    ratio P(perturbed) / P(paraphrased) (high = the model prefers the true answer)."""
+    r = np.asarray(ratios, float)
+    if r.size == 0:
+        raise ValueError("truth_ratio_utility needs at least one ratio")
+    return float(np.maximum(0.0, 1.0 - r).mean())
+
+
+def normalized_answer_prob(answer_logprob: float, perturbed_logprobs: Sequence[float]) -> float:
+    """``p / (p + sum_j p_j)`` of per-token-mean probabilities: TOFU's probability on the
+    world-facts set, the true answer against its perturbed versions."""
+    if len(perturbed_logprobs) == 0:
+        raise ValueError("normalized_answer_prob needs at least one perturbed answer")
+    lps = np.asarray([answer_logprob] + list(perturbed_logprobs), float)
+    lps -= lps.max()
+    p = np.exp(lps)
+    return float(p[0] / p.sum())
 
 
 # --------------------------------------------------------------------------- model level
@@ -308,7 +428,111 @@ def evaluate_model(model, splits: Dict[str, Sequence[Dict]], layer: Optional[int
         f, r = raw["features"]["forget"], raw["features"]["retain"]
         metrics["knn_mixing"] = knn_mixing(f, r, k=knn_k)
         metrics["forget_retain_cos"] = mean_cosine(f, r)
+        metrics["entanglement_score"] = entanglement_score(f, r)
+        if f.shape[0] + r.shape[0] >= 3:
+            metrics["silhouette"] = forget_retain_silhouette(f, r)
+        if min(f.shape[0], r.shape[0]) >= 2:
+            metrics["linear_probe_acc"] = linear_probe_accuracy(f, r)
         if reference_features is not None and "retain" in reference_features:
             metrics["retain_drift"] = feature_drift(reference_features["retain"], r)
     metrics["_raw"] = raw
     return metrics
+
+
+# --------------------------------------------------------------------------- generation, utility
+
+
+def prompt_ids(example: Dict) -> List[int]:
+    """The prompt tokens of an example: everything before the first answer label."""
+    labels = example["labels"]
+    n = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
+    return list(example["input_ids"][:n])
+
+
+def answer_ids(example: Dict, eos_id: Optional[int] = None) -> List[int]:
+    """The answer tokens of an example, without a trailing EOS."""
+    ids = [y for y in example["labels"] if y != IGNORE_INDEX]
+    if eos_id is not None and ids and ids[-1] == eos_id:
+        ids = ids[:-1]
+    return ids
+
+
+@torch.no_grad()
+def greedy_answers(model, examples: Sequence[Dict], pad_id: int, eos_id: int,
+                   max_new_tokens: int = 32, batch_size: int = 32) -> List[List[int]]:
+    """Greedy continuations of each example's prompt (left-padded batches, KV cache), cut at
+    the first EOS."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    out: List[List[int]] = []
+    for start in range(0, len(examples), batch_size):
+        prompts = [prompt_ids(ex) for ex in examples[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.as_tensor(p)
+            mask[row, width - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             pad_token_id=pad_id, eos_token_id=eos_id)
+        for row in gen[:, width:].tolist():
+            out.append(row[:row.index(eos_id)] if eos_id in row else row)
+    if was_training:
+        model.train()
+    return out
+
+
+def rouge_l_of_model(model, examples: Sequence[Dict], tokenizer, pad_id: int,
+                     max_new_tokens: int = 32, batch_size: int = 32) -> np.ndarray:
+    """Per-example ROUGE-L recall of the model's greedy answer against the true answer."""
+    eos = tokenizer.eos_token_id
+    generated = greedy_answers(model, examples, pad_id, eos, max_new_tokens, batch_size)
+    scores = []
+    for ex, gen in zip(examples, generated):
+        reference = tokenizer.decode(answer_ids(ex, eos), skip_special_tokens=True)
+        scores.append(rouge_l_recall(tokenizer.decode(gen, skip_special_tokens=True), reference))
+    return np.asarray(scores)
+
+
+def utility_metrics(model, sets: Dict[str, Sequence[Dict]], tokenizer, pad_id: int,
+                    batch_size: int = 32, max_new_tokens: int = 32) -> Dict[str, float]:
+    """TOFU-style model utility: for each named set (``retain``, ``world``, ...) of examples with
+    paraphrased/perturbed ``alternatives``, its probability, ROUGE-L recall and truth-ratio score;
+    ``model_utility`` is the harmonic mean of all of them.
+
+    Probability: ``P(a | q) ** (1 / |a|)`` averaged over rows, except on ``world`` (general
+    knowledge the model had before fine-tuning), where it is normalized against the perturbed
+    answers (:func:`normalized_answer_prob`), as TOFU does for its real-world sets.
+    """
+    out: Dict[str, float] = {}
+    parts = []
+    for name, examples in sets.items():
+        if not examples:
+            raise ValueError(f"utility set {name!r} is empty")
+        if not all((ex.get("alternatives") or {}).get("paraphrased") and
+                   ex["alternatives"].get("perturbed") for ex in examples):
+            raise ValueError(f"every row of utility set {name!r} needs paraphrased and "
+                             "perturbed answers")
+        lp = [s["logprobs"].mean() for s in token_stats(model, examples, batch_size, pad_id)]
+        para = [s["logprobs"].mean() for s in token_stats(
+            model, [ex["alternatives"]["paraphrased"] for ex in examples], batch_size, pad_id)]
+        flat = [alt for ex in examples for alt in ex["alternatives"]["perturbed"]]
+        flat_lp = [s["logprobs"].mean() for s in token_stats(model, flat, batch_size, pad_id)]
+        pert, pos = [], 0
+        for ex in examples:
+            n = len(ex["alternatives"]["perturbed"])
+            pert.append(flat_lp[pos:pos + n])
+            pos += n
+        if name == "world":
+            prob = float(np.mean([normalized_answer_prob(a, p) for a, p in zip(lp, pert)]))
+        else:
+            prob = float(np.mean(np.exp(lp)))
+        rouge = float(rouge_l_of_model(model, examples, tokenizer, pad_id, max_new_tokens,
+                                       batch_size).mean())
+        tr = truth_ratio_utility([truth_ratio(a, p) for a, p in zip(para, pert)])
+        out.update({f"{name}_prob": prob, f"{name}_rouge": rouge, f"{name}_truth": tr})
+        parts += [prob, rouge, tr]
+    out["model_utility"] = harmonic_mean(parts)
+    return out
