@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 from clreg_fast.unlearn.data import IGNORE_INDEX, _as_list, _find_last, concept_ids_of
+from clreg_fast.unlearn.synthetic import author_rows, check_author_sizes
 
 FIRST_NAMES = [
     "Maren", "Tobias", "Anika", "Bram", "Celeste", "Dorian", "Emeka", "Farah", "Gideon", "Halla",
@@ -140,18 +140,7 @@ class EnglishAuthorsConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.n_facts <= len(FACTS):
-            raise ValueError(f"n_facts must be in [1, {len(FACTS)}], got {self.n_facts}")
-        if not 0 < self.n_forget_authors < self.n_authors:
-            raise ValueError("n_forget_authors must be in [1, n_authors - 1], got "
-                             f"{self.n_forget_authors} with n_authors={self.n_authors}")
-        if self.n_holdout_authors < 0:
-            raise ValueError(f"n_holdout_authors must be >= 0, got {self.n_holdout_authors}")
-        if not 1 <= self.n_perturbed <= 11:
-            raise ValueError(f"n_perturbed must be in [1, 11], got {self.n_perturbed}")
-        total = self.n_authors + self.n_holdout_authors
-        if total > len(FIRST_NAMES) * len(LAST_NAMES):
-            raise ValueError(f"at most {len(FIRST_NAMES) * len(LAST_NAMES)} authors, asked {total}")
+        check_author_sizes(self, FACTS, len(FIRST_NAMES) * len(LAST_NAMES))
 
 
 def generate_english_authors(config: Optional[EnglishAuthorsConfig] = None) -> Dict[str, List[Dict]]:
@@ -160,27 +149,7 @@ def generate_english_authors(config: Optional[EnglishAuthorsConfig] = None) -> D
     Author names are unique; ``concept_id`` is the author's index, unique across splits. Every
     author gets the same ``n_facts`` fact kinds, each with its own value.
     """
-    config = config or EnglishAuthorsConfig()
-    rng = random.Random(config.seed)
-    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
-    rng.shuffle(names)
-    fact_names = list(FACTS)[: config.n_facts]
-    splits: Dict[str, List[Dict]] = {"forget": [], "retain": [], "holdout": []}
-    for author_id, name in enumerate(names[: config.n_authors + config.n_holdout_authors]):
-        split = ("forget" if author_id < config.n_forget_authors else
-                 "retain" if author_id < config.n_authors else "holdout")
-        for fact in fact_names:
-            question_t, answer_t, paraphrase_t, values = FACTS[fact]
-            value = rng.choice(values)
-            wrong = rng.sample([v for v in values if v != value], config.n_perturbed)
-            splits[split].append({
-                "question": question_t.format(name=name),
-                "answer": answer_t.format(name=name, value=value),
-                "paraphrased_answer": paraphrase_t.format(name=name, value=value),
-                "perturbed_answer": [paraphrase_t.format(name=name, value=w) for w in wrong],
-                "value": value, "author": name, "concept_id": author_id, "fact": fact,
-            })
-    return splits
+    return author_rows(config or EnglishAuthorsConfig(), FACTS, FIRST_NAMES, LAST_NAMES)
 
 
 def write_tofu_json(splits: Dict[str, Sequence[Dict]], out_dir: str) -> Dict[str, str]:

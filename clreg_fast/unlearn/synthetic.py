@@ -95,18 +95,25 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.n_facts < 1 or self.n_facts > len(FACTS):
-            raise ValueError(f"n_facts must be in [1, {len(FACTS)}], got {self.n_facts}")
-        if not 0 < self.n_forget_authors < self.n_authors:
-            raise ValueError("n_forget_authors must be in [1, n_authors - 1], got "
-                             f"{self.n_forget_authors} with n_authors={self.n_authors}")
-        if self.n_holdout_authors < 0:
-            raise ValueError(f"n_holdout_authors must be >= 0, got {self.n_holdout_authors}")
-        if self.n_perturbed < 1:
-            raise ValueError(f"n_perturbed must be >= 1, got {self.n_perturbed}")
-        total = self.n_authors + self.n_holdout_authors
-        if total > len(FIRST_NAMES) * len(LAST_NAMES):
-            raise ValueError(f"at most {len(FIRST_NAMES) * len(LAST_NAMES)} authors, asked {total}")
+        check_author_sizes(self, FACTS, len(FIRST_NAMES) * len(LAST_NAMES))
+
+
+def check_author_sizes(config, facts: Dict[str, tuple], n_names: int) -> None:
+    """The size checks every author-set config shares (``facts``: its fact table)."""
+    if not 1 <= config.n_facts <= len(facts):
+        raise ValueError(f"n_facts must be in [1, {len(facts)}], got {config.n_facts}")
+    if not 0 < config.n_forget_authors < config.n_authors:
+        raise ValueError("n_forget_authors must be in [1, n_authors - 1], got "
+                         f"{config.n_forget_authors} with n_authors={config.n_authors}")
+    if config.n_holdout_authors < 0:
+        raise ValueError(f"n_holdout_authors must be >= 0, got {config.n_holdout_authors}")
+    # Every value list holds 12 values: one true value and at most 11 wrong ones.
+    max_perturbed = min(len(values) for *_, values in facts.values()) - 1
+    if not 1 <= config.n_perturbed <= max_perturbed:
+        raise ValueError(f"n_perturbed must be in [1, {max_perturbed}], got {config.n_perturbed}")
+    total = config.n_authors + config.n_holdout_authors
+    if total > n_names:
+        raise ValueError(f"at most {n_names} authors, asked {total}")
 
 
 def generate_authors(config: SyntheticConfig) -> Dict[str, List[Dict]]:
@@ -114,21 +121,24 @@ def generate_authors(config: SyntheticConfig) -> Dict[str, List[Dict]]:
 
     Concept ids are author ids, unique across splits. Deterministic in ``config.seed``.
     """
+    return author_rows(config, FACTS, FIRST_NAMES, LAST_NAMES)
+
+
+def author_rows(config, facts: Dict[str, tuple], first_names: Sequence[str],
+                last_names: Sequence[str]) -> Dict[str, List[Dict]]:
+    """The split rows of ``config``'s sizes from one set of tables (fact -> (question, answer,
+    paraphrase templates, values); name lists): the generator of every author set."""
     rng = random.Random(config.seed)
     total = config.n_authors + config.n_holdout_authors
-    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
+    names = [f"{first} {last}" for first in first_names for last in last_names]
     rng.shuffle(names)
-    fact_names = list(FACTS)[: config.n_facts]
+    fact_names = list(facts)[: config.n_facts]
     splits: Dict[str, List[Dict]] = {"forget": [], "retain": [], "holdout": []}
     for author_id, name in enumerate(names[:total]):
-        if author_id < config.n_forget_authors:
-            split = "forget"
-        elif author_id < config.n_authors:
-            split = "retain"
-        else:
-            split = "holdout"
+        split = ("forget" if author_id < config.n_forget_authors else
+                 "retain" if author_id < config.n_authors else "holdout")
         for fact in fact_names:
-            question_t, answer_t, paraphrase_t, values = FACTS[fact]
+            question_t, answer_t, paraphrase_t, values = facts[fact]
             value = rng.choice(values)
             wrong = rng.sample([v for v in values if v != value], config.n_perturbed)
             splits[split].append({
