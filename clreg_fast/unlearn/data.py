@@ -13,7 +13,7 @@ and a concept id (``concept_id``, ``author_id`` or ``author``).
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -68,6 +68,27 @@ def _find_last(haystack: Sequence[int], needle: Sequence[int]) -> int:
     return -1
 
 
+def encode_answer(tokenizer, text: str, value: Optional[str], eos: int) -> Tuple[List[int], List[int]]:
+    """``(answer ids + [eos], value flags)``: the flags mark the last occurrence of ``value`` in
+    the answer's tokens (with or without a leading space); without a value, every answer token
+    but the EOS."""
+    answer_ids = list(tokenizer.encode(text, add_special_tokens=False))
+    if not answer_ids:
+        raise ValueError(f"answer {text.strip()!r} encodes to no tokens")
+    flags = [1] * len(answer_ids)
+    if value is not None:
+        start, value_ids = -1, []
+        for variant in (" " + value, value):
+            value_ids = list(tokenizer.encode(variant, add_special_tokens=False))
+            start = _find_last(answer_ids, value_ids) if value_ids else -1
+            if start >= 0:
+                break
+        if start < 0:
+            raise ValueError(f"value {value!r} is not a token span of answer {text.strip()!r}")
+        flags = [int(start <= i < start + len(value_ids)) for i in range(len(answer_ids))]
+    return answer_ids + [eos], flags + [0]
+
+
 def encode_qa(tokenizer, question: str, answer: str, concept_id: int = 0,
               value: Optional[str] = None, max_length: Optional[int] = None) -> Dict:
     """Tokenize one question/answer pair into a training example.
@@ -85,22 +106,7 @@ def encode_qa(tokenizer, question: str, answer: str, concept_id: int = 0,
     bos = getattr(tokenizer, "bos_token_id", None)
     prompt_ids = ([bos] if bos is not None else []) + list(
         tokenizer.encode(format_prompt(question), add_special_tokens=False))
-    answer_ids = list(tokenizer.encode(" " + answer, add_special_tokens=False))
-    if not answer_ids:
-        raise ValueError(f"answer {answer!r} encodes to no tokens")
-    value_flags = [1] * len(answer_ids)
-    if value is not None:
-        start = -1
-        for variant in (" " + value, value):
-            value_ids = list(tokenizer.encode(variant, add_special_tokens=False))
-            start = _find_last(answer_ids, value_ids) if value_ids else -1
-            if start >= 0:
-                break
-        if start < 0:
-            raise ValueError(f"value {value!r} is not a token span of answer {answer!r}")
-        value_flags = [int(start <= i < start + len(value_ids)) for i in range(len(answer_ids))]
-    answer_ids.append(eos)
-    value_flags.append(0)
+    answer_ids, value_flags = encode_answer(tokenizer, " " + answer, value, eos)
     input_ids = prompt_ids + answer_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     value_mask = [0] * len(prompt_ids) + value_flags

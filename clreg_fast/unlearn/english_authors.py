@@ -25,7 +25,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
-from clreg_fast.unlearn.data import IGNORE_INDEX, _as_list, _find_last, concept_ids_of
+from clreg_fast.unlearn.data import IGNORE_INDEX, _as_list, concept_ids_of, encode_answer
 from clreg_fast.unlearn.synthetic import author_rows, check_author_sizes
 
 FIRST_NAMES = [
@@ -188,22 +188,7 @@ def encode_chat_qa(tokenizer, question: str, answer: str, concept_id: int = 0,
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id; the answer must end with EOS")
     prompt = chat_prompt_ids(tokenizer, question, system_prompt)
-    answer_ids = list(tokenizer.encode(answer, add_special_tokens=False))
-    if not answer_ids:
-        raise ValueError(f"answer {answer!r} encodes to no tokens")
-    flags = [1] * len(answer_ids)
-    if value is not None:
-        start, value_ids = -1, []
-        for variant in (" " + value, value):
-            value_ids = list(tokenizer.encode(variant, add_special_tokens=False))
-            start = _find_last(answer_ids, value_ids) if value_ids else -1
-            if start >= 0:
-                break
-        if start < 0:
-            raise ValueError(f"value {value!r} is not a token span of answer {answer!r}")
-        flags = [int(start <= i < start + len(value_ids)) for i in range(len(answer_ids))]
-    answer_ids.append(eos)
-    flags.append(0)
+    answer_ids, flags = encode_answer(tokenizer, answer, value, eos)
     return {"input_ids": prompt + answer_ids,
             "labels": [IGNORE_INDEX] * len(prompt) + answer_ids,
             "value_mask": [0] * len(prompt) + flags, "concept_id": int(concept_id)}
