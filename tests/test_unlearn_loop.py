@@ -450,3 +450,12 @@ def test_two_ranks_resume_exactly(dist_results, run_name):
     for name, p in r["straight"].items():
         assert torch.equal(p, r["resumed"][name]), (parallel, run_name, name)
     assert r["h_straight"] == r["h_resumed"]
+
+
+def test_queue_without_clreg_warns_that_it_is_unused():
+    with pytest.warns(UserWarning, match="clreg_weight is 0"):
+        UnlearnConfig(clreg_queue_size=16)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnlearnConfig(clreg_queue_size=16, clreg_weight=1.0)

@@ -146,6 +146,10 @@ class UnlearnConfig:
         if self.clreg_queue_size and self.clreg_backend == "reference":
             raise ValueError("clreg_queue_size > 0 needs a fused clreg_backend ('auto', 'torch', "
                              "'triton' or 'cuda'); the reference backend takes no extra negatives")
+        if self.clreg_queue_size and not self.clreg_weight > 0:
+            # Not an error (a config may turn CLReg off and keep the rest), but say it is unused.
+            warnings.warn("clreg_queue_size is set but clreg_weight is 0: no CLReg term, so no "
+                          "queue is kept", stacklevel=3)
         if self.retain_batch_size is not None and (not isinstance(self.retain_batch_size, int)
                                                    or self.retain_batch_size < 1):
             raise ValueError(f"retain_batch_size must be None or an int >= 1, "
