@@ -31,7 +31,9 @@ def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a module's float
+    # attribute is a symbolic float, which comparisons can guard on (NaN fails both).
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     return float(temperature)
 

@@ -10,6 +10,7 @@ from clreg_fast import fused_clreg_loss
 from clreg_fast.backends import available_backends
 from clreg_fast.backends.base import route_through_ops
 from clreg_fast.backends.torch_chunked import ops as torch_ops
+from clreg_fast.bench.compile_step import TinyEncoder
 
 torch._dynamo.config.cache_size_limit = 64  # many small graphs over the whole module
 
@@ -56,20 +57,9 @@ def test_eager_calls_through_the_ops_equal_direct_calls():
 
 # ---------------------------------------------------------------------------- compiled step
 
-class TinyModel(torch.nn.Module):
-    """A small encoder whose forward ends in the loss, as a training step would."""
-
-    def __init__(self, d_in=12, hidden=16, p=8, backend="torch"):
-        super().__init__()
-        self.body = torch.nn.Linear(d_in, hidden)
-        self.head = torch.nn.Linear(hidden, p)
-        self.backend = backend
-
-    def forward(self, x_forget, x_retain, labels):
-        forget = torch.tanh(self.body(x_forget))
-        retain = torch.tanh(self.body(x_retain))
-        return fused_clreg_loss(forget, retain, self.head.weight, self.head.bias, labels=labels,
-                                temperature=0.2, backend=self.backend)
+def TinyModel(backend="torch"):
+    """A small encoder whose forward ends in the loss, as a training step would (the benchmark's)."""
+    return TinyEncoder(12, 16, 8, backend, temperature=0.2)
 
 
 def _batch(nf, nr, seed, n_labels=3, device="cpu"):
@@ -86,6 +76,17 @@ def _loss_and_grads(model, fn, batch):
     loss = fn(*batch)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_compiled_matches_eager(model, compiled, sizes, device="cpu"):
+    """Loss and every gradient of the compiled step equal eager's (fp32, 1e-5) at each (Nf, Nr)."""
+    for seed, (nf, nr) in enumerate(sizes):
+        batch = _batch(nf, nr, seed, device=device)
+        want_loss, want_grads = _loss_and_grads(model, model, batch)
+        got_loss, got_grads = _loss_and_grads(model, compiled, batch)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+        for got, want in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_graph_break_with_labels():
@@ -117,25 +118,14 @@ def test_compiled_step_matches_eager_inductor():
     torch.manual_seed(0)
     model = TinyModel()
     compiled = torch.compile(model, fullgraph=True)
-    batch = _batch(10, 7, 0)
-    want_loss, want_grads = _loss_and_grads(model, model, batch)
-    got_loss, got_grads = _loss_and_grads(model, compiled, batch)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
-    for got, want in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_compiled_matches_eager(model, compiled, [(10, 7)])
 
 
 def test_compiled_step_without_retain_rows():
     """Nr = 0 takes another branch (and another graph: sizes 0 and 1 are specialized)."""
     model = TinyModel()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    for seed, nf in enumerate([9, 14]):
-        batch = _batch(nf, 0, seed)
-        want_loss, want_grads = _loss_and_grads(model, model, batch)
-        got_loss, got_grads = _loss_and_grads(model, compiled, batch)
-        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
-        for got, want in zip(got_grads, want_grads):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_compiled_matches_eager(model, compiled, [(nf, 0) for nf in [9, 14]])
 
 
 SIZES = [(10, 7), (13, 11), (17, 5), (22, 19), (9, 8), (31, 3), (12, 26)]
@@ -150,13 +140,7 @@ def test_varying_batch_sizes_do_not_recompile_every_step(dynamic, most_graphs):
     counter = CompileCounterWithBackend("aot_eager")
     model = TinyModel()
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=dynamic)
-    for seed, (nf, nr) in enumerate(SIZES):
-        batch = _batch(nf, nr, seed)
-        got_loss, got_grads = _loss_and_grads(model, compiled, batch)
-        want_loss, want_grads = _loss_and_grads(model, model, batch)
-        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
-        for got, want in zip(got_grads, want_grads):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_compiled_matches_eager(model, compiled, SIZES)
     assert counter.frame_count <= most_graphs, counter.frame_count
 
 
@@ -201,13 +185,7 @@ def test_compiled_step_matches_eager_gpu(backend):
     explained = torch._dynamo.explain(model)(*_batch(10, 7, 0, device="cuda"))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     compiled = torch.compile(model, fullgraph=True)
-    for seed, (nf, nr) in enumerate([(70, 33), (129, 65), (40, 0)]):
-        batch = _batch(nf, nr, seed, device="cuda")
-        want_loss, want_grads = _loss_and_grads(model, model, batch)
-        got_loss, got_grads = _loss_and_grads(model, compiled, batch)
-        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
-        for got, want in zip(got_grads, want_grads):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_compiled_matches_eager(model, compiled, [(70, 33), (129, 65), (40, 0)], device="cuda")
 
 
 @pytest.mark.gpu
@@ -282,13 +260,7 @@ def test_compiled_step_matches_eager_triton():
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)  # Inductor, on CPU too
-    for seed, (nf, nr) in enumerate([(10, 7), (13, 9)]):
-        batch = _batch(nf, nr, seed, device=DEVICE)
-        want_loss, want_grads = _loss_and_grads(model, model, batch)
-        got_loss, got_grads = _loss_and_grads(model, compiled, batch)
-        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
-        for got, want in zip(got_grads, want_grads):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_compiled_matches_eager(model, compiled, [(10, 7), (13, 9)], device=DEVICE)
 
 
 # ---------------------------------------------------------------------------- cuda
@@ -306,3 +278,17 @@ def test_cuda_ops_pass_opcheck(dot):
     for n_grad_cols, need_dza in [(133, True), (70, True), (0, True), (133, False)]:
         torch.library.opcheck(torch.ops.clreg_fast.cuda_lse_backward.default,
                               (za, zc, lse, w, 0, 10.0, n_grad_cols, dot, need_dza))
+
+
+def test_module_temperature_attribute_compiles_with_dynamic_true():
+    """CLRegLoss keeps temperature as a float attribute, which dynamic=True makes symbolic: the
+    input check must trace it (math.isfinite could not) and the loss equal eager."""
+    from clreg_fast import CLRegLoss
+
+    torch.manual_seed(0)
+    loss_fn = CLRegLoss(6, 4, temperature=0.2)
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True, dynamic=True)
+    f, r, lab = *_batch(7, 5, 0)[:2], torch.tensor([0, 0, 1, 1, 2, 2, 3])
+    f, r = f[:, :6], r[:, :6]
+    torch.testing.assert_close(compiled(f, r, labels=lab), loss_fn(f, r, labels=lab),
+                               rtol=1e-5, atol=1e-6)

@@ -32,17 +32,18 @@ from clreg_fast.backends.base import route_through_ops
 class TinyEncoder(torch.nn.Module):
     """Linear + tanh, then a projection head inside the loss."""
 
-    def __init__(self, d_in: int, hidden: int, p: int, backend: str):
+    def __init__(self, d_in: int, hidden: int, p: int, backend: str, temperature: float = 0.1):
         super().__init__()
         self.body = torch.nn.Linear(d_in, hidden)
         self.head = torch.nn.Linear(hidden, p)
         self.backend = backend
+        self.temperature = temperature
 
     def forward(self, x_forget, x_retain, labels):
         forget = torch.tanh(self.body(x_forget))
         retain = torch.tanh(self.body(x_retain))
         return fused_clreg_loss(forget, retain, self.head.weight, self.head.bias, labels=labels,
-                                backend=self.backend)
+                                temperature=self.temperature, backend=self.backend)
 
 
 def _sizes(steps: int, base: int, seed: int) -> List[tuple]:
