@@ -211,6 +211,76 @@ def test_sweep_backward_emulation_more_variants(na, nc, p, off, grad_cols):
             _check_backward(got, want)
 
 
+# The Hopper sweep (sweep_wgmma.cu): the same glue, its own fragments, layouts and ring depth.
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES + SWEEP_SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_wgmma_forward_emulation(na, nc, p, off, tau):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    want = emu.dense_lse_forward(za, zc, off, scale)
+    for sms, per_sm in [(132, 2), (1, 1)]:  # many splits and one
+        got = emu.wgmma_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES + SWEEP_SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+def test_wgmma_backward_emulation(na, nc, p, off, grad_cols):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    for sms, per_sm in [(132, 2), (1, 1)]:
+        got = emu.wgmma_lse_backward(za, zc, lse, w, off, scale, n_grad, grad_cols == "odd",
+                                     sms, per_sm)
+        _check_backward(got, want)
+
+
+@pytest.mark.parametrize("p", [200, 256])
+def test_wgmma_at_256_features(p):
+    """D = 256: a 2-stage ring, 128 accumulator floats per thread, a 64 x 256 RS product."""
+    za, zc, lse, w, scale, n_grad = _backward_case(20, 200, p, 0, "all", seed=p)
+    np.testing.assert_allclose(emu.wgmma_lse_forward(za, zc, 0, scale, True, 132, 2),
+                               emu.dense_lse_forward(za, zc, 0, scale), rtol=1e-12)
+    for fp16 in (False, True):
+        _check_backward(emu.wgmma_lse_backward(za, zc, lse, w, 0, scale, n_grad, fp16, 132, 2),
+                        emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad))
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_wgmma_layouts_and_fragments(d):
+    """The emulator's wgmma pieces: the swizzled tile is a bijection onto d x 64 x 2 bytes
+    whose 16-byte chunks stay whole, each 8-thread phase of the copy hits 8 bank groups, the
+    accumulator and register-A fragments cover their matrices once, the score view and the A
+    view of the same registers agree on every element's (row, column), and the ring fits."""
+    r, k = np.meshgrid(np.arange(64), np.arange(d), indexing="ij")
+    off = emu.sw128_offset(d, r, k)
+    assert sorted(off.ravel()) == list(range(64 * d))
+    chunks = off.reshape(64, d // 8, 8)  # 8 features: one 16-byte cp.async, contiguous
+    assert (chunks[:, :, 0] % 8 == 0).all() and (np.diff(chunks, axis=2) == 1).all()
+    threads = np.arange(emu.THREADS)
+    for ph in range(0, emu.THREADS, 8):
+        t = threads[ph: ph + 8]
+        dst = emu.sw128_offset(d, t >> 3, 8 * (t & 7))
+        assert len(set((dst // 8) % 8)) == 8
+    row, col = emu.wgmma_acc_coords(64)
+    assert len(set(zip(row.ravel(), col.ravel()))) == 64 * 64
+    for kb in range(4):
+        arow, ak = emu.wgmma_a_coords(kb)
+        v = emu.scores_as_a_value(kb, np.arange(8))
+        # The register that holds score (row, col) is the A element (row, k = col).
+        assert (arow == row[:, v]).all() and (ak == col[:, v]).all()
+    for sm in (emu.wgmma_smem_bytes(d),):
+        assert sm <= 227 * 1024
+    src = np.random.default_rng(d).standard_normal((64, d))
+    tile = emu.wgmma_load_tile(d, src, 0)
+    np.testing.assert_array_equal(emu.wgmma_tile_matrix(d, tile), src)
+    np.testing.assert_array_equal(emu.wgmma_tile_matrix(d, tile, transposed=True), src.T)
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 def test_cp_async_ring_model_catches_wrong_schedules(stages):
     """The ring of sweep_tc_kernel passes the cp.async model for any tile count (fewer tiles
