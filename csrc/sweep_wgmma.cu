@@ -51,26 +51,11 @@
 #define CLREG_WGMMA_DEVICE 1
 #endif
 #endif
+// WgmmaConfig, and with CuTe the layouts, tiled MMAs and fragment views (shared with the host
+// probe scripts/wgmma_layout_probe.cu).
+#include "wgmma_layouts.cuh"
 
 namespace clreg {
-namespace {
-
-template <int D>
-struct WgmmaConfig {
-  static_assert(D % 64 == 0 && D <= kSweepMaxDim, "D: multiple of 64, at most 256");
-  // Ring depth: 2 at D = 256 keeps a block under half of the SM's shared memory (two resident
-  // blocks); 3 otherwise.
-  static constexpr int kStages = D == 256 ? 2 : 3;
-  static constexpr int kTileBytes = kTile * D * 2;
-  static constexpr int kVecBytes = 2 * kTile * 4;  // lse and w_rel of a swept tile (kCols)
-  // 128-byte swizzled tiles must start on 1024-byte boundaries; the dynamic shared memory base
-  // is aligned by hand, hence the slack.
-  static constexpr int kAlignSlack = 1024;
-  static constexpr int kSmemBytes =
-      kAlignSlack + kTileBytes * (1 + kStages) + kVecBytes * kStages;
-  // H100 / H200: at most 227 KB of shared memory per block.
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory of one block");
-};
 
 #ifdef CLREG_WGMMA_DEVICE
 namespace wg {
@@ -86,53 +71,6 @@ template <>
 struct CuteElement<__nv_bfloat16> {
   using type = cutlass::bfloat16_t;
 };
-
-template <typename E, int D, int kStages>
-struct Layouts {
-  using Atom = GMMA::Layout_K_SW128_Atom<E>;  // 8 rows x 64 features, 128-byte swizzle
-  using Tile = decltype(tile_to_shape(Atom{}, Shape<Int<kTile>, Int<D>>{}));
-  using Ring = decltype(tile_to_shape(Atom{}, Shape<Int<kTile>, Int<D>, Int<kStages>>{}));
-  // The ring as (feature, swept row, stage): element (d, n, s) is Ring(n, d, s). The B operand
-  // of P . swept_tile, MN-major (features contiguous).
-  using RingT = decltype(composition(
-      Ring{}, make_layout(Shape<Int<D>, Int<kTile>, Int<kStages>>{},
-                          Stride<Int<kTile>, _1, Int<kTile * D>>{})));
-  static_assert(cosize(Tile{}) * int(sizeof(E)) == WgmmaConfig<D>::kTileBytes, "tile bytes");
-  static_assert(cosize(Ring{}) * int(sizeof(E)) == kStages * WgmmaConfig<D>::kTileBytes,
-                "ring bytes");
-};
-
-// S (64 x 64) = own (64 x D) . swept^T: SS, both K-major.
-template <typename E, int D>
-using MmaScores = decltype(make_tiled_mma(
-    GMMA::ss_op_selector<E, E, float, Shape<Int<kTile>, Int<kTile>, Int<D>>>()));
-// acc (64 x D) += P (64 x 64, registers) . swept_tile (64 x D, MN-major in shared memory).
-template <typename E, int D>
-using MmaProduct = decltype(make_tiled_mma(
-    GMMA::rs_op_selector<E, E, float, Shape<Int<kTile>, Int<D>, Int<kTile>>, GMMA::Major::K,
-                         GMMA::Major::MN>()));
-
-// A wgmma accumulator layout ((2 columns, 2 rows, N / 8 column blocks), 1, 1) viewed as
-// (rows, columns) = ((2), (2, N / 8)): row m, column n of this thread's elements.
-template <class L>
-__device__ __forceinline__ constexpr auto rows_cols(L acc) {
-  static_assert(rank(L{}) == 3 && rank(get<0>(L{})) == 3, "wgmma accumulator layout");
-  static_assert(size<0, 0>(L{}) == 2 && size<0, 1>(L{}) == 2, "wgmma accumulator layout");
-  static_assert(size<1>(L{}) == 1 && size<2>(L{}) == 1, "one wgmma atom per tile");
-  return make_layout(layout<0, 1>(acc), make_layout(layout<0, 0>(acc), layout<0, 2>(acc)));
-}
-
-// The S accumulator layout ((2, 2, 8), 1, 1) as the A operand of a K = 64 RS product:
-// ((2 k, 2 rows, 2 k halves), 1, 4 k blocks). Value for value the same registers: column block
-// j of S is k half j % 2 of k block j / 2 (the wgmma A and accumulator fragments share the
-// (row g / g + 8, column pair 2q) pattern).
-template <class L>
-__device__ __forceinline__ constexpr auto scores_as_a(L acc) {
-  static_assert(size<0, 2>(L{}) == kTile / 8, "64 score columns");
-  auto blocks = flatten(logical_divide(layout<0, 2>(acc), Tile<_2>{}));  // (2, 4)
-  return make_layout(make_layout(layout<0, 0>(acc), layout<0, 1>(acc), layout<0>(blocks)),
-                     layout<1>(acc), layout<1>(blocks));
-}
 
 // c (=|+)= a . b over all k blocks, one committed wgmma batch, waited for. kRegA: a is a
 // register operand (RS), not shared-memory descriptors.
@@ -376,6 +314,8 @@ __device__ __forceinline__ void sweep(const T* __restrict__ own, const T* __rest
 
 }  // namespace wg
 #endif  // CLREG_WGMMA_DEVICE
+
+namespace {
 
 // Grid: (owned tiles, splits); 128 threads (one warpgroup). Arguments as sweep_tc_kernel's.
 template <typename T, int D, SweepMode M>

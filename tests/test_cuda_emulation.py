@@ -549,3 +549,68 @@ def test_emulated_mma_fragments_follow_the_ptx_tables_element_by_element():
             for lane in range(32):
                 assert list(regs[j, lane]) == [mat[lane // 4, 2 * (lane % 4)],
                                                mat[lane // 4, 2 * (lane % 4) + 1]]
+
+
+# --------------------------------------------------------------------------------------------
+# The wgmma emulation against CuTe itself (host code, no GPU)
+# --------------------------------------------------------------------------------------------
+
+def _wgmma_layout_probe_output():
+    """Output of scripts/wgmma_layout_probe.cu (CuTe's answer for the kernel's layouts and
+    fragment views), compiled once per source version into build/; None when nvcc or the CUTLASS
+    headers are missing."""
+    import hashlib
+    import os
+    import subprocess
+
+    from clreg_fast.backends.cuda import build_env
+
+    cuda_home, _ = build_env.find_cuda_home()
+    include, _ = build_env.find_cutlass_include()
+    if cuda_home is None or include is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = [os.path.join(root, "scripts", "wgmma_layout_probe.cu"),
+               os.path.join(root, "csrc", "wgmma_layouts.cuh"), os.path.join(root, "csrc", "clreg.h")]
+    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources)).hexdigest()[:16]
+    exe = os.path.join(root, "build", "wgmma_layout_probe", digest, "probe")
+    if not os.path.isfile(exe):
+        os.makedirs(os.path.dirname(exe), exist_ok=True)
+        subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "-std=c++17",
+                        "--expt-relaxed-constexpr", "-O1", f"-I{os.path.join(root, 'csrc')}",
+                        f"-I{include}", "-o", exe, sources[0]], check=True, timeout=900)
+    return subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_wgmma_emulation_matches_cute_layouts():
+    """Every layout and fragment formula of the wgmma emulation is what CuTe computes for the
+    kernel (shared-memory tiles and the transposed ring view, accumulator coordinates of both
+    tiled MMAs for all 128 threads, the rows_cols and scores_as_a views, shared memory size)."""
+    out = _wgmma_layout_probe_output()
+    if out is None:
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass or "
+                    "CLREG_FAST_CUTLASS_INCLUDE)")
+    seen = set()
+    for line in out.splitlines():
+        tag, *vals = line.split()
+        vals = [int(v) for v in vals]
+        seen.add(tag)
+        if tag == "tile":
+            d, r, k, off = vals
+            assert emu.sw128_offset(d, r, k) == off, line
+        elif tag == "ringt_mismatches":
+            assert vals[1] == 0, line
+        elif tag == "smem":
+            assert emu.wgmma_smem_bytes(vals[0]) == vals[1], line
+        elif tag == "acc":
+            n, t, v, row, col = vals
+            erow, ecol = emu.wgmma_acc_coords(n)
+            assert (erow[t, v], ecol[t, v]) == (row, col), line
+        elif tag == "view":
+            n, m, col, v = vals
+            assert emu.rows_cols_value(m, col) == v, line
+        elif tag == "a":
+            kb, i, v = vals
+            assert emu.scores_as_a_value(kb, i) == v, line
+    assert seen == {"tile", "ringt_mismatches", "smem", "acc", "view", "a"}, seen
