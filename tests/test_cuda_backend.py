@@ -161,6 +161,55 @@ def test_toolkit_problems(tmp_path):
     assert build_env.nvcc_version(str(old)) == (12, 4)
 
 
+def _fake_cutlass(root):
+    for name in ("cute/tensor.hpp", "cutlass/cutlass.h"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("// stand-in\n")
+    return root
+
+
+def test_cutlass_include_is_found_from_the_variable_or_the_package(tmp_path, monkeypatch):
+    include = _fake_cutlass(tmp_path / "include")
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
+    assert build_env.find_cutlass_include() == (str(include), f"${build_env.ENV_CUTLASS}")
+    # A wrong path is an answer, not a reason to look elsewhere; "0" turns the wgmma build off.
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(tmp_path / "nowhere"))
+    assert build_env.find_cutlass_include()[0] is None
+    monkeypatch.setenv(build_env.ENV_CUTLASS, "0")
+    found, why = build_env.find_cutlass_include()
+    assert found is None and "off" in why
+    # Unset: the installed cutlass_library package, found without importing it.
+    monkeypatch.delenv(build_env.ENV_CUTLASS)
+    package = tmp_path / "site" / "cutlass_library"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    _fake_cutlass(package / "source" / "include")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    found, how = build_env.find_cutlass_include()
+    assert found == str(package / "source" / "include") and "cutlass_library" in how
+
+
+def test_wgmma_build_plan(tmp_path, monkeypatch):
+    assert build_env.with_sm90a("8.0;9.0") == "8.0;9.0a"
+    assert build_env.with_sm90a("8.0 9.0+PTX") == "8.0;9.0a+PTX"
+    assert build_env.with_sm90a("8.0;8.6;9.0a;10.0") == "8.0;8.6;9.0a;10.0"
+    include = _fake_cutlass(tmp_path / "include")
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
+    found, arch, note = build_env.wgmma_plan("8.0;9.0")
+    assert found == str(include) and arch == "8.0;9.0a" and "built for sm_90a" in note
+    assert build_env.WGMMA_DEFINE in build_env.cxx_flags(found)
+    assert f"-I{include}" in build_env.nvcc_flags(found)
+    assert build_env.source_names(True)[-1] == build_env.WGMMA_SOURCE
+    # No 9.0 entry, or no headers: no wgmma sweep, the arch list as it was.
+    found, arch, note = build_env.wgmma_plan("8.0;8.6")
+    assert found is None and arch == "8.0;8.6" and "no 9.0 entry" in note
+    monkeypatch.setenv(build_env.ENV_CUTLASS, "0")
+    found, arch, note = build_env.wgmma_plan("8.0;9.0")
+    assert found is None and arch == "8.0;9.0" and "not built" in note
+    assert build_env.WGMMA_SOURCE not in build_env.source_names(False)
+    assert build_env.cxx_flags(None) == build_env.CXX_FLAGS
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: primitives against float64 math on the same (rounded) operands
 # --------------------------------------------------------------------------------------------

@@ -446,11 +446,64 @@ KERNEL_EXPRESSIONS = {
         "splits_for(n_grad_tiles,n_anchor_tiles,n_grad_tiles*kTile*dim_pad,",
         "n_anchor,n_col,dim_pad,self_offset,scale_f,false,dim_tc,",
         "acc_cols.data_ptr<float>(),n_grad_cols,n_anchor,dim_pad,-self_offset,scale_f,false,dim_tc,",
-        "launch_sweep_tc(SweepMode::kCols,zc_tc.data_ptr(),za_tc.data_ptr(),",
+        "launch_sweep(loops,SweepMode::kCols,zc_tc.data_ptr(),za_tc.data_ptr(),",
         "(w*(scale_f*tile_scale)).unsqueeze(1)",
         "(w_max*(scale_f*tile_scale))",
         "autow_max=w.abs().max().clamp_min(1e-30);",
         "returntorch::logsumexp(partial,0);",
+        # the wgmma sweep takes the same arguments through the same launch_sweep calls
+        "returnlaunch_sweep_wgmma(mode,own,swept,lse,w,out,n_own,n_swept,ld_out,pair_offset,",
+    ],
+    "wgmma_layouts.cuh": [  # what wgmma_stages / wgmma_smem_bytes / the views mirror
+        "staticconstexprintkStages=D==256?2:3;",
+        "kAlignSlack+kTileBytes*(1+kStages)+kVecBytes*kStages;",
+        "staticconstexprintkVecBytes=2*kTile*4;",
+        "usingAtom=GMMA::Layout_K_SW128_Atom<E>;",
+        "Stride<Int<kTile>,_1,Int<kTile*D>>{})));",                          # RingT
+        "returnmake_layout(layout<0,1>(acc),make_layout(layout<0,0>(acc),layout<0,2>(acc)));",
+        "returnmake_layout(make_layout(layout<0,0>(acc),layout<0,1>(acc),layout<0>(blocks)),"
+        "layout<1>(acc),layout<1>(blocks));",
+        "GMMA::rs_op_selector<E,E,float,Shape<Int<kTile>,Int<D>,Int<kTile>>,GMMA::Major::K,"
+        "GMMA::Major::MN>()",
+    ],
+    "sweep_wgmma.cu": [  # what sweep_wgmma_kernel in tests/_cuda_emulation.py mirrors
+        "Layout<Shape<_16,_8>,Stride<_8,_1>>{},",                              # tiled copy
+        "constint64_town0=int64_t(blockIdx.x)*kTile;",
+        "constint64_ttile_begin=int64_t(blockIdx.y)*tiles_per_split;",
+        "constint64_ttile_end=min(tile_begin+tiles_per_split,n_swept_tiles);",
+        "if(st<n_tiles)load_stage(st,tile_begin+st);",
+        "if(next<n_tiles)load_stage(next%kStages,tile_begin+next);",
+        "constfloat*src=(tid<16?lse:w)+tile*kTile+4*c;",
+        "float*dst=vec_smem+st*2*kTile+(tid<16?0:kTile)+4*c;",
+        "own_row[m]=own0+get<0>(coord(m,0));",
+        "own_ok[m]=own_row[m]<n_own;",
+        "lse_own[m]=(M==SweepMode::kRows&&own_ok[m])?__ldg(lse+own_row[m]):0.f;",
+        "run_max[m]=fixed_shift?scale:-INFINITY;",
+        "constint64_tsw0=(tile_begin+it)*kTile;",
+        "constintn_valid=static_cast<int>(min(int64_t(kTile),n_swept-sw0));",
+        "constint64_td=own_row[m]+pair_offset-sw0;",
+        "diag[m]=(d<0||d>=kTile)?-1:static_cast<int>(d);",
+        "constintcol=get<1>(coord(m,n));",
+        "x[n]=(col<n_valid&&col!=diag[m])?scale*scores(m,n):-INFINITY;",
+        "if(own_ok[m]&&col<n_valid&&col!=diag[m])",
+        "p=expf(scale*scores(m,n)-lse_own[m]);",
+        "p=vec[kTile+col]*expf(scale*scores(m,n)-vec[col]);",
+        "if(std::is_same<T,__half>::value)p*=kFp16ProbScale;",
+        "probs_rc(m,n)=E(p);",
+        "Tensorprobs_a=make_tensor(probs.data(),scores_as_a(probs.layout()));",
+        "wgmma_gemm<false,true>(mma_o,probs_a,t_swept_t(_,_,_,st),t_acc);",
+        "for(intmask=1;mask<=2;mask<<=1)",
+        "if(q==0&&own_ok[m])",
+        "out[int64_t(blockIdx.y)*n_own+own_row[m]]=",
+        "(mx==-INFINITY||sum==0.f)?-INFINITY:mx+logf(sum);",
+        "float*slice=out+int64_t(blockIdx.y)*round_up(n_own,kTile)*ld_out;",
+        "for(intn=0;n<size<1>(acc);n+=2){",
+        "if(col<ld_out)",
+        "*reinterpret_cast<float2*>(slice+(own0+row)*ld_out+col)=",
+        "make_float2(acc(m,n),acc(m,n+1));",
+        # one committed, waited-for batch per product, operands fenced
+        "warpgroup_fence_operand(c);warpgroup_arrive();",
+        "warpgroup_commit_batch();warpgroup_wait<0>();warpgroup_fence_operand(c);",
     ],
 }
 # Statements that must come in this order inside sweep_tc_kernel's main loop.
@@ -472,16 +525,30 @@ def _kernel_sources():
     return {name: re.sub(r"\s+", "", (csrc / name).read_text()) for name in KERNEL_EXPRESSIONS}
 
 
+# The same for sweep_wgmma_kernel, with the proxy fence between the cp.async writes and the
+# barrier before any wgmma reads them.
+WGMMA_RING_ORDER = [
+    "for(intit=0;it<n_tiles;++it){",
+    "cp_async_wait<kStages-2>();",
+    "cutlass::arch::fence_view_async_shared();",
+    "__syncthreads();",
+    "constintnext=it+kStages-1;",
+    "wgmma_gemm<true,false>(mma_s,t_own,t_swept(_,_,_,st),t_scores);",
+    "cp_async_wait<0>();",
+]
+
+
 def _source_mismatches(sources):
     missing = [f"{name}: {e}" for name, exprs in KERNEL_EXPRESSIONS.items() for e in exprs
                if e not in sources[name]]
-    src, pos = sources["sweep_tc.cu"], -1
-    for stmt in RING_ORDER:
-        nxt = src.find(stmt, pos + 1)
-        if nxt < 0:
-            missing.append(f"sweep_tc.cu: {stmt} (in this order: {RING_ORDER})")
-            break
-        pos = nxt
+    for name, order in (("sweep_tc.cu", RING_ORDER), ("sweep_wgmma.cu", WGMMA_RING_ORDER)):
+        src, pos = sources[name], -1
+        for stmt in order:
+            nxt = src.find(stmt, pos + 1)
+            if nxt < 0:
+                missing.append(f"{name}: {stmt} (in this order: {order})")
+                break
+            pos = nxt
     return missing
 
 
@@ -501,6 +568,19 @@ def test_kernel_source_check_is_not_vacuous(old, new):
     sources = _kernel_sources()
     assert old in sources["sweep_tc.cu"]
     sources["sweep_tc.cu"] = sources["sweep_tc.cu"].replace(old, new, 1)
+    assert _source_mismatches(sources)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("cutlass::arch::fence_view_async_shared();__syncthreads();",
+     "__syncthreads();cutlass::arch::fence_view_async_shared();"),  # fence after the barrier
+    ("col<n_valid&&col!=diag[m]", "col<=n_valid&&col!=diag[m]"),
+    ("warpgroup_commit_batch();warpgroup_wait<0>();", "warpgroup_commit_batch();"),
+])
+def test_wgmma_source_check_is_not_vacuous(old, new):
+    sources = _kernel_sources()
+    assert old in sources["sweep_wgmma.cu"]
+    sources["sweep_wgmma.cu"] = sources["sweep_wgmma.cu"].replace(old, new, 1)
     assert _source_mismatches(sources)
 
 
