@@ -5,7 +5,9 @@
 //   ringt_mismatches D n    elements of the transposed ring view that are not Ring(n, d, s)
 //   acc N t v row col       (row, column) of accumulator value v of thread t, 64 x N wgmma
 //   view N t m n v          value index of (m, n) in rows_cols() of that accumulator
-//   a t kb i v              value index of element i, k block kb, of scores_as_a()
+//   a kb i v                value index of element i, k block kb, of scores_as_a()
+//   acoord t kb i row k     (row, k) of element i of k block kb of thread t's register A
+//                           operand of the RS product (CuTe's wgmma A layout)
 //   smem D bytes            WgmmaConfig<D>::kSmemBytes
 #include <cstdint>
 #include <cstdio>
@@ -63,6 +65,16 @@ void print_all() {
   std::printf("ringt_mismatches %d %d\n", D, bad);
   std::printf("smem %d %d\n", D, C::kSmemBytes);
   print_acc<D, clreg::wg::MmaProduct<Elem, D>>("product");
+  if constexpr (D == 64) {  // the A layout of the RS product does not depend on D
+    clreg::wg::MmaProduct<Elem, D> mma;
+    for (int t = 0; t < 128; ++t) {
+      Tensor a = mma.get_thread_slice(t).partition_A(make_identity_tensor(Shape<_64, _64>{}));
+      for (int kb = 0; kb < size<2>(a); ++kb)
+        for (int i = 0; i < size<0>(a); ++i)
+          std::printf("acoord %d %d %d %d %d\n", t, kb, i, int(get<0>(a(i, 0, kb))),
+                      int(get<1>(a(i, 0, kb))));
+    }
+  }
   if constexpr (D == 64) print_acc<64, clreg::wg::MmaScores<Elem, D>>("scores");
 }
 

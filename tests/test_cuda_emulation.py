@@ -666,7 +666,10 @@ def _wgmma_layout_probe_output():
 def test_wgmma_emulation_matches_cute_layouts():
     """Every layout and fragment formula of the wgmma emulation is what CuTe computes for the
     kernel (shared-memory tiles and the transposed ring view, accumulator coordinates of both
-    tiled MMAs for all 128 threads, the rows_cols and scores_as_a views, shared memory size)."""
+    tiled MMAs and the register-A coordinates of the RS product for all 128 threads, the
+    rows_cols and scores_as_a views, shared memory size). With the acc and A coordinates both
+    CuTe's, the emulation's check that score value 8 kb + i and A element (kb, i) sit at the same
+    (row, column) is a check of the kernel's P -> A reuse."""
     out = _wgmma_layout_probe_output()
     if out is None:
         pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass or "
@@ -693,4 +696,8 @@ def test_wgmma_emulation_matches_cute_layouts():
         elif tag == "a":
             kb, i, v = vals
             assert emu.scores_as_a_value(kb, i) == v, line
-    assert seen == {"tile", "ringt_mismatches", "smem", "acc", "view", "a"}, seen
+        elif tag == "acoord":
+            t, kb, i, row, k = vals
+            erow, ek = emu.wgmma_a_coords(kb)
+            assert (erow[t, i], ek[t, i]) == (row, k), line
+    assert seen == {"tile", "ringt_mismatches", "smem", "acc", "view", "a", "acoord"}, seen
