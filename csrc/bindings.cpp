@@ -109,7 +109,7 @@ constexpr bool kWgmmaBuilt = false;
 #endif
 
 // Whether `device` runs the wgmma kernels (a CC 9.0 GPU loading this module's sm_90a code);
-// probed once per device with a one-thread kernel.
+// asked once per device (sweep_wgmma_available: the attributes of a probe kernel, no launch).
 bool wgmma_available(int device) {
 #ifdef CLREG_WITH_WGMMA
   constexpr int kMaxDevices = 64;
@@ -119,7 +119,8 @@ bool wgmma_available(int device) {
   if (state == 0) {
     const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     bool available = false;
-    check_launch(sweep_wgmma_available(device, &available), "sweep_wgmma_probe_kernel");
+    check_launch(sweep_wgmma_available(device, &available),
+                 "cudaFuncGetAttributes(sweep_wgmma_probe_kernel)");
     state = available ? 2 : 1;
     known[device].store(state);
   }

@@ -88,8 +88,8 @@ int resident_blocks_sweep_tc(SweepMode mode, DotType dot, int dim_pad);
 
 // Hopper sweep (sweep_wgmma.cu; sm_90a: wgmma on CuTe GMMA atoms, built with -DCLREG_WITH_WGMMA
 // when the CUTLASS headers are found): the same modes, arguments and outputs as
-// launch_sweep_tc. Only for a device where sweep_wgmma_available() says so: it probes which
-// code the GPU runs (the sm_90a cubin with the wgmma kernels, or not).
+// launch_sweep_tc. Only for a device where sweep_wgmma_available() says so: it asks which code
+// the GPU loads (the sm_90a cubin with the wgmma kernels, or not), for the current device.
 cudaError_t sweep_wgmma_available(int device, bool* available);
 cudaError_t launch_sweep_wgmma(SweepMode mode, const void* own, const void* swept,
                                const float* lse, const float* w, float* out, int64_t n_own,

@@ -28,7 +28,7 @@
 //     (warpgroup_wait<0>): no MMA overlaps the epilogue inside a block.
 // The device code is compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL) and only with
 // CLREG_WITH_WGMMA (CUTLASS headers found at build time); in any other device pass the kernels
-// trap, and sweep_wgmma_available() tells the host which one the GPU would run.
+// trap, and sweep_wgmma_available() tells the host which code the GPU loads.
 // tests/test_cuda_emulation.py emulates this loop structure in float64 (WgmmaSweep).
 #include <cmath>
 #include <cstdint>
@@ -333,12 +333,18 @@ sweep_wgmma_kernel(const T* __restrict__ own, const T* __restrict__ swept,
 #endif
 }
 
-// Writes 1 when the code the GPU runs was compiled for sm_90a with the wgmma kernels.
-__global__ void sweep_wgmma_probe_kernel(int* built) {
+// Tells the host which code the GPU loads: only its sm_90a build (the one with the wgmma
+// kernels) has static shared memory, at least kProbeMarkerInts ints, which cudaFuncGetAttributes
+// reports without a launch (so the probe also works while a stream is being captured).
+constexpr int kProbeMarkerInts = 90;
+__global__ void sweep_wgmma_probe_kernel(int* out) {
 #ifdef CLREG_WGMMA_DEVICE
-  *built = 1;
+  __shared__ volatile int marker[kProbeMarkerInts];
+  if (threadIdx.x < kProbeMarkerInts) marker[threadIdx.x] = int(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0) *out = marker[kProbeMarkerInts - 1];
 #else
-  *built = 0;
+  if (threadIdx.x == 0) *out = 0;
 #endif
 }
 
@@ -414,19 +420,12 @@ cudaError_t sweep_wgmma_available(int device, bool* available) {
     err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
   if (major != 9 || minor != 0) return cudaSuccess;  // sm_90a code runs on CC 9.0 only
-  int* flag = nullptr;
-  err = cudaMalloc(&flag, sizeof(int));
+  cudaFuncAttributes attr{};
+  err = cudaFuncGetAttributes(&attr, sweep_wgmma_probe_kernel);  // for the current device
   if (err != cudaSuccess) return err;
-  int built = 0;
-  err = cudaMemset(flag, 0, sizeof(int));
-  if (err == cudaSuccess) {
-    sweep_wgmma_probe_kernel<<<1, 1>>>(flag);
-    err = cudaGetLastError();
-  }
-  if (err == cudaSuccess) err = cudaMemcpy(&built, flag, sizeof(int), cudaMemcpyDeviceToHost);
-  cudaFree(flag);
-  *available = err == cudaSuccess && built == 1;
-  return err;
+  // (ptxas may round the marker up: 384 bytes for 360; the other builds have none)
+  *available = attr.sharedSizeBytes >= kProbeMarkerInts * sizeof(int);
+  return cudaSuccess;
 }
 
 cudaError_t launch_sweep_wgmma(SweepMode mode, const void* own, const void* swept,

@@ -136,6 +136,14 @@ if wgmma and not any("sweep_wgmma_kernel" in n and r["arch"] == "sm_90a"
     sys.exit("FAILED: setup.py built the wgmma sweep but ptxas compiled no sm_90a sweep_wgmma_kernel")
 if sweep_spills:
     sys.exit(f"FAILED: {len(sweep_spills)} sweep kernel build(s) spill registers")
+# The glue picks the wgmma sweep when the probe kernel the GPU would load has static shared
+# memory (csrc/sweep_wgmma.cu, kProbeMarkerInts = 90 ints): only its sm_90a build may have it.
+probes = [r for r, n in zip(rows, names) if "sweep_wgmma_probe_kernel" in n]
+if wgmma and not probes:
+    sys.exit("FAILED: no sweep_wgmma_probe_kernel in the ptxas report")
+wrong = [f"{r['arch']} ({r['smem']} B)" for r in probes if (r["arch"] == "sm_90a") != (r["smem"] >= 360)]
+if wrong:
+    sys.exit(f"FAILED: the wgmma probe kernel's shared memory marks the wrong builds: {wrong}")
 print("== wgmma sweep: " + ("built for sm_90a (arch list " + arch_list + ")" if wgmma else
       "not built (no CUTLASS headers, or no 9.0 entry; see the build log)"))
 EOF
