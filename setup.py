@@ -4,6 +4,9 @@ The extension (csrc/) is compiled with nvcc and ninja when torch is a CUDA build
 build time, and a matching CUDA toolkit is found; otherwise the pure-Python package is installed
 and a line says why. CLREG_FAST_CUDA_BUILD=1 forces the build (and fails if it is impossible),
 CLREG_FAST_CUDA_BUILD=0 skips it. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100/H200).
+With the CUTLASS headers (`pip install --no-deps nvidia-cutlass==4.2.0.0`, or
+CLREG_FAST_CUTLASS_INCLUDE=DIR) the Hopper wgmma sweep (csrc/sweep_wgmma.cu) is built too and the
+9.0 entry is compiled as sm_90a; without them the build goes on without it and says so.
 
     pip install . --no-build-isolation      # with the CUDA build of torch already installed
     CLREG_FAST_CUDA_BUILD=1 python setup.py build_ext --inplace
@@ -50,7 +53,7 @@ class BuildPyWithKernelSources(build_py):
             return
         dst_dir = os.path.join(self.build_lib, "clreg_fast", "_csrc")
         os.makedirs(dst_dir, exist_ok=True)
-        for name in build_env.SOURCES + build_env.HEADERS:
+        for name in build_env.SOURCES + build_env.HEADERS + (build_env.WGMMA_SOURCE,):
             shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
@@ -71,6 +74,10 @@ def cuda_extension_or_reason():
     # torch.utils.cpp_extension reads these when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_env.DEFAULT_ARCH_LIST)
+    # With the CUTLASS headers the 9.0 entry becomes 9.0a (the wgmma kernels need sm_90a).
+    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(os.environ["TORCH_CUDA_ARCH_LIST"])
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    _say(wgmma_note)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     _say(f"building {build_env.EXTENSION_NAME} with CUDA_HOME={cuda_home} (from {how}) for "
@@ -97,9 +104,10 @@ def cuda_extension_or_reason():
 
     ext = CUDAExtension(
         name=build_env.EXTENSION_NAME,
-        sources=[os.path.join(CSRC, name) for name in build_env.SOURCES],
+        sources=[os.path.join(CSRC, name) for name in build_env.source_names(cutlass is not None)],
         include_dirs=[os.path.join(HERE, CSRC)],
-        extra_compile_args={"cxx": list(build_env.CXX_FLAGS), "nvcc": list(build_env.NVCC_FLAGS)},
+        extra_compile_args={"cxx": build_env.cxx_flags(cutlass),
+                            "nvcc": build_env.nvcc_flags(cutlass)},
     )
     # Without a forced build a failed compile leaves the pure-Python package installed.
     ext.optional = mode == "auto"

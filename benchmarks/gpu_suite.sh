@@ -83,10 +83,11 @@ if [ "$DRY_RUN" = 1 ]; then
     echo "gpu_suite plan (total budget ${TOTAL_S} s), repo $REPO, python $PY"
     echo "  OUT=${OUT:-<unset: required for a real run>}"
     echo "  1. environment: nvidia-smi, torch/triton/CUDA versions, CUDA_HOME=$(detect_cuda_home || true)"
+    echo "  1b. CUTLASS headers: cutlass_library, else pip install --no-deps build/wheels/nvidia_cutlass-4.2.0.0-py3-none-any.whl if carried (make cutlass-wheel)"
     if [ "$SKIP_BUILD" = 1 ]; then echo "  2. build: skipped (--skip-build)"; else
     echo "  2. build (<= ${BUILD_S} s): CLREG_FAST_CUDA_BUILD=1 $PY setup.py build_ext --inplace; then check available_backends()"; fi
     if [ "$SKIP_TESTS" = 0 ]; then
-    echo "  3a. CUDA kernels (<= 150 s): $PY -m pytest -m gpu tests/test_cuda_backend.py (sweep and legacy kernels; legacy from here on if only the sweep fails)"; fi
+    echo "  3a. CUDA kernels (<= 150 s): $PY -m pytest -m gpu tests/test_cuda_backend.py (wgmma, sm80 and legacy kernels; on a failure sm80, else legacy from here on)"; fi
     if [ "$SKIP_TESTS" = 1 ]; then echo "  3. GPU tests: skipped (--skip-tests)"; else
     echo "  3. GPU tests (<= ${GPU_TESTS_S} s): $PY -m pytest -m 'gpu or not slow' tests/test_backends.py tests/test_triton_kernels.py tests/test_cuda_backend.py tests/test_token_scale.py"; fi
     if [ "$SKIP_AUTOTUNE" = 1 ]; then echo "  3b. triton autotune: skipped (--skip-autotune)"; else
@@ -150,6 +151,18 @@ fi
 say "commit: $CLREG_BENCH_COMMIT"
 
 if [ "$SKIP_BUILD" = 0 ]; then
+    # The wgmma sweep needs the CUTLASS headers (the nvidia-cutlass wheel). The GPU machine has
+    # no network: the caller carries the wheel in build/wheels/ (make cutlass-wheel).
+    CUTLASS_WHEEL="$REPO/build/wheels/nvidia_cutlass-4.2.0.0-py3-none-any.whl"
+    if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" 2>/dev/null; then
+        if [ -f "$CUTLASS_WHEEL" ]; then
+            say "installing the CUTLASS headers from $CUTLASS_WHEEL (--no-deps)"
+            "$PY" -m pip install -q --no-deps --no-index "$CUTLASS_WHEEL" 2>&1 \
+                | { grep -v "^WARNING: Location 'file:" || true; } | tee -a "$LOG"
+        else
+            say "no CUTLASS headers (cutlass_library not importable, no $CUTLASS_WHEEL): the build goes on without the wgmma sweep"
+        fi
+    fi
     CUDA_HOME_FOUND="$(detect_cuda_home)"
     if [ -n "$CUDA_HOME_FOUND" ]; then
         export CUDA_HOME="$CUDA_HOME_FOUND"
@@ -165,23 +178,34 @@ if [ "$SKIP_BUILD" = 0 ]; then
         env CLREG_FAST_CUDA_BUILD=1 "$PY" setup.py build_ext --inplace
 fi
 run_step backends 30 "$PY" -c "import clreg_fast, torch; print('available_backends:', clreg_fast.available_backends(), '| cuda:', torch.cuda.is_available())"
+run_step cuda-wgmma 30 "$PY" -c "from clreg_fast.bench import env; print('cuda_wgmma:', env.cuda_wgmma() or 'no extension', '| cuda_loops (bf16, P=128):', env.cuda_loops())"
 
-# --- CUDA kernels first (issue 18): a wrong kernel shows in the first lease. Both kernel
-# families of tests/test_cuda_backend.py (the tensor-core sweep and, CLREG_FAST_CUDA_LOOPS=legacy,
-# the SIMT/WMMA kernels); if the sweep fails and the legacy kernels pass, the rest of the suite
-# (benchmarks included) runs with CLREG_FAST_CUDA_LOOPS=legacy.
+# --- CUDA kernels first (issue 18): a wrong kernel shows in the first lease. Every kernel
+# family of tests/test_cuda_backend.py (the wgmma sweep where it runs, the mma.sync sweep
+# (CLREG_FAST_CUDA_LOOPS=sm80) and the SIMT/WMMA kernels (legacy)); on a failure the families
+# are retried one by one, and the rest of the suite (benchmarks included) runs with the first
+# that passes: sm80 if only the wgmma sweep failed, else legacy.
 if [ "$SKIP_TESTS" = 0 ]; then
     run_step cuda-kernels "$(min 150 $(( $(left) - 250 )))" \
         "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -m gpu tests/test_cuda_backend.py
     IFS='|' read -r _ CUDA_KERNELS_RC _ <<< "${SUMMARY[${#SUMMARY[@]}-1]}"
     if [ "$CUDA_KERNELS_RC" != 0 ] && [ "$CUDA_KERNELS_RC" != skipped ]; then
-        run_step cuda-legacy "$(min 90 $(( $(left) - 230 )))" env CLREG_FAST_CUDA_LOOPS=legacy \
-            "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -m gpu -k "not sweep" \
-            tests/test_cuda_backend.py
-        IFS='|' read -r _ LEGACY_RC _ <<< "${SUMMARY[${#SUMMARY[@]}-1]}"
-        if [ "$LEGACY_RC" = 0 ]; then
-            export CLREG_FAST_CUDA_LOOPS=legacy
-            say "the sweep kernels FAILED their tests: CLREG_FAST_CUDA_LOOPS=legacy from here on"
+        run_step cuda-sm80 "$(min 90 $(( $(left) - 230 )))" env CLREG_FAST_CUDA_LOOPS=sm80 \
+            "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -m gpu \
+            -k "not wgmma and not legacy" tests/test_cuda_backend.py
+        IFS='|' read -r _ SM80_RC _ <<< "${SUMMARY[${#SUMMARY[@]}-1]}"
+        if [ "$SM80_RC" = 0 ]; then
+            export CLREG_FAST_CUDA_LOOPS=sm80
+            say "the wgmma sweep FAILED its tests: CLREG_FAST_CUDA_LOOPS=sm80 from here on"
+        else
+            run_step cuda-legacy "$(min 90 $(( $(left) - 230 )))" env CLREG_FAST_CUDA_LOOPS=legacy \
+                "$PY" -m pytest -q -p no:cacheprovider --maxfail=20 -m gpu \
+                -k "not sweep and not wgmma and not sm80" tests/test_cuda_backend.py
+            IFS='|' read -r _ LEGACY_RC _ <<< "${SUMMARY[${#SUMMARY[@]}-1]}"
+            if [ "$LEGACY_RC" = 0 ]; then
+                export CLREG_FAST_CUDA_LOOPS=legacy
+                say "the sweep kernels FAILED their tests: CLREG_FAST_CUDA_LOOPS=legacy from here on"
+            fi
         fi
     fi
 fi
@@ -231,7 +255,7 @@ fi
 {
     echo
     echo "== gpu_suite summary ($(elapsed) s of ${TOTAL_S}) =="
-    echo "cuda kernels: CLREG_FAST_CUDA_LOOPS=${CLREG_FAST_CUDA_LOOPS:-<unset: the tensor-core kernels for fp16/bf16, P <= 256>} (meta.json: cuda_loops)"
+    echo "cuda kernels: CLREG_FAST_CUDA_LOOPS=${CLREG_FAST_CUDA_LOOPS:-<unset: the tensor-core kernels for fp16/bf16, P <= 256>} (meta.json: cuda_loops; wgmma sweep built/ran: cuda_wgmma)"
     printf '%-12s %-8s %s\n' step exit seconds
     for s in "${SUMMARY[@]}"; do IFS='|' read -r a b c <<< "$s"; printf '%-12s %-8s %s\n' "$a" "$b" "$c"; done
     if [ -s "$OUT/results.md" ]; then

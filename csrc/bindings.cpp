@@ -2,6 +2,7 @@
 // the splits and the pybind11 module clreg_fast._C. The contract of the two functions is the
 // one of clreg_fast/backends/base.py (lse_forward, lse_backward).
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -79,17 +80,95 @@ Splits splits_for(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_element
                        blocks_per_sm > 0 ? blocks_per_sm : 4);
 }
 
-// Which loops run: the tensor-core sweep (sweep_tc.cu) for fp16/bf16 up to 256 features, the
-// SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu) otherwise. CLREG_FAST_CUDA_LOOPS=legacy
-// selects the latter everywhere (the previous kernels, kept for comparison and as a fallback).
+// Which loops run (CLREG_FAST_CUDA_LOOPS):
+//   auto (or unset, or "sweep"): the tensor-core sweep for fp16/bf16 up to 256 features: the
+//     Hopper wgmma sweep (sweep_wgmma.cu) on a device that runs its sm_90a code, else the sm_80
+//     mma.sync sweep (sweep_tc.cu); the SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu)
+//     otherwise;
+//   wgmma: as auto, but an error where the wgmma sweep cannot run (tests, benchmarks);
+//   sm80:  the mma.sync sweep even on Hopper;
+//   legacy: the SIMT / WMMA kernels everywhere (the previous kernels, kept for comparison and
+//     as a fallback).
 // The variable is checked on every call, whatever the dtype, so that a misspelt value fails
 // at once instead of only on the first fp16/bf16 call.
-bool use_sweep_tc(DotType dot, int64_t dim) {
+enum class Loops { kLegacy, kSweepSm80, kWgmma };
+
+const char* loops_name(Loops loops) {
+  switch (loops) {
+    case Loops::kWgmma: return "wgmma";
+    case Loops::kSweepSm80: return "sweep";
+    case Loops::kLegacy:
+    default: return "legacy";
+  }
+}
+
+#ifdef CLREG_WITH_WGMMA
+constexpr bool kWgmmaBuilt = true;
+#else
+constexpr bool kWgmmaBuilt = false;
+#endif
+
+// Whether `device` runs the wgmma kernels (a CC 9.0 GPU loading this module's sm_90a code);
+// asked once per device (sweep_wgmma_available: the attributes of a probe kernel, no launch).
+bool wgmma_available(int device) {
+#ifdef CLREG_WITH_WGMMA
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not probed, 1: no, 2: yes
+  if (device < 0 || device >= kMaxDevices) return false;
+  int state = known[device].load();
+  if (state == 0) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    bool available = false;
+    check_launch(sweep_wgmma_available(device, &available),
+                 "cudaFuncGetAttributes(sweep_wgmma_probe_kernel)");
+    state = available ? 2 : 1;
+    known[device].store(state);
+  }
+  return state == 2;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+Loops choose_loops(DotType dot, int64_t dim, int device) {
   const char* env = std::getenv("CLREG_FAST_CUDA_LOOPS");
   const std::string value(env == nullptr ? "" : env);
-  TORCH_CHECK_VALUE(value.empty() || value == "auto" || value == "sweep" || value == "legacy",
-                    "CLREG_FAST_CUDA_LOOPS must be 'auto', 'sweep' or 'legacy', got '", value, "'");
-  return dot != DotType::kFloat32 && sweep_tc_dim(dim) != 0 && value != "legacy";
+  TORCH_CHECK_VALUE(value.empty() || value == "auto" || value == "sweep" || value == "wgmma" ||
+                        value == "sm80" || value == "legacy",
+                    "CLREG_FAST_CUDA_LOOPS must be 'auto', 'sweep', 'wgmma', 'sm80' or 'legacy', "
+                    "got '", value, "'");
+  if (dot == DotType::kFloat32 || sweep_tc_dim(dim) == 0 || value == "legacy")
+    return Loops::kLegacy;
+  if (value == "sm80") return Loops::kSweepSm80;
+  const bool wgmma = wgmma_available(device);
+  TORCH_CHECK(wgmma || value != "wgmma", "CLREG_FAST_CUDA_LOOPS=wgmma, but the wgmma sweep ",
+              kWgmmaBuilt ? "does not run on this device (it needs compute capability 9.0 and "
+                            "the module's sm_90a code)"
+                          : "was not built (no CUTLASS headers at build time)");
+  return wgmma ? Loops::kWgmma : Loops::kSweepSm80;
+}
+
+cudaError_t launch_sweep(Loops loops, SweepMode mode, const void* own, const void* swept,
+                         const float* lse, const float* w, float* out, int64_t n_own,
+                         int64_t n_swept, int64_t ld_out, int64_t pair_offset, float scale,
+                         bool fixed_shift, int dim_pad, int n_splits, int tiles_per_split,
+                         DotType dot, cudaStream_t stream) {
+#ifdef CLREG_WITH_WGMMA
+  if (loops == Loops::kWgmma)
+    return launch_sweep_wgmma(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_offset,
+                              scale, fixed_shift, dim_pad, n_splits, tiles_per_split, dot,
+                              stream);
+#endif
+  return launch_sweep_tc(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_offset,
+                         scale, fixed_shift, dim_pad, n_splits, tiles_per_split, dot, stream);
+}
+
+int resident_blocks_sweep(Loops loops, SweepMode mode, DotType dot, int dim_pad) {
+#ifdef CLREG_WITH_WGMMA
+  if (loops == Loops::kWgmma) return resident_blocks_sweep_wgmma(mode, dot, dim_pad);
+#endif
+  return resident_blocks_sweep_tc(mode, dot, dim_pad);
 }
 
 // z (float32) rounded to the dot type once, zero-padded to (round_up(rows, 64), dim_pad).
@@ -122,19 +201,22 @@ torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offse
   const c10::cuda::CUDAGuard guard(za.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(za.get_device()).stream();
   const bool fixed_shift = scale <= kMaxFixedShiftScale;
-  if (use_sweep_tc(dot, dim)) {
+  const Loops loops = choose_loops(dot, dim, za.get_device());
+  if (loops != Loops::kLegacy) {
     const int dim_tc = sweep_tc_dim(dim);
     const Splits splits =
         splits_for(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), n_anchor,
-                   resident_blocks_sweep_tc(SweepMode::kForward, dot, dim_tc), za.get_device());
+                   resident_blocks_sweep(loops, SweepMode::kForward, dot, dim_tc),
+                   za.get_device());
     auto own = rounded_padded(za, dim_tc, dot);
     auto swept = rounded_padded(zc, dim_tc, dot);
     auto partial = torch::empty({splits.count, n_anchor}, options);
-    check_launch(launch_sweep_tc(SweepMode::kForward, own.data_ptr(), swept.data_ptr(), nullptr,
-                                 nullptr, partial.data_ptr<float>(), n_anchor, n_col, 0,
-                                 self_offset, static_cast<float>(scale), fixed_shift, dim_tc,
-                                 splits.count, splits.tiles_per_split, dot, stream),
-                 "sweep_tc_kernel (forward)");
+    check_launch(launch_sweep(loops, SweepMode::kForward, own.data_ptr(), swept.data_ptr(),
+                              nullptr, nullptr, partial.data_ptr<float>(), n_anchor, n_col, 0,
+                              self_offset, static_cast<float>(scale), fixed_shift, dim_tc,
+                              splits.count, splits.tiles_per_split, dot, stream),
+                 loops == Loops::kWgmma ? "sweep_wgmma_kernel (forward)"
+                                        : "sweep_tc_kernel (forward)");
     if (splits.count == 1) return partial.select(0, 0);
     return torch::logsumexp(partial, 0);
   }
@@ -183,7 +265,12 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   // fp16 tiles held the probabilities times kFp16ProbScale; undo it with the other factors.
   const float tile_scale = dot == DotType::kFloat16 ? 1.f / kFp16ProbScale : 1.f;
   // Tensor-core sweep: both passes share the operands, rounded and padded once.
-  const bool tc = use_sweep_tc(dot, dim);
+  const Loops loops = choose_loops(dot, dim, device);
+  const bool tc = loops != Loops::kLegacy;
+  const char* const rows_name =
+      loops == Loops::kWgmma ? "sweep_wgmma_kernel (rows)" : "sweep_tc_kernel (rows)";
+  const char* const cols_name =
+      loops == Loops::kWgmma ? "sweep_wgmma_kernel (cols)" : "sweep_tc_kernel (cols)";
   const int dim_tc = tc ? sweep_tc_dim(dim) : 0;
   torch::Tensor za_tc, zc_tc;
   if (tc) {
@@ -196,17 +283,17 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   if (need_dza) {
     const Splits row_splits =
         splits_for(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad,
-                   tc ? resident_blocks_sweep_tc(SweepMode::kRows, dot, dim_tc)
+                   tc ? resident_blocks_sweep(loops, SweepMode::kRows, dot, dim_tc)
                       : resident_blocks_lse_backward_rows(dot),
                    device);
     torch::Tensor acc_rows;
     if (tc) {  // the kernel writes every element of every slice: no zero fill
       acc_rows = torch::empty({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
-      check_launch(launch_sweep_tc(SweepMode::kRows, za_tc.data_ptr(), zc_tc.data_ptr(),
-                                   lse.data_ptr<float>(), nullptr, acc_rows.data_ptr<float>(),
-                                   n_anchor, n_col, dim_pad, self_offset, scale_f, false, dim_tc,
-                                   row_splits.count, row_splits.tiles_per_split, dot, stream),
-                   "sweep_tc_kernel (rows)");
+      check_launch(launch_sweep(loops, SweepMode::kRows, za_tc.data_ptr(), zc_tc.data_ptr(),
+                                lse.data_ptr<float>(), nullptr, acc_rows.data_ptr<float>(),
+                                n_anchor, n_col, dim_pad, self_offset, scale_f, false, dim_tc,
+                                row_splits.count, row_splits.tiles_per_split, dot, stream),
+                   rows_name);
     } else {
       acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
       check_launch(
@@ -230,7 +317,7 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   const int64_t n_grad_tiles = ceil_div(n_grad_cols, kTile);
   const Splits col_splits =
       splits_for(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad,
-                 tc ? resident_blocks_sweep_tc(SweepMode::kCols, dot, dim_tc)
+                 tc ? resident_blocks_sweep(loops, SweepMode::kCols, dot, dim_tc)
                     : resident_blocks_lse_backward_cols(dot),
                  device);
   torch::Tensor acc_cols;
@@ -239,12 +326,12 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
     auto lse_pad = zero_padded(lse);
     auto w_pad = zero_padded(w_rel);
     acc_cols = torch::empty({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
-    check_launch(launch_sweep_tc(SweepMode::kCols, zc_tc.data_ptr(), za_tc.data_ptr(),
-                                 lse_pad.data_ptr<float>(), w_pad.data_ptr<float>(),
-                                 acc_cols.data_ptr<float>(), n_grad_cols, n_anchor, dim_pad,
-                                 -self_offset, scale_f, false, dim_tc, col_splits.count,
-                                 col_splits.tiles_per_split, dot, stream),
-                 "sweep_tc_kernel (cols)");
+    check_launch(launch_sweep(loops, SweepMode::kCols, zc_tc.data_ptr(), za_tc.data_ptr(),
+                              lse_pad.data_ptr<float>(), w_pad.data_ptr<float>(),
+                              acc_cols.data_ptr<float>(), n_grad_cols, n_anchor, dim_pad,
+                              -self_offset, scale_f, false, dim_tc, col_splits.count,
+                              col_splits.tiles_per_split, dot, stream),
+                 cols_name);
   } else {
     acc_cols = torch::zeros({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
     check_launch(launch_lse_backward_cols(za.data_ptr<float>(), zc.data_ptr<float>(),
@@ -286,12 +373,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("multiprocessors"), pybind11::arg("blocks_per_sm"));
   m.def(
       "loops",
-      [](const std::string& dot_dtype, int64_t dim) {
-        return clreg::use_sweep_tc(clreg::parse_dot(dot_dtype), dim) ? "sweep" : "legacy";
+      [](const std::string& dot_dtype, int64_t dim, int64_t device) {
+        if (device < 0) device = c10::cuda::current_device();
+        return clreg::loops_name(
+            clreg::choose_loops(clreg::parse_dot(dot_dtype), dim, static_cast<int>(device)));
       },
-      "Which kernels run for this dot dtype and feature size: 'sweep' (tensor-core sweep, "
-      "sweep_tc.cu) or 'legacy' (lse_forward.cu / lse_backward.cu); reads CLREG_FAST_CUDA_LOOPS",
-      pybind11::arg("dot_dtype"), pybind11::arg("dim"));
+      "Which kernels run for this dot dtype and feature size on `device` (-1: the current one): "
+      "'wgmma' (Hopper sweep, sweep_wgmma.cu), 'sweep' (mma.sync sweep, sweep_tc.cu) or "
+      "'legacy' (lse_forward.cu / lse_backward.cu); reads CLREG_FAST_CUDA_LOOPS",
+      pybind11::arg("dot_dtype"), pybind11::arg("dim"), pybind11::arg("device") = -1);
+  m.def(
+      "wgmma_available",
+      [](int64_t device) {
+        if (device < 0) device = c10::cuda::current_device();
+        return clreg::wgmma_available(static_cast<int>(device));
+      },
+      "Whether `device` (-1: the current one) runs the wgmma sweep: built (wgmma_built) and a "
+      "compute capability 9.0 GPU that loads the module's sm_90a code (probed once)",
+      pybind11::arg("device") = -1);
+  m.attr("wgmma_built") = clreg::kWgmmaBuilt;
   m.attr("tile_size") = clreg::kTile;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
 }

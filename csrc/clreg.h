@@ -86,6 +86,18 @@ cudaError_t launch_sweep_tc(SweepMode mode, const void* own, const void* swept, 
                             cudaStream_t stream);
 int resident_blocks_sweep_tc(SweepMode mode, DotType dot, int dim_pad);
 
+// Hopper sweep (sweep_wgmma.cu; sm_90a: wgmma on CuTe GMMA atoms, built with -DCLREG_WITH_WGMMA
+// when the CUTLASS headers are found): the same modes, arguments and outputs as
+// launch_sweep_tc. Only for a device where sweep_wgmma_available() says so: it asks which code
+// the GPU loads (the sm_90a cubin with the wgmma kernels, or not), for the current device.
+cudaError_t sweep_wgmma_available(int device, bool* available);
+cudaError_t launch_sweep_wgmma(SweepMode mode, const void* own, const void* swept,
+                               const float* lse, const float* w, float* out, int64_t n_own,
+                               int64_t n_swept, int64_t ld_out, int64_t pair_offset, float scale,
+                               bool fixed_shift, int dim_pad, int n_splits, int tiles_per_split,
+                               DotType dot, cudaStream_t stream);
+int resident_blocks_sweep_wgmma(SweepMode mode, DotType dot, int dim_pad);
+
 // Resident blocks per SM of the kernel that the launcher above runs for `dot` (occupancy API;
 // 0 when the runtime cannot tell). The split policy (splits.h) aims at full GPUs with it.
 int resident_blocks_lse_forward(DotType dot);

@@ -9,7 +9,10 @@
 #       and sm_90 code was compiled and that no sweep kernel spills, imports clreg_fast._C from
 #       outside the checkout, compares its split policy with the Python mirror and checks the
 #       machine code (scripts/cuda_sass_report.py: HMMA, LDGSTS, LDSM, no local memory in the
-#       sweep kernels; build/cuda_sass_report.txt).
+#       sweep kernels; build/cuda_sass_report.txt). With the CUTLASS headers (nvidia-cutlass,
+#       or CLREG_FAST_CUTLASS_INCLUDE) setup.py also builds the wgmma sweep and compiles the 9.0
+#       entry as sm_90a; its kernels must then exist for sm_90a, not spill, and show HGMMA and
+#       LDGSTS without local memory.
 #       The build starts from scratch (about 3 minutes on 2 cores); --incremental keeps ninja's
 #       objects in build/ (seconds when csrc/ is unchanged, but then ptxas reports nothing new
 #       and the summary of the last full build, build/cuda_resource_usage.txt, is shown).
@@ -75,7 +78,7 @@ import os, re, subprocess, sys
 log, arch_list, usage_file = open(sys.argv[1], errors="replace").read(), sys.argv[2], sys.argv[3]
 rows, current = [], None
 for line in log.splitlines():
-    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
     if m:
         current = {"kernel": m.group(1), "arch": m.group(2)}
         continue
@@ -113,19 +116,36 @@ spilling = [(r, n) for r, n in zip(rows, names) if r.get("spill", "0/0") != "0/0
 if spilling:
     lines.append(f"note: {len(spilling)} kernel build(s) spill registers (see the table)")
 # The sweep kernels keep their accumulators in registers by design: a spill is a failure.
-sweep_spills = [n for r, n in spilling if "sweep_tc_kernel" in n]
+sweep_spills = [n for r, n in spilling if "sweep_tc_kernel" in n or "sweep_wgmma_kernel" in n]
 report = "\n".join(lines) + "\n"
 print(report, end="")
 with open(usage_file, "w") as f:
     f.write(report)
+# setup.py builds the 9.0 entry as 9.0a when it builds the wgmma sweep, and says so.
+m = re.search(r"for TORCH_CUDA_ARCH_LIST=(\S+?),? MAX_JOBS", log)
+arch_list = m.group(1) if m else arch_list
+wgmma = "wgmma sweep (csrc/sweep_wgmma.cu) built for sm_90a" in log
 wanted = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in re.split(r"[;\s]+", arch_list) if a}
 missing = wanted - {r["arch"] for r in rows}
 if missing:
     sys.exit(f"FAILED: no kernels compiled for {sorted(missing)}")
 if not any("sweep_tc_kernel" in n for n in names):
     sys.exit("FAILED: no sweep_tc_kernel in the ptxas report")
+if wgmma and not any("sweep_wgmma_kernel" in n and r["arch"] == "sm_90a"
+                     for r, n in zip(rows, names)):
+    sys.exit("FAILED: setup.py built the wgmma sweep but ptxas compiled no sm_90a sweep_wgmma_kernel")
 if sweep_spills:
-    sys.exit(f"FAILED: {len(sweep_spills)} sweep_tc_kernel build(s) spill registers")
+    sys.exit(f"FAILED: {len(sweep_spills)} sweep kernel build(s) spill registers")
+# The glue picks the wgmma sweep when the probe kernel the GPU would load has static shared
+# memory (csrc/sweep_wgmma.cu, kProbeMarkerInts = 90 ints): only its sm_90a build may have it.
+probes = [r for r, n in zip(rows, names) if "sweep_wgmma_probe_kernel" in n]
+if wgmma and not probes:
+    sys.exit("FAILED: no sweep_wgmma_probe_kernel in the ptxas report")
+wrong = [f"{r['arch']} ({r['smem']} B)" for r in probes if (r["arch"] == "sm_90a") != (r["smem"] >= 360)]
+if wrong:
+    sys.exit(f"FAILED: the wgmma probe kernel's shared memory marks the wrong builds: {wrong}")
+print("== wgmma sweep: " + ("built for sm_90a (arch list " + arch_list + ")" if wgmma else
+      "not built (no CUTLASS headers, or no 9.0 entry; see the build log)"))
 EOF
 
   # Import from outside the checkout, so the installed copy is the one found.
@@ -170,7 +190,12 @@ EOF
   # What the machine code shows: HMMA + LDGSTS + LDSM and no local memory in the sweep
   # kernels, no HMMA in the float32 kernels (scripts/cuda_sass_report.py).
   SO="$(ls "$TMP"/site/clreg_fast/_C*.so | head -1)"
+  SASS_ARGS=()
+  if grep -q "wgmma sweep (csrc/sweep_wgmma.cu) built for sm_90a" "$LOG"; then
+    SASS_ARGS=(--expect-wgmma)
+  fi
   "$PY" "$REPO/scripts/cuda_sass_report.py" "$SO" --out "$(dirname "$LOG")/cuda_sass_report.txt" \
+    "${SASS_ARGS[@]}" \
     || { echo "FAILED: the machine code does not show what the kernels claim" >&2; exit 1; }
   echo "CUDA build check passed"
   exit 0

@@ -7,6 +7,9 @@ what each design claims and fails (exit 1) when a claim does not hold:
   - sweep_tc_kernel (csrc/sweep_tc.cu), on every architecture: tensor-core MMAs (HMMA),
     asynchronous global->shared copies (LDGSTS), ldmatrix (LDSM), and no local-memory traffic
     (LDL/STL: spills or stack arrays);
+  - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: warpgroup MMAs (HGMMA),
+    LDGSTS and no local-memory traffic; in other architectures' code (where it only traps) no
+    HGMMA; with --expect-wgmma the module must hold the sm_90a kernels;
   - the SIMT float32 kernels: no HMMA at all (float32 products, no TF32).
 Prints a table per (architecture, kernel) and writes it to FILE when given.
 """
@@ -88,7 +91,7 @@ def parse_sass(text):
     return counts
 
 
-def check(counts):
+def check(counts, expect_wgmma=False):
     """Rows for the table and the list of failed claims."""
     names = demangle([k for _, k in counts])
     rows, failures = [], []
@@ -101,10 +104,21 @@ def check(counts):
                     failures.append(f"{arch} {short}: no {op}")
             if ops.get("LDL", 0) or ops.get("STL", 0):
                 failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
+        elif "sweep_wgmma_kernel" in short:
+            if arch == "sm_90a":
+                for op in ("HGMMA", "LDGSTS"):
+                    if ops.get(op, 0) == 0:
+                        failures.append(f"{arch} {short}: no {op}")
+                if ops.get("LDL", 0) or ops.get("STL", 0):
+                    failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
+            elif ops.get("HGMMA", 0):
+                failures.append(f"{arch} {short}: HGMMA outside the sm_90a code")
         elif "<float>" in short and ops.get("HMMA", 0):
             failures.append(f"{arch} {short}: HMMA in a float32 kernel (TF32?)")
     if not any("sweep_tc_kernel" in r[1] for r in rows):
         failures.append("no sweep_tc_kernel in the module")
+    if expect_wgmma and not any("sweep_wgmma_kernel" in r[1] and r[0] == "sm_90a" for r in rows):
+        failures.append("no sm_90a sweep_wgmma_kernel in the module")
     return rows, failures
 
 
@@ -113,6 +127,8 @@ def main(argv=None):
     parser.add_argument("module")
     parser.add_argument("--cuobjdump")
     parser.add_argument("--out")
+    parser.add_argument("--expect-wgmma", action="store_true",
+                        help="fail when the module has no sm_90a sweep_wgmma_kernel")
     args = parser.parse_args(argv)
     tool = find_cuobjdump(args.cuobjdump)
     if tool is None:
@@ -120,7 +136,7 @@ def main(argv=None):
         return 1
     text = subprocess.run([tool, "-sass", args.module], capture_output=True, text=True,
                           check=True).stdout
-    rows, failures = check(parse_sass(text))
+    rows, failures = check(parse_sass(text), args.expect_wgmma)
     cols = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL")
     lines = [f"{'arch':7} " + " ".join(f"{c:>6}" for c in cols) + "  kernel"]
     for arch, short, ops in sorted(rows, key=lambda r: (r[0], r[1])):

@@ -11,6 +11,12 @@ fragment layouts, lane by lane, so a wrong address or fragment index in the kern
 shows up here as a wrong number. Its swept tiles reach the warps through an emulated cp.async
 ring (commit / wait_group groups, barriers): a tile read before its copy lands, or a stage
 overwritten while a warp may still read it, fails.
+
+The Hopper sweep (csrc/sweep_wgmma.cu) is emulated at warpgroup-fragment level: CuTe's 128-byte
+swizzled GMMA shared-memory layout, the wgmma accumulator and register-A fragment layouts of the
+PTX ISA, the kernel's views of them (rows and columns of a thread's accumulator, the scores
+reused as the A operand), the quad merge and the float2 stores, through the same cp.async ring
+model.
 """
 from __future__ import annotations
 
@@ -437,22 +443,26 @@ def sweep_tc_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_
                                     out[base + own_row[h], 8 * nd + 2 * Q + t] = acc[nd, :, 2 * h + t]
 
 
-def tc_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm):
-    """bindings.cpp lse_forward on the tensor-core path."""
+def tc_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm,
+                   kernel=None):
+    """bindings.cpp lse_forward on the tensor-core path (kernel: sweep_tc_kernel, or the
+    wgmma sweep's emulation, which has the same arguments)."""
+    kernel = kernel or sweep_tc_kernel
     na, nc, dim = za.shape[0], zc.shape[0], za.shape[1]
     d = sweep_tc_dim(dim)
     own = _padded(za, _round_up(na, TILE), d)
     swept = _padded(zc, _round_up(nc, TILE), d)
     count, per = forward_splits(na, nc, multiprocessors, blocks_per_sm)
     partial = np.full((count, na), np.nan)
-    sweep_tc_kernel("forward", own, swept, None, None, partial, na, nc, 0, self_offset, scale,
-                    fixed_shift, d, count, per)
+    kernel("forward", own, swept, None, None, partial, na, nc, 0, self_offset, scale,
+           fixed_shift, d, count, per)
     return partial[0] if count == 1 else _logsumexp0(partial)
 
 
 def tc_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, multiprocessors,
-                    blocks_per_sm):
-    """bindings.cpp lse_backward on the tensor-core path."""
+                    blocks_per_sm, kernel=None):
+    """bindings.cpp lse_backward on the tensor-core path (kernel: as in tc_lse_forward)."""
+    kernel = kernel or sweep_tc_kernel
     na, nc, p_dim = za.shape[0], zc.shape[0], za.shape[1]
     d = sweep_tc_dim(p_dim)
     ld_out = _round_up(p_dim, TILE)
@@ -462,8 +472,8 @@ def tc_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, multi
 
     count, per = backward_splits(na, nc, p_dim, multiprocessors, blocks_per_sm)
     acc_rows = np.full((count * _round_up(na, TILE), ld_out), np.nan)  # torch::empty
-    sweep_tc_kernel("rows", a_pad, c_pad, lse, None, acc_rows, na, nc, ld_out, self_offset,
-                    scale, False, d, count, per, fp16)
+    kernel("rows", a_pad, c_pad, lse, None, acc_rows, na, nc, ld_out, self_offset,
+           scale, False, d, count, per, fp16)
     acc_rows = acc_rows.reshape(count, _round_up(na, TILE), ld_out)
     assert not np.isnan(acc_rows).any(), "every element of every slice is written"
     rows = acc_rows[0] if count == 1 else acc_rows.sum(0)
@@ -476,12 +486,232 @@ def tc_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, multi
     w_pad = np.pad(w / w_max, (0, _round_up(na, TILE) - na))
     count, per = backward_splits(n_grad_cols, na, p_dim, multiprocessors, blocks_per_sm)
     acc_cols = np.full((count * _round_up(n_grad_cols, TILE), ld_out), np.nan)
-    sweep_tc_kernel("cols", c_pad, a_pad, lse_pad, w_pad, acc_cols, n_grad_cols, na, ld_out,
-                    -self_offset, scale, False, d, count, per, fp16)
+    kernel("cols", c_pad, a_pad, lse_pad, w_pad, acc_cols, n_grad_cols, na, ld_out,
+           -self_offset, scale, False, d, count, per, fp16)
     acc_cols = acc_cols.reshape(count, _round_up(n_grad_cols, TILE), ld_out)
     assert not np.isnan(acc_cols).any(), "every element of every slice is written"
     cols = acc_cols[0] if count == 1 else acc_cols.sum(0)
     return dza, cols[:n_grad_cols, :p_dim] * (w_max * scale * tile_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper sweep (sweep_wgmma.cu): one warpgroup per block, wgmma fragments.
+# ---------------------------------------------------------------------------------------------
+# Register fragments follow the PTX ISA ("wgmma .m64nNk16": register fragments of the
+# accumulator D and of a register A); the kernel's CuTe views of them (rows_cols, scores_as_a)
+# are emulated as the value-index formulas they produce for CuTe's fragment layout
+# ((2, 2, N / 8)) : ((1, 2, 4)). Shared memory follows CuTe's K-major 128-byte-swizzle GMMA
+# layout (GMMA::Layout_K_SW128_Atom tiled to 64 x D); the wgmma itself is dense math on the
+# matrices read through those layouts.
+
+WG_THREADS = np.arange(THREADS)
+WG_WARP = WG_THREADS >> 5
+WG_G = (WG_THREADS & 31) >> 2
+WG_Q = WG_THREADS & 3
+
+
+def wgmma_stages(d):
+    """WgmmaConfig<D>::kStages."""
+    return 2 if d == 256 else 3
+
+
+def wgmma_smem_bytes(d):
+    """WgmmaConfig<D>::kSmemBytes: alignment slack, owned tile, ring, lse / w_rel vectors."""
+    return 1024 + TILE * d * 2 * (1 + wgmma_stages(d)) + 2 * TILE * 4 * wgmma_stages(d)
+
+
+def sw128_offset(d, r, k):
+    """Element offset of (row r, feature k) in a 64 x d 16-bit tile of CuTe's
+    tile_to_shape(Layout_K_SW128_Atom, (64, d)): 8 x 64 atoms (1 KB), rows first, then feature
+    blocks; inside an atom the 16-byte chunk k / 8 is XOR-ed with the row r % 8."""
+    r, k = np.asarray(r), np.asarray(k)
+    atom = (r >> 3) + (TILE // 8) * (k >> 6)
+    inner = (r & 7) * 64 + ((((k & 63) >> 3) ^ (r & 7)) << 3) + (k & 7)
+    return atom * 512 + inner
+
+
+def wgmma_load_tile(d, src, row0):
+    """The kernel's tiled copy (128 threads as 16 x 8, 8 elements each, 16 rows x 64 features
+    per step) into the swizzled layout; every element exactly once."""
+    tile = np.full(TILE * d, np.nan)
+    written = np.zeros(TILE * d, dtype=int)
+    for rr in range(TILE // 16):
+        for kk in range(d // 64):
+            r = rr * 16 + (WG_THREADS >> 3)
+            k0 = kk * 64 + 8 * (WG_THREADS & 7)
+            for j in range(8):
+                off = sw128_offset(d, r, k0 + j)
+                tile[off] = src[row0 + r, k0 + j]
+                written[off] += 1
+    assert (written == 1).all(), "the copy must write each element of the tile once"
+    return tile
+
+
+def wgmma_tile_matrix(d, tile, transposed=False):
+    """The 64 x d matrix a wgmma descriptor reads from `tile`; transposed: the d x 64 MN-major
+    view (element (k, n) of RingT is element (n, k) of Ring)."""
+    r, k = np.meshgrid(np.arange(TILE), np.arange(d), indexing="ij")
+    mat = tile[sw128_offset(d, r, k)]
+    return mat.T if transposed else mat
+
+
+def wgmma_acc_coords(n):
+    """(row, column) of accumulator value v of each thread of an m64nN wgmma: (128, n / 2)."""
+    v = np.arange(n // 2)
+    row = 16 * WG_WARP[:, None] + WG_G[:, None] + 8 * ((v[None, :] >> 1) & 1)
+    col = 8 * (v[None, :] >> 2) + 2 * WG_Q[:, None] + (v[None, :] & 1)
+    return row, col
+
+
+def rows_cols_value(m, n):
+    """rows_cols(): value index of (row m in {0, 1}, column n) of a thread's accumulator view."""
+    return (n & 1) + 2 * m + 4 * (n >> 1)
+
+
+def scores_as_a_value(kb, i):
+    """scores_as_a(): value index of element i of k block kb of the RS A operand."""
+    return i + 8 * kb
+
+
+def wgmma_a_coords(kb):
+    """(row, k) of element i = (k pair, row half, k half) of k block kb of a register A
+    operand (m64k16): (128, 8)."""
+    i = np.arange(8)
+    row = 16 * WG_WARP[:, None] + WG_G[:, None] + 8 * ((i[None, :] >> 1) & 1)
+    k = 16 * kb + 8 * (i[None, :] >> 2) + 2 * WG_Q[:, None] + (i[None, :] & 1)
+    return row, k
+
+
+def wgmma_ss(a_mat, b_mat, n):
+    """SS wgmma, 64 x n accumulator (zero-initialised) as fragments (128, n / 2)."""
+    row, col = wgmma_acc_coords(n)
+    return (a_mat @ b_mat.T)[row, col]
+
+
+def wgmma_rs(acc, a_frag, b_mat):
+    """acc (128, n / 2) += A (64 x 64, from register fragments a_frag (128, 32)) . b_mat
+    (64 x n)."""
+    n = b_mat.shape[1]
+    A = np.full((TILE, TILE), np.nan)
+    for kb in range(TILE // 16):
+        row, k = wgmma_a_coords(kb)
+        vals = a_frag[:, scores_as_a_value(kb, np.arange(8))]
+        assert np.isnan(A[row, k]).all(), "an A element is given twice"
+        A[row, k] = vals
+    assert not np.isnan(A).any(), "every A element comes from a register"
+    row, col = wgmma_acc_coords(n)
+    return acc + (A @ b_mat)[row, col]
+
+
+def sweep_wgmma_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_offset,
+                       scale, fixed_shift, d, n_splits, tiles_per_split, fp16=False):
+    """sweep_wgmma_kernel<T, D, M> over its whole grid, writing `out` as the kernel does."""
+    n_swept_tiles = _ceil_div(n_swept, TILE)
+    row_s, col_s = wgmma_acc_coords(TILE)
+    # The thread's view (rows m, columns n) of the score accumulator, and its coordinates.
+    m_idx = np.arange(2)[:, None]
+    n_idx = np.arange(TILE // 4)[None, :]
+    view = rows_cols_value(m_idx, n_idx)  # (2, 16) value indices
+    assert sorted(view.ravel()) == list(range(TILE // 2)), "rows_cols covers every value once"
+    rows_rc, cols_rc = row_s[:, view], col_s[:, view]  # (128, 2, 16)
+    assert (rows_rc == rows_rc[:, :, :1]).all(), "a view row is one matrix row"
+    for bx in range(_ceil_div(n_own, TILE)):
+        own0 = bx * TILE
+        own_mat = wgmma_tile_matrix(d, wgmma_load_tile(d, own, own0))
+        own_row = own0 + rows_rc[:, :, 0]  # (128, 2)
+        own_ok = own_row < n_own
+        lse_own = np.zeros((THREADS, 2))
+        if mode == "rows":
+            lse_own[own_ok] = lse[own_row[own_ok]]
+        for by in range(n_splits):
+            tile_begin = by * tiles_per_split
+            tile_end = min(tile_begin + tiles_per_split, n_swept_tiles)
+
+            def load(i, tile_begin=tile_begin):  # load_stage: the swept tile (and vectors)
+                t = tile_begin + i
+                vec = load_vectors(lse, w, t * TILE) if mode == "cols" else None
+                return wgmma_load_tile(d, swept, t * TILE), vec
+
+            staged = sweep_ring(tile_end - tile_begin, wgmma_stages(d), load)
+            run_max = np.full((THREADS, 2), scale if fixed_shift else -np.inf)
+            run_sum = np.zeros((THREADS, 2))
+            acc = np.zeros((THREADS, d // 2))
+            for tile in range(tile_begin, tile_end):
+                swept_tile, vec = staged[tile - tile_begin]  # through the cp.async ring
+                sw0 = tile * TILE
+                n_valid = min(TILE, n_swept - sw0)
+                dd = own_row + pair_offset - sw0
+                diag = np.where((dd < 0) | (dd >= TILE), -1, dd)  # (128, 2)
+                s = wgmma_ss(own_mat, wgmma_tile_matrix(d, swept_tile), TILE)
+                ok = (cols_rc < n_valid) & (cols_rc != diag[:, :, None])
+                s_rc = s[:, view]  # (128, 2, 16)
+                if mode == "forward":
+                    x = np.where(ok, scale * s_rc, -np.inf)
+                    if not fixed_shift:
+                        tile_max = x.max(axis=2)
+                        grow = tile_max > run_max
+                        with np.errstate(invalid="ignore"):
+                            run_sum = np.where(grow, run_sum * np.exp(run_max - tile_max), run_sum)
+                        run_max = np.where(grow, tile_max, run_max)
+                    live = run_max != -np.inf
+                    with np.errstate(invalid="ignore"):
+                        add = np.exp(x - run_max[:, :, None]).sum(axis=2)
+                    run_sum = np.where(live, run_sum + add, run_sum)
+                else:
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        if mode == "rows":
+                            p = np.exp(scale * s_rc - lse_own[:, :, None])
+                        else:
+                            p = vec[TILE + cols_rc] * np.exp(scale * s_rc - vec[cols_rc])
+                    if fp16:
+                        p = p * FP16_PROB_SCALE
+                    p = np.where(ok & own_ok[:, :, None], p, 0.0)
+                    probs = np.empty((THREADS, TILE // 2))
+                    probs[:, view] = p  # probs_rc(m, n) = ...
+                    acc = wgmma_rs(acc, probs, wgmma_tile_matrix(d, swept_tile, transposed=True).T)
+            if mode == "forward":
+                # Lanes 4g..4g+3 of a warp share a row: xor 1 and 2 stay inside the quad.
+                assert (row_s[WG_THREADS ^ 1] == row_s).all() and (row_s[WG_THREADS ^ 2] == row_s).all()
+                m, total = run_max.copy(), run_sum.copy()
+                for mask in (1, 2):
+                    om, os_ = m[WG_THREADS ^ mask], total[WG_THREADS ^ mask]
+                    nm = np.maximum(m, om)
+                    live = nm != -np.inf
+                    with np.errstate(invalid="ignore"):
+                        merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
+                    total = np.where(live, merged, total)
+                    m = np.where(live, nm, m)
+                with np.errstate(divide="ignore"):
+                    val = np.where((m == -np.inf) | (total == 0), -np.inf,
+                                   m + np.log(np.where(total > 0, total, 1.0)))
+                write = (WG_Q[:, None] == 0) & own_ok
+                out[by, own_row[write]] = val[write]
+            else:
+                row_o, col_o = wgmma_acc_coords(d)
+                view_o = rows_cols_value(np.arange(2)[:, None], np.arange(d // 4)[None, :])
+                base = by * _round_up(n_own, TILE)
+                for mm in range(2):
+                    for nn in range(0, d // 4, 2):
+                        v0, v1 = view_o[mm, nn], view_o[mm, nn + 1]
+                        row, col = row_o[:, v0], col_o[:, v0]
+                        assert (row_o[:, v1] == row).all() and (col_o[:, v1] == col + 1).all(), (
+                            "a float2 store needs adjacent columns")
+                        keep = col < ld_out
+                        out[base + own0 + row[keep], col[keep]] = acc[keep, v0]
+                        out[base + own0 + row[keep], col[keep] + 1] = acc[keep, v1]
+
+
+def wgmma_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm):
+    """bindings.cpp lse_forward on the wgmma path (the glue is the tensor-core path's)."""
+    return tc_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors,
+                          blocks_per_sm, kernel=sweep_wgmma_kernel)
+
+
+def wgmma_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, multiprocessors,
+                       blocks_per_sm):
+    """bindings.cpp lse_backward on the wgmma path."""
+    return tc_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16,
+                           multiprocessors, blocks_per_sm, kernel=sweep_wgmma_kernel)
 
 
 # ---------------------------------------------------------------------------------------------

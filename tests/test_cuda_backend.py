@@ -35,9 +35,16 @@ needs_cuda_ext = pytest.mark.skipif(EXT is None, reason=f"cuda backend unavailab
 gpu = [pytest.mark.gpu, needs_cuda_ext]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-# CLREG_FAST_CUDA_LOOPS: "sweep" (default: the tensor-core sweep of csrc/sweep_tc.cu for
-# fp16/bf16 up to 256 features) or "legacy" (lse_forward.cu / lse_backward.cu everywhere).
-LOOPS = ("sweep", "legacy")
+# CLREG_FAST_CUDA_LOOPS for fp16/bf16 up to 256 features: "wgmma" (the Hopper sweep of
+# csrc/sweep_wgmma.cu, the default where it runs; an error elsewhere), "sm80" (the mma.sync sweep
+# of csrc/sweep_tc.cu, the default elsewhere) or "legacy" (lse_forward.cu / lse_backward.cu
+# everywhere). What EXT.loops() then reports:
+LOOPS = ("wgmma", "sm80", "legacy")
+LOOPS_REPORTED = {"wgmma": "wgmma", "sm80": "sweep", "legacy": "legacy"}
+
+
+def _wgmma_runs():
+    return EXT is not None and bool(getattr(EXT, "wgmma_built", False)) and EXT.wgmma_available()
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -154,6 +161,55 @@ def test_toolkit_problems(tmp_path):
     assert build_env.nvcc_version(str(old)) == (12, 4)
 
 
+def _fake_cutlass(root):
+    for name in ("cute/tensor.hpp", "cutlass/cutlass.h"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("// stand-in\n")
+    return root
+
+
+def test_cutlass_include_is_found_from_the_variable_or_the_package(tmp_path, monkeypatch):
+    include = _fake_cutlass(tmp_path / "include")
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
+    assert build_env.find_cutlass_include() == (str(include), f"${build_env.ENV_CUTLASS}")
+    # A wrong path is an answer, not a reason to look elsewhere; "0" turns the wgmma build off.
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(tmp_path / "nowhere"))
+    assert build_env.find_cutlass_include()[0] is None
+    monkeypatch.setenv(build_env.ENV_CUTLASS, "0")
+    found, why = build_env.find_cutlass_include()
+    assert found is None and "off" in why
+    # Unset: the installed cutlass_library package, found without importing it.
+    monkeypatch.delenv(build_env.ENV_CUTLASS)
+    package = tmp_path / "site" / "cutlass_library"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    _fake_cutlass(package / "source" / "include")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    found, how = build_env.find_cutlass_include()
+    assert found == str(package / "source" / "include") and "cutlass_library" in how
+
+
+def test_wgmma_build_plan(tmp_path, monkeypatch):
+    assert build_env.with_sm90a("8.0;9.0") == "8.0;9.0a"
+    assert build_env.with_sm90a("8.0 9.0+PTX") == "8.0;9.0a+PTX"
+    assert build_env.with_sm90a("8.0;8.6;9.0a;10.0") == "8.0;8.6;9.0a;10.0"
+    include = _fake_cutlass(tmp_path / "include")
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
+    found, arch, note = build_env.wgmma_plan("8.0;9.0")
+    assert found == str(include) and arch == "8.0;9.0a" and "built for sm_90a" in note
+    assert build_env.WGMMA_DEFINE in build_env.cxx_flags(found)
+    assert f"-I{include}" in build_env.nvcc_flags(found)
+    assert build_env.source_names(True)[-1] == build_env.WGMMA_SOURCE
+    # No 9.0 entry, or no headers: no wgmma sweep, the arch list as it was.
+    found, arch, note = build_env.wgmma_plan("8.0;8.6")
+    assert found is None and arch == "8.0;8.6" and "no 9.0 entry" in note
+    monkeypatch.setenv(build_env.ENV_CUTLASS, "0")
+    found, arch, note = build_env.wgmma_plan("8.0;9.0")
+    assert found is None and arch == "8.0;9.0" and "not built" in note
+    assert build_env.WGMMA_SOURCE not in build_env.source_names(False)
+    assert build_env.cxx_flags(None) == build_env.CXX_FLAGS
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: primitives against float64 math on the same (rounded) operands
 # --------------------------------------------------------------------------------------------
@@ -211,6 +267,8 @@ SHAPES = [  # (Na, Nc, P, self_offset)
 @pytest.fixture(params=LOOPS)
 def loops(request, monkeypatch):
     """Runs a test once per kernel family (the C++ glue reads the variable on every call)."""
+    if request.param == "wgmma" and not _wgmma_runs():
+        pytest.skip("the wgmma sweep does not run here (not built, or not a CC 9.0 GPU)")
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", request.param)
     return request.param
 
@@ -219,9 +277,21 @@ def loops(request, monkeypatch):
 @needs_cuda_ext
 def test_loops_selection(monkeypatch):
     monkeypatch.delenv("CLREG_FAST_CUDA_LOOPS", raising=False)
-    assert EXT.loops("bfloat16", 128) == EXT.loops("float16", 1) == "sweep"
-    assert EXT.loops("bfloat16", 256) == "sweep" and EXT.loops("bfloat16", 257) == "legacy"
+    sweep = "wgmma" if _wgmma_runs() else "sweep"  # the default sweep of this GPU
+    assert EXT.loops("bfloat16", 128) == EXT.loops("float16", 1) == sweep
+    assert EXT.loops("bfloat16", 256) == sweep and EXT.loops("bfloat16", 257) == "legacy"
     assert EXT.loops("float32", 64) == "legacy"  # SIMT float32 stays exact: no TF32
+    for value in ("auto", "sweep"):
+        monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", value)
+        assert EXT.loops("bfloat16", 128) == sweep
+    monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "sm80")
+    assert EXT.loops("bfloat16", 128) == "sweep" and EXT.loops("float32", 64) == "legacy"
+    monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "wgmma")
+    if _wgmma_runs():
+        assert EXT.loops("bfloat16", 128) == "wgmma"
+    else:
+        with pytest.raises(RuntimeError, match="wgmma"):
+            EXT.loops("bfloat16", 128)
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "legacy")
     assert EXT.loops("bfloat16", 128) == "legacy"
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "fast")
@@ -239,7 +309,7 @@ def test_loops_selection(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
-    if loops == "sweep" and dot == torch.float32:
+    if loops != "legacy" and dot == torch.float32:
         pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
     za = _unit_rows(na, p, seed=na + p)
     zc = _unit_rows(nc, p, seed=nc + 1)
@@ -260,7 +330,7 @@ def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols, loops):
-    if loops == "sweep" and dot == torch.float32:
+    if loops != "legacy" and dot == torch.float32:
         pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
     za = _unit_rows(na, p, seed=2 * na + p)
     zc = _unit_rows(nc, p, seed=3 * nc)
@@ -326,14 +396,31 @@ def test_sweep_and_legacy_kernels_agree(dot, na, nc, p, off, monkeypatch):
     w = torch.linspace(-1, 1, na, device="cuda") / na
     out = {}
     for name in LOOPS:
+        if name == "wgmma" and not _wgmma_runs():
+            continue
         monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", name)
-        assert EXT.loops(_DOT_NAME[dot], p) == name
+        assert EXT.loops(_DOT_NAME[dot], p) == LOOPS_REPORTED[name]
         kernels = CudaKernels(EXT)
         lse = kernels.lse_forward(za, zc, off, 10.0, dot)
         out[name] = (lse, *kernels.lse_backward(za, zc, lse, w, off, 10.0, nc, dot))
-    torch.testing.assert_close(out["sweep"][0], out["legacy"][0], rtol=1e-5, atol=1e-4)
-    for got, want in zip(out["sweep"][1:], out["legacy"][1:]):
-        assert _rel_err(got, want) < BACKWARD_TOL[dot]
+    for name in out:
+        if name == "legacy":
+            continue
+        torch.testing.assert_close(out[name][0], out["legacy"][0], rtol=1e-5, atol=1e-4)
+        for got, want in zip(out[name][1:], out["legacy"][1:]):
+            assert _rel_err(got, want) < BACKWARD_TOL[dot]
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_wgmma_sweep_runs_on_hopper_when_built():
+    """A CC 9.0 GPU with a module built with the CUTLASS headers must run the wgmma sweep (the
+    probe finds the sm_90a code); elsewhere it must say it does not."""
+    cc = torch.cuda.get_device_capability()
+    built = bool(getattr(EXT, "wgmma_built", False))
+    assert EXT.wgmma_available() == (built and cc == (9, 0))
+    if not built:
+        pytest.skip("the module was built without the CUTLASS headers (no wgmma sweep)")
 
 
 _DOT_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -211,6 +211,76 @@ def test_sweep_backward_emulation_more_variants(na, nc, p, off, grad_cols):
             _check_backward(got, want)
 
 
+# The Hopper sweep (sweep_wgmma.cu): the same glue, its own fragments, layouts and ring depth.
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES + SWEEP_SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+def test_wgmma_forward_emulation(na, nc, p, off, tau):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    want = emu.dense_lse_forward(za, zc, off, scale)
+    for sms, per_sm in [(132, 2), (1, 1)]:  # many splits and one
+        got = emu.wgmma_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SHAPES + SWEEP_SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+def test_wgmma_backward_emulation(na, nc, p, off, grad_cols):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the sweep kernels take P <= 256")
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    for sms, per_sm in [(132, 2), (1, 1)]:
+        got = emu.wgmma_lse_backward(za, zc, lse, w, off, scale, n_grad, grad_cols == "odd",
+                                     sms, per_sm)
+        _check_backward(got, want)
+
+
+@pytest.mark.parametrize("p", [200, 256])
+def test_wgmma_at_256_features(p):
+    """D = 256: a 2-stage ring, 128 accumulator floats per thread, a 64 x 256 RS product."""
+    za, zc, lse, w, scale, n_grad = _backward_case(20, 200, p, 0, "all", seed=p)
+    np.testing.assert_allclose(emu.wgmma_lse_forward(za, zc, 0, scale, True, 132, 2),
+                               emu.dense_lse_forward(za, zc, 0, scale), rtol=1e-12)
+    for fp16 in (False, True):
+        _check_backward(emu.wgmma_lse_backward(za, zc, lse, w, 0, scale, n_grad, fp16, 132, 2),
+                        emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad))
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_wgmma_layouts_and_fragments(d):
+    """The emulator's wgmma pieces: the swizzled tile is a bijection onto d x 64 x 2 bytes
+    whose 16-byte chunks stay whole, each 8-thread phase of the copy hits 8 bank groups, the
+    accumulator and register-A fragments cover their matrices once, the score view and the A
+    view of the same registers agree on every element's (row, column), and the ring fits."""
+    r, k = np.meshgrid(np.arange(64), np.arange(d), indexing="ij")
+    off = emu.sw128_offset(d, r, k)
+    assert sorted(off.ravel()) == list(range(64 * d))
+    chunks = off.reshape(64, d // 8, 8)  # 8 features: one 16-byte cp.async, contiguous
+    assert (chunks[:, :, 0] % 8 == 0).all() and (np.diff(chunks, axis=2) == 1).all()
+    threads = np.arange(emu.THREADS)
+    for ph in range(0, emu.THREADS, 8):
+        t = threads[ph: ph + 8]
+        dst = emu.sw128_offset(d, t >> 3, 8 * (t & 7))
+        assert len(set((dst // 8) % 8)) == 8
+    row, col = emu.wgmma_acc_coords(64)
+    assert len(set(zip(row.ravel(), col.ravel()))) == 64 * 64
+    for kb in range(4):
+        arow, ak = emu.wgmma_a_coords(kb)
+        v = emu.scores_as_a_value(kb, np.arange(8))
+        # The register that holds score (row, col) is the A element (row, k = col).
+        assert (arow == row[:, v]).all() and (ak == col[:, v]).all()
+    for sm in (emu.wgmma_smem_bytes(d),):
+        assert sm <= 227 * 1024
+    src = np.random.default_rng(d).standard_normal((64, d))
+    tile = emu.wgmma_load_tile(d, src, 0)
+    np.testing.assert_array_equal(emu.wgmma_tile_matrix(d, tile), src)
+    np.testing.assert_array_equal(emu.wgmma_tile_matrix(d, tile, transposed=True), src.T)
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 def test_cp_async_ring_model_catches_wrong_schedules(stages):
     """The ring of sweep_tc_kernel passes the cp.async model for any tile count (fewer tiles
@@ -376,11 +446,64 @@ KERNEL_EXPRESSIONS = {
         "splits_for(n_grad_tiles,n_anchor_tiles,n_grad_tiles*kTile*dim_pad,",
         "n_anchor,n_col,dim_pad,self_offset,scale_f,false,dim_tc,",
         "acc_cols.data_ptr<float>(),n_grad_cols,n_anchor,dim_pad,-self_offset,scale_f,false,dim_tc,",
-        "launch_sweep_tc(SweepMode::kCols,zc_tc.data_ptr(),za_tc.data_ptr(),",
+        "launch_sweep(loops,SweepMode::kCols,zc_tc.data_ptr(),za_tc.data_ptr(),",
         "(w*(scale_f*tile_scale)).unsqueeze(1)",
         "(w_max*(scale_f*tile_scale))",
         "autow_max=w.abs().max().clamp_min(1e-30);",
         "returntorch::logsumexp(partial,0);",
+        # the wgmma sweep takes the same arguments through the same launch_sweep calls
+        "returnlaunch_sweep_wgmma(mode,own,swept,lse,w,out,n_own,n_swept,ld_out,pair_offset,",
+    ],
+    "wgmma_layouts.cuh": [  # what wgmma_stages / wgmma_smem_bytes / the views mirror
+        "staticconstexprintkStages=D==256?2:3;",
+        "kAlignSlack+kTileBytes*(1+kStages)+kVecBytes*kStages;",
+        "staticconstexprintkVecBytes=2*kTile*4;",
+        "usingAtom=GMMA::Layout_K_SW128_Atom<E>;",
+        "Stride<Int<kTile>,_1,Int<kTile*D>>{})));",                          # RingT
+        "returnmake_layout(layout<0,1>(acc),make_layout(layout<0,0>(acc),layout<0,2>(acc)));",
+        "returnmake_layout(make_layout(layout<0,0>(acc),layout<0,1>(acc),layout<0>(blocks)),"
+        "layout<1>(acc),layout<1>(blocks));",
+        "GMMA::rs_op_selector<E,E,float,Shape<Int<kTile>,Int<D>,Int<kTile>>,GMMA::Major::K,"
+        "GMMA::Major::MN>()",
+    ],
+    "sweep_wgmma.cu": [  # what sweep_wgmma_kernel in tests/_cuda_emulation.py mirrors
+        "Layout<Shape<_16,_8>,Stride<_8,_1>>{},",                              # tiled copy
+        "constint64_town0=int64_t(blockIdx.x)*kTile;",
+        "constint64_ttile_begin=int64_t(blockIdx.y)*tiles_per_split;",
+        "constint64_ttile_end=min(tile_begin+tiles_per_split,n_swept_tiles);",
+        "if(st<n_tiles)load_stage(st,tile_begin+st);",
+        "if(next<n_tiles)load_stage(next%kStages,tile_begin+next);",
+        "constfloat*src=(tid<16?lse:w)+tile*kTile+4*c;",
+        "float*dst=vec_smem+st*2*kTile+(tid<16?0:kTile)+4*c;",
+        "own_row[m]=own0+get<0>(coord(m,0));",
+        "own_ok[m]=own_row[m]<n_own;",
+        "lse_own[m]=(M==SweepMode::kRows&&own_ok[m])?__ldg(lse+own_row[m]):0.f;",
+        "run_max[m]=fixed_shift?scale:-INFINITY;",
+        "constint64_tsw0=(tile_begin+it)*kTile;",
+        "constintn_valid=static_cast<int>(min(int64_t(kTile),n_swept-sw0));",
+        "constint64_td=own_row[m]+pair_offset-sw0;",
+        "diag[m]=(d<0||d>=kTile)?-1:static_cast<int>(d);",
+        "constintcol=get<1>(coord(m,n));",
+        "x[n]=(col<n_valid&&col!=diag[m])?scale*scores(m,n):-INFINITY;",
+        "if(own_ok[m]&&col<n_valid&&col!=diag[m])",
+        "p=expf(scale*scores(m,n)-lse_own[m]);",
+        "p=vec[kTile+col]*expf(scale*scores(m,n)-vec[col]);",
+        "if(std::is_same<T,__half>::value)p*=kFp16ProbScale;",
+        "probs_rc(m,n)=E(p);",
+        "Tensorprobs_a=make_tensor(probs.data(),scores_as_a(probs.layout()));",
+        "wgmma_gemm<false,true>(mma_o,probs_a,t_swept_t(_,_,_,st),t_acc);",
+        "for(intmask=1;mask<=2;mask<<=1)",
+        "if(q==0&&own_ok[m])",
+        "out[int64_t(blockIdx.y)*n_own+own_row[m]]=",
+        "(mx==-INFINITY||sum==0.f)?-INFINITY:mx+logf(sum);",
+        "float*slice=out+int64_t(blockIdx.y)*round_up(n_own,kTile)*ld_out;",
+        "for(intn=0;n<size<1>(acc);n+=2){",
+        "if(col<ld_out)",
+        "*reinterpret_cast<float2*>(slice+(own0+row)*ld_out+col)=",
+        "make_float2(acc(m,n),acc(m,n+1));",
+        # one committed, waited-for batch per product, operands fenced
+        "warpgroup_fence_operand(c);warpgroup_arrive();",
+        "warpgroup_commit_batch();warpgroup_wait<0>();warpgroup_fence_operand(c);",
     ],
 }
 # Statements that must come in this order inside sweep_tc_kernel's main loop.
@@ -402,16 +525,30 @@ def _kernel_sources():
     return {name: re.sub(r"\s+", "", (csrc / name).read_text()) for name in KERNEL_EXPRESSIONS}
 
 
+# The same for sweep_wgmma_kernel, with the proxy fence between the cp.async writes and the
+# barrier before any wgmma reads them.
+WGMMA_RING_ORDER = [
+    "for(intit=0;it<n_tiles;++it){",
+    "cp_async_wait<kStages-2>();",
+    "cutlass::arch::fence_view_async_shared();",
+    "__syncthreads();",
+    "constintnext=it+kStages-1;",
+    "wgmma_gemm<true,false>(mma_s,t_own,t_swept(_,_,_,st),t_scores);",
+    "cp_async_wait<0>();",
+]
+
+
 def _source_mismatches(sources):
     missing = [f"{name}: {e}" for name, exprs in KERNEL_EXPRESSIONS.items() for e in exprs
                if e not in sources[name]]
-    src, pos = sources["sweep_tc.cu"], -1
-    for stmt in RING_ORDER:
-        nxt = src.find(stmt, pos + 1)
-        if nxt < 0:
-            missing.append(f"sweep_tc.cu: {stmt} (in this order: {RING_ORDER})")
-            break
-        pos = nxt
+    for name, order in (("sweep_tc.cu", RING_ORDER), ("sweep_wgmma.cu", WGMMA_RING_ORDER)):
+        src, pos = sources[name], -1
+        for stmt in order:
+            nxt = src.find(stmt, pos + 1)
+            if nxt < 0:
+                missing.append(f"{name}: {stmt} (in this order: {order})")
+                break
+            pos = nxt
     return missing
 
 
@@ -431,6 +568,19 @@ def test_kernel_source_check_is_not_vacuous(old, new):
     sources = _kernel_sources()
     assert old in sources["sweep_tc.cu"]
     sources["sweep_tc.cu"] = sources["sweep_tc.cu"].replace(old, new, 1)
+    assert _source_mismatches(sources)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("cutlass::arch::fence_view_async_shared();__syncthreads();",
+     "__syncthreads();cutlass::arch::fence_view_async_shared();"),  # fence after the barrier
+    ("col<n_valid&&col!=diag[m]", "col<=n_valid&&col!=diag[m]"),
+    ("warpgroup_commit_batch();warpgroup_wait<0>();", "warpgroup_commit_batch();"),
+])
+def test_wgmma_source_check_is_not_vacuous(old, new):
+    sources = _kernel_sources()
+    assert old in sources["sweep_wgmma.cu"]
+    sources["sweep_wgmma.cu"] = sources["sweep_wgmma.cu"].replace(old, new, 1)
     assert _source_mismatches(sources)
 
 
@@ -479,3 +629,75 @@ def test_emulated_mma_fragments_follow_the_ptx_tables_element_by_element():
             for lane in range(32):
                 assert list(regs[j, lane]) == [mat[lane // 4, 2 * (lane % 4)],
                                                mat[lane // 4, 2 * (lane % 4) + 1]]
+
+
+# --------------------------------------------------------------------------------------------
+# The wgmma emulation against CuTe itself (host code, no GPU)
+# --------------------------------------------------------------------------------------------
+
+def _wgmma_layout_probe_output():
+    """Output of scripts/wgmma_layout_probe.cu (CuTe's answer for the kernel's layouts and
+    fragment views), compiled once per source version into build/; None when nvcc or the CUTLASS
+    headers are missing."""
+    import hashlib
+    import os
+    import subprocess
+
+    from clreg_fast.backends.cuda import build_env
+
+    cuda_home, _ = build_env.find_cuda_home()
+    include, _ = build_env.find_cutlass_include()
+    if cuda_home is None or include is None:
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sources = [os.path.join(root, "scripts", "wgmma_layout_probe.cu"),
+               os.path.join(root, "csrc", "wgmma_layouts.cuh"), os.path.join(root, "csrc", "clreg.h")]
+    digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources)).hexdigest()[:16]
+    exe = os.path.join(root, "build", "wgmma_layout_probe", digest, "probe")
+    if not os.path.isfile(exe):
+        os.makedirs(os.path.dirname(exe), exist_ok=True)
+        subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "-std=c++17",
+                        "--expt-relaxed-constexpr", "-O1", f"-I{os.path.join(root, 'csrc')}",
+                        f"-I{include}", "-o", exe, sources[0]], check=True, timeout=900)
+    return subprocess.run([exe], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.slow
+def test_wgmma_emulation_matches_cute_layouts():
+    """Every layout and fragment formula of the wgmma emulation is what CuTe computes for the
+    kernel (shared-memory tiles and the transposed ring view, accumulator coordinates of both
+    tiled MMAs and the register-A coordinates of the RS product for all 128 threads, the
+    rows_cols and scores_as_a views, shared memory size). With the acc and A coordinates both
+    CuTe's, the emulation's check that score value 8 kb + i and A element (kb, i) sit at the same
+    (row, column) is a check of the kernel's P -> A reuse."""
+    out = _wgmma_layout_probe_output()
+    if out is None:
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass or "
+                    "CLREG_FAST_CUTLASS_INCLUDE)")
+    seen = set()
+    for line in out.splitlines():
+        tag, *vals = line.split()
+        vals = [int(v) for v in vals]
+        seen.add(tag)
+        if tag == "tile":
+            d, r, k, off = vals
+            assert emu.sw128_offset(d, r, k) == off, line
+        elif tag == "ringt_mismatches":
+            assert vals[1] == 0, line
+        elif tag == "smem":
+            assert emu.wgmma_smem_bytes(vals[0]) == vals[1], line
+        elif tag == "acc":
+            n, t, v, row, col = vals
+            erow, ecol = emu.wgmma_acc_coords(n)
+            assert (erow[t, v], ecol[t, v]) == (row, col), line
+        elif tag == "view":
+            n, m, col, v = vals
+            assert emu.rows_cols_value(m, col) == v, line
+        elif tag == "a":
+            kb, i, v = vals
+            assert emu.scores_as_a_value(kb, i) == v, line
+        elif tag == "acoord":
+            t, kb, i, row, k = vals
+            erow, ek = emu.wgmma_a_coords(kb)
+            assert (erow[t, i], ek[t, i]) == (row, k), line
+    assert seen == {"tile", "ringt_mismatches", "smem", "acc", "view", "a", "acoord"}, seen

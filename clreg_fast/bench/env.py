@@ -58,13 +58,48 @@ def triton_version() -> str:
     return getattr(triton, "__version__", "unknown")
 
 
+def _cuda_extension():
+    """The loaded cuda extension, or None (no GPU, not built); never builds or raises."""
+    try:
+        if not torch.cuda.is_available():
+            return None
+        from clreg_fast.backends.cuda import load_extension
+
+        return load_extension()[0]
+    except Exception:
+        return None
+
+
 def cuda_loops() -> str:
-    """Which kernel family the cuda backend runs for fp16/bf16 with P <= 256: "sweep" (the
-    tensor-core sweep, the default) or "legacy" (CLREG_FAST_CUDA_LOOPS=legacy, which
-    benchmarks/gpu_suite.sh sets when the sweep fails its GPU tests), as csrc/bindings.cpp
-    reads the variable; recorded so that no number is credited to the wrong kernels."""
+    """Which kernel family the cuda backend runs for fp16/bf16 with P <= 256: "wgmma" (the Hopper
+    sweep, the default where it runs), "sweep" (the mma.sync tensor-core sweep, the default
+    elsewhere, or CLREG_FAST_CUDA_LOOPS=sm80) or "legacy" (CLREG_FAST_CUDA_LOOPS=legacy, which
+    benchmarks/gpu_suite.sh sets when the sweep fails its GPU tests). Asked of the extension
+    when one is loaded (csrc/bindings.cpp decides); otherwise read from the variable as the
+    extension would on a GPU without the wgmma sweep. Recorded so that no number is credited to
+    the wrong kernels."""
+    ext = _cuda_extension()
+    if ext is not None and hasattr(ext, "loops"):
+        try:
+            return str(ext.loops("bfloat16", 128))
+        except Exception as exc:  # e.g. a misspelt CLREG_FAST_CUDA_LOOPS
+            return f"error: {exc}"
     value = os.environ.get("CLREG_FAST_CUDA_LOOPS", "")
-    return {"": "sweep", "auto": "sweep"}.get(value, value)
+    return {"": "sweep", "auto": "sweep", "sm80": "sweep"}.get(value, value)
+
+
+def cuda_wgmma() -> str:
+    """Whether the loaded cuda extension has the wgmma sweep: "runs" (built, and this GPU runs
+    its sm_90a code), "built" (not on this GPU), "not built", or "" without an extension."""
+    ext = _cuda_extension()
+    if ext is None:
+        return ""
+    if not getattr(ext, "wgmma_built", False):
+        return "not built"
+    try:
+        return "runs" if ext.wgmma_available() else "built"
+    except Exception as exc:
+        return f"error: {exc}"
 
 
 def collect(device: torch.device) -> Dict[str, str]:
@@ -85,6 +120,7 @@ def collect(device: torch.device) -> Dict[str, str]:
         "threads": str(torch.get_num_threads()),
         "backends": " ".join(available_backends()),
         "cuda_loops": cuda_loops(),
+        "cuda_wgmma": cuda_wgmma(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

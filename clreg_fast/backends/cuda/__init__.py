@@ -74,20 +74,34 @@ def _jit_build(import_error: str):
         cpp_extension.CUDA_HOME = cuda_home
     build_dir = jit_build_directory()
     os.makedirs(build_dir, exist_ok=True)
+    # The arch list torch would use (the visible GPUs when unset), with 9.0 built as sm_90a when
+    # the CUTLASS headers are there (the wgmma sweep).
+    arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    arch_list = arch_env or ";".join(sorted({
+        "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list)
+    if not os.path.isfile(os.path.join(sources_dir, build_env.WGMMA_SOURCE)):
+        cutlass = None
     logger.warning("clreg_fast: building the CUDA extension with nvcc from %s (first use only, "
-                   "a few minutes) in %s", cuda_home, build_dir)
+                   "a few minutes) in %s; %s", cuda_home, build_dir, wgmma_note)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     try:
         module = cpp_extension.load(
             name=JIT_NAME,
-            sources=build_env.source_paths(sources_dir),
+            sources=build_env.source_paths(sources_dir, with_wgmma=cutlass is not None),
             extra_include_paths=[sources_dir],
-            extra_cflags=list(build_env.CXX_FLAGS),
-            extra_cuda_cflags=list(build_env.NVCC_FLAGS),
+            extra_cflags=build_env.cxx_flags(cutlass),
+            extra_cuda_cflags=build_env.nvcc_flags(cutlass),
             build_directory=build_dir,
             verbose=os.environ.get("CLREG_FAST_VERBOSE_BUILD", "0") == "1",
         )
     except Exception as exc:  # compiler missing or failing: report, never crash the caller
         return None, f"{not_built} and the just-in-time build in {build_dir} failed: {exc}"
+    finally:
+        if arch_env is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_env
     return module, None
 
 

@@ -17,7 +17,12 @@ EXTENSION_NAME = "clreg_fast._C"
 # Kernel code in .cu files, PyTorch glue in bindings.cpp, shared declarations in headers.
 # torch_ops.cpp registers the same functions as torch.ops.clreg_fast.cuda_* (TORCH_LIBRARY).
 SOURCES = ("bindings.cpp", "torch_ops.cpp", "lse_forward.cu", "lse_backward.cu", "sweep_tc.cu")
-HEADERS = ("clreg.h", "clreg_torch.h", "splits.h", "tiles.cuh", "mma_sm80.cuh")
+HEADERS = ("clreg.h", "clreg_torch.h", "splits.h", "tiles.cuh", "mma_sm80.cuh", "wgmma_layouts.cuh")
+# The Hopper sweep (CuTe wgmma kernels): compiled only when the CUTLASS headers are found and the
+# arch list has a 9.0 entry; it then gets -DCLREG_WITH_WGMMA (bindings.cpp too).
+WGMMA_SOURCE = "sweep_wgmma.cu"
+ENV_CUTLASS = "CLREG_FAST_CUTLASS_INCLUDE"  # CUTLASS include dir; "0" turns the wgmma build off
+WGMMA_DEFINE = "-DCLREG_WITH_WGMMA"
 
 # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
 # torch 2.x, C++20 for recent releases); the sources compile under both.
@@ -117,5 +122,85 @@ def toolkit_problem(cuda_home: Optional[str], torch_cuda: Optional[str]) -> Opti
     return None
 
 
-def source_paths(csrc_dir: str) -> List[str]:
-    return [os.path.join(csrc_dir, name) for name in SOURCES]
+def source_names(with_wgmma: bool) -> List[str]:
+    return list(SOURCES) + ([WGMMA_SOURCE] if with_wgmma else [])
+
+
+def source_paths(csrc_dir: str, with_wgmma: bool = False) -> List[str]:
+    return [os.path.join(csrc_dir, name) for name in source_names(with_wgmma)]
+
+
+def _is_cutlass_include(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "cute", "tensor.hpp")) and os.path.isfile(
+        os.path.join(path, "cutlass", "cutlass.h"))
+
+
+def find_cutlass_include() -> Tuple[Optional[str], str]:
+    """``(CUTLASS/CuTe include dir, how it was found)``, or ``(None, why not)``.
+
+    $CLREG_FAST_CUTLASS_INCLUDE first ("0" or "" turns the wgmma build off; a wrong path is an
+    answer too, not a reason to look elsewhere), else the installed ``cutlass_library`` package
+    (the nvidia-cutlass wheel) found without importing it: its ``source/include``.
+    """
+    explicit = os.environ.get(ENV_CUTLASS)
+    if explicit is not None:
+        explicit = explicit.strip()
+        if explicit in ("", "0"):
+            return None, f"${ENV_CUTLASS}={explicit!r} turns the wgmma sweep off"
+        if _is_cutlass_include(explicit):
+            return explicit, f"${ENV_CUTLASS}"
+        return None, f"${ENV_CUTLASS}={explicit} has no cute/tensor.hpp and cutlass/cutlass.h"
+    import importlib.util
+
+    try:  # find_spec of a top-level package locates it without running its __init__
+        spec = importlib.util.find_spec("cutlass_library")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None, ("no CUTLASS headers: the nvidia-cutlass package (cutlass_library) is not "
+                      f"installed and ${ENV_CUTLASS} is unset (`pip install --no-deps "
+                      "nvidia-cutlass==4.2.0.0`)")
+    for location in spec.submodule_search_locations:
+        include = os.path.join(location, "source", "include")
+        if _is_cutlass_include(include):
+            return include, "the installed nvidia-cutlass package (cutlass_library)"
+    return None, "the installed cutlass_library package has no source/include with CuTe"
+
+
+def with_sm90a(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST with its 9.0 entries built as sm_90a ("9.0" -> "9.0a").
+
+    wgmma exists only in the arch-specific sm_90a target. Replacing (not adding) the entry keeps
+    one cubin for compute capability 9.0, so an H100/H200 loads the sm_90a code of every kernel;
+    sm_90a cubins run on 9.0 devices only, which is all a "9.0" entry was for (the CUDA driver
+    never runs them elsewhere). Other entries are kept as they are.
+    """
+    entries = [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
+    return ";".join(e.replace("9.0", "9.0a", 1) if e in ("9.0", "9.0+PTX") else e
+                    for e in entries)
+
+
+def wgmma_plan(arch_list: str) -> Tuple[Optional[str], str, str]:
+    """``(CUTLASS include or None, arch list to build with, a sentence saying what was decided)``."""
+    include, how = find_cutlass_include()
+    if include is None:
+        return None, arch_list, f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: {how}"
+    sm90a = with_sm90a(arch_list)
+    if not any(e.startswith("9.0a") for e in sm90a.split(";")):
+        return None, arch_list, (f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: "
+                                 f"TORCH_CUDA_ARCH_LIST={arch_list!r} has no 9.0 entry")
+    return include, sm90a, (f"wgmma sweep (csrc/{WGMMA_SOURCE}) built for sm_90a with the "
+                            f"CUTLASS headers in {include} (from {how}); "
+                            f"TORCH_CUDA_ARCH_LIST={sm90a}")
+
+
+def cxx_flags(cutlass_include: Optional[str]) -> List[str]:
+    return list(CXX_FLAGS) + ([WGMMA_DEFINE] if cutlass_include else [])
+
+
+def nvcc_flags(cutlass_include: Optional[str]) -> List[str]:
+    if not cutlass_include:
+        return list(NVCC_FLAGS)
+    # CuTe needs constexpr host functions in device code (torch passes this flag too; repeated
+    # here for older releases).
+    return list(NVCC_FLAGS) + [WGMMA_DEFINE, f"-I{cutlass_include}", "--expt-relaxed-constexpr"]
