@@ -6,10 +6,12 @@
 #       torch) into a throwaway --target directory with CLREG_FAST_CUDA_BUILD=1, keeps the full
 #       build output, including ptxas' registers/spills/shared-memory report of every kernel,
 #       in FILE (default build/cuda_build.log), prints a per-kernel summary, checks that sm_80
-#       and sm_90 code was compiled and that no sweep kernel spills, imports clreg_fast._C from
+#       and sm_90 code was compiled and that no sweep kernel (sweep_tc_kernel,
+#       sweep_simt_kernel) spills, imports clreg_fast._C from
 #       outside the checkout, compares its split policy with the Python mirror and checks the
 #       machine code (scripts/cuda_sass_report.py: HMMA, LDGSTS, LDSM, no local memory in the
-#       sweep kernels; build/cuda_sass_report.txt).
+#       tensor-core sweep; LDGSTS, no HMMA, no local memory in the float32 sweep;
+#       build/cuda_sass_report.txt).
 #       The build starts from scratch (about 3 minutes on 2 cores); --incremental keeps ninja's
 #       objects in build/ (seconds when csrc/ is unchanged, but then ptxas reports nothing new
 #       and the summary of the last full build, build/cuda_resource_usage.txt, is shown).
@@ -113,7 +115,8 @@ spilling = [(r, n) for r, n in zip(rows, names) if r.get("spill", "0/0") != "0/0
 if spilling:
     lines.append(f"note: {len(spilling)} kernel build(s) spill registers (see the table)")
 # The sweep kernels keep their accumulators in registers by design: a spill is a failure.
-sweep_spills = [n for r, n in spilling if "sweep_tc_kernel" in n]
+SWEEPS = ("sweep_tc_kernel", "sweep_simt_kernel")
+sweep_spills = [n for r, n in spilling if any(k in n for k in SWEEPS)]
 report = "\n".join(lines) + "\n"
 print(report, end="")
 with open(usage_file, "w") as f:
@@ -122,10 +125,11 @@ wanted = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in re.split(r"[;\
 missing = wanted - {r["arch"] for r in rows}
 if missing:
     sys.exit(f"FAILED: no kernels compiled for {sorted(missing)}")
-if not any("sweep_tc_kernel" in n for n in names):
-    sys.exit("FAILED: no sweep_tc_kernel in the ptxas report")
+for kernel in SWEEPS:
+    if not any(kernel in n for n in names):
+        sys.exit(f"FAILED: no {kernel} in the ptxas report")
 if sweep_spills:
-    sys.exit(f"FAILED: {len(sweep_spills)} sweep_tc_kernel build(s) spill registers")
+    sys.exit(f"FAILED: {len(sweep_spills)} sweep kernel build(s) spill registers")
 EOF
 
   # Import from outside the checkout, so the installed copy is the one found.
