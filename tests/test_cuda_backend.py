@@ -35,8 +35,9 @@ needs_cuda_ext = pytest.mark.skipif(EXT is None, reason=f"cuda backend unavailab
 gpu = [pytest.mark.gpu, needs_cuda_ext]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-# CLREG_FAST_CUDA_LOOPS: "sweep" (default: the tensor-core sweep of csrc/sweep_tc.cu for
-# fp16/bf16 up to 256 features) or "legacy" (lse_forward.cu / lse_backward.cu everywhere).
+# CLREG_FAST_CUDA_LOOPS: "sweep" (default: the register-resident sweeps up to 256 features,
+# csrc/sweep_tc.cu for fp16/bf16 and csrc/sweep_simt.cu for float32) or "legacy"
+# (lse_forward.cu / lse_backward.cu everywhere).
 LOOPS = ("sweep", "legacy")
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -221,9 +222,11 @@ def test_loops_selection(monkeypatch):
     monkeypatch.delenv("CLREG_FAST_CUDA_LOOPS", raising=False)
     assert EXT.loops("bfloat16", 128) == EXT.loops("float16", 1) == "sweep"
     assert EXT.loops("bfloat16", 256) == "sweep" and EXT.loops("bfloat16", 257) == "legacy"
-    assert EXT.loops("float32", 64) == "legacy"  # SIMT float32 stays exact: no TF32
+    # float32: the SIMT sweep up to 256 features (exact float32 FMAs, no TF32), then the tiles.
+    assert EXT.loops("float32", 1) == EXT.loops("float32", 256) == "sweep"
+    assert EXT.loops("float32", 257) == "legacy"
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "legacy")
-    assert EXT.loops("bfloat16", 128) == "legacy"
+    assert EXT.loops("bfloat16", 128) == EXT.loops("float32", 64) == "legacy"
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "fast")
     with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
         EXT.loops("bfloat16", 128)
@@ -239,8 +242,6 @@ def test_loops_selection(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
-    if loops == "sweep" and dot == torch.float32:
-        pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
     za = _unit_rows(na, p, seed=na + p)
     zc = _unit_rows(nc, p, seed=nc + 1)
     if off == 0:
@@ -260,8 +261,6 @@ def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols, loops):
-    if loops == "sweep" and dot == torch.float32:
-        pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
     za = _unit_rows(na, p, seed=2 * na + p)
     zc = _unit_rows(nc, p, seed=3 * nc)
     scale = 10.0
@@ -337,6 +336,57 @@ def test_sweep_and_legacy_kernels_agree(dot, na, nc, p, off, monkeypatch):
 
 
 _DOT_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+# Odd sizes for the float32 sweep (csrc/sweep_simt.cu) at D = 64, 128 and 256: features not a
+# multiple of 4 (the padded operand copy) and of 4 (read in place), one-row last tiles, the
+# left-out pair at offsets inside, at the edge of and past the steps of 4096 / D swept rows.
+SIMT_SHAPES = [  # (Na, Nc, P, self_offset)
+    (37, 101, 19, 0),
+    (65, 130, 129, 0),
+    (30, 75, 40, 45),
+    (33, 97, 256, -1),
+    (70, 150, 128, 100),
+    (20, 70, 200, 0),
+    (129, 1000, 100, -63),
+    (256, 9000, 64, 0),
+]
+
+
+@pytest.mark.parametrize("na, nc, p, off", SIMT_SHAPES)
+@pytest.mark.parametrize("n_grad", ["all", "odd"])
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_float32_sweep_matches_reference_and_legacy(na, nc, p, off, n_grad, monkeypatch):
+    """The float32 sweep against float64 math and against the SIMT tile kernels (legacy): both
+    are plain float32 FMAs in another order, so all three agree to float32 accumulation error.
+    The longer sweeps (Nc = 1000, 9000) are cut into several splits by the GPU's split policy."""
+    za = _unit_rows(na, p, seed=21)
+    zc = _unit_rows(nc, p, seed=22)
+    if off == 0:
+        zc[: min(na, nc)] = za[: min(na, nc)]
+    n_grad_cols = nc if n_grad == "all" else max(1, nc // 3)
+    w = torch.linspace(-1, 1, na, device="cuda") / na
+    s = _scores64(za, zc, off, 10.0, torch.float32)
+    lse64 = torch.logsumexp(s, dim=1)
+    prob = torch.exp(s - lse64[:, None])
+    exp_dza = 10.0 * w.double()[:, None] * (prob @ zc.double())
+    exp_dzc = 10.0 * (prob * w.double()[:, None]).T[:n_grad_cols] @ za.double()
+    out = {}
+    for name in LOOPS:
+        monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", name)
+        assert EXT.loops("float32", p) == name
+        kernels = CudaKernels(EXT)
+        lse = kernels.lse_forward(za, zc, off, 10.0, torch.float32)
+        torch.testing.assert_close(lse.double(), lse64, rtol=2e-5, atol=2e-4)
+        dza, dzc = kernels.lse_backward(za, zc, lse64.float(), w, off, 10.0, n_grad_cols,
+                                        torch.float32)
+        _assert_rows_close(dza, exp_dza, BACKWARD_TOL[torch.float32])
+        _assert_rows_close(dzc, exp_dzc, BACKWARD_TOL[torch.float32])
+        out[name] = (lse, dza, dzc)
+    torch.testing.assert_close(out["sweep"][0], out["legacy"][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(out["sweep"][1:], out["legacy"][1:]):
+        assert _rel_err(got, want) < 1e-5
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)

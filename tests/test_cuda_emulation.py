@@ -211,6 +211,106 @@ def test_sweep_backward_emulation_more_variants(na, nc, p, off, grad_cols):
             _check_backward(got, want)
 
 
+# --------------------------------------------------------------------------------------------
+# The float32 sweep (sweep_simt.cu)
+# --------------------------------------------------------------------------------------------
+
+SIMT_SHAPES = SHAPES + SWEEP_SHAPES + [
+    (20, 70, 200, 0),     # D = 256: steps of 16 rows, the last tile has one step, not four
+    (33, 97, 256, -1),    # D = 256 exactly, 2-stage ring
+    (70, 150, 128, 100),  # D = 128, steps of 32 rows, the pair in the second tile's rows
+]
+
+
+def _simt_case(p):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the float32 sweep takes P <= 256")
+
+
+@pytest.mark.parametrize("na, nc, p, off", SIMT_SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_simt_forward_emulation(na, nc, p, off, tau, sms, per_sm):
+    _simt_case(p)
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    got = emu.simt_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+    np.testing.assert_allclose(got, emu.dense_lse_forward(za, zc, off, scale), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SIMT_SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_simt_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
+    _simt_case(p)
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    got = emu.simt_lse_backward(za, zc, lse, w, off, scale, n_grad, sms, per_sm)
+    _check_backward(got, want)
+
+
+def test_simt_emulation_is_not_vacuous(monkeypatch):
+    """The emulated kernel fails when one of its pieces is off: overlapping shared-memory rows,
+    rows not padded to whole 16-byte chunks (unaligned cp.async sources), or shuffles from the
+    wrong lanes."""
+    za, zc, lse, w, scale, n_grad = _backward_case(37, 101, 19, 0, "all", seed=1)
+    want = emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad)
+    _check_backward(emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6), want)
+
+    real_config = emu.simt_config
+    monkeypatch.setattr(emu, "simt_config",
+                        lambda d: (real_config(d)[0], d - 4, real_config(d)[2]))
+    with pytest.raises(AssertionError, match="into one chunk"):  # rows D - 4 apart: they overlap
+        emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
+    monkeypatch.setattr(emu, "simt_config", real_config)
+
+    real_operand = emu.simt_operand
+    monkeypatch.setattr(emu, "simt_operand", lambda z: (z, z.shape[1]))  # no chunk padding
+    with pytest.raises(AssertionError, match="unaligned"):  # P = 19: rows 76 bytes apart
+        emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
+    monkeypatch.setattr(emu, "simt_operand", real_operand)
+
+    real_thread = emu.THREAD
+    monkeypatch.setattr(emu, "THREAD", np.roll(real_thread, 1))  # shuffles from other lanes
+    with pytest.raises(AssertionError):
+        _check_backward(emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6), want)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_simt_shared_memory_budget_and_banks(d):
+    """SimtConfig<D>: the owned tile and the ring fit 99 KB; every 8-lane phase of the 16-byte
+    score reads and of the cp.async stores hits 8 different bank groups; the 4-byte reads of
+    the product touch 32 different banks or one address (broadcast)."""
+    rows, ld, stages = emu.simt_config(d)
+    assert rows * d == 4096 and rows % 16 == 0 and 64 % rows == 0
+    assert 4 * (64 * ld + stages * (rows * ld + 2 * rows)) <= 99 * 1024
+    lanes = emu.LANES
+    for warp in range(4):
+        t = 32 * warp + lanes
+        tx, ty = t & 15, t >> 4
+        for k in range(0, d, 4):
+            for j in range(rows // 16):
+                b = (tx + 16 * j) * ld + k
+                for ph in range(0, 32, 8):
+                    assert len(set((b[ph:ph + 8] // 4) % 8)) == 8
+            for i in range(8):
+                a = (ty + 8 * i) * ld + k
+                for ph in range(0, 32, 8):
+                    assert len(set(a[ph:ph + 8])) == 1  # one row per phase: a broadcast
+        for k in range(rows):
+            for p in range(d // 16):
+                addr = k * ld + tx + 16 * p
+                assert len(set(addr % 32)) == len(set(addr)) == 16  # half-warps share addresses
+    chunks = d // 4
+    for n_rows in (64, rows):
+        for it in range(n_rows * chunks // emu.THREADS):
+            e = np.arange(emu.THREADS) + it * emu.THREADS
+            dst = (e // chunks) * ld + 4 * (e % chunks)
+            for ph in range(0, emu.THREADS, 8):
+                assert len(set((dst[ph:ph + 8] // 4) % 8)) == 8
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 def test_cp_async_ring_model_catches_wrong_schedules(stages):
     """The ring of sweep_tc_kernel passes the cp.async model for any tile count (fewer tiles
@@ -370,6 +470,56 @@ KERNEL_EXPRESSIONS = {
         "cp.async.cg.shared.global[%0],[%1],16;",
         "__floats2bfloat162_rn(lo,hi)", "__floats2half2_rn(lo,hi)",
     ],
+    "sweep_simt.cu": [
+        "staticconstexprintkRows=4096/D;", "staticconstexprintkLd=D+4;",
+        "staticconstexprintkStages=D==256?2:3;",
+        # load_rows_async / load_vectors_async
+        "constintr=e/C::kChunks;", "constintc=e%C::kChunks;",
+        "constintbytes=row<n_rows?max(0,min(16,4*(dim-4*c))):0;",
+        "cp_async_16_zfill(dst+r*C::kLd+4*c,from,bytes);",
+        "cp.async.cg.shared.global[%0],[%1],16,%2;",
+        "constintc=threadIdx.x%kQ;",
+        "cp_async_16_zfill(vec+(is_lse?0:R)+4*c,(is_lse?lse:w)+row0+4*c,16);",
+        # grid, rows, splits, steps
+        "constinttx=threadIdx.x&15;", "constintty=threadIdx.x>>4;",
+        "constint64_town0=int64_t(blockIdx.x)*kTile;",
+        "constint64_ttile_begin=int64_t(blockIdx.y)*tiles_per_split;",
+        "constint64_ttile_end=min(tile_begin+tiles_per_split,n_swept_tiles);",
+        "ceil_div(min(tile_end*kTile,n_swept)-swept_begin,C::kRows)",
+        "own_row[i]=own0+ty+8*i;", "own_ok[i]=own_row[i]<n_own;",
+        "lse_own[i]=(M==SweepMode::kRows&&own_ok[i])?__ldg(lse+own_row[i]):0.f;",
+        "constint64_trow0=swept_begin+int64_t(step)*C::kRows;",
+        "if(st<n_steps)load_stage(st,st);",
+        "if(next<n_steps)load_stage(next%C::kStages,next);",
+        "constfloat*rows=stage_rows(it%C::kStages);",
+        # masks
+        "constint64_tsw0=swept_begin+int64_t(it)*C::kRows;",
+        "constintn_valid=static_cast<int>(min(int64_t(C::kRows),n_swept-sw0));",
+        "constint64_td=own_row[i]+pair_offset-sw0;",
+        "diag[i]=(d<0||d>=C::kRows)?-1:static_cast<int>(d);",
+        # scores
+        "b[j]=*reinterpret_cast<constfloat4*>(rows+(tx+16*j)*C::kLd+k);",
+        "*reinterpret_cast<constfloat4*>(own_tile+(ty+8*i)*C::kLd+k);",
+        # forward epilogue and merge
+        "x[j]=(col<n_valid&&col!=diag[i])?scale*s[i][j]:-INFINITY;",
+        "run_max[i]=fixed_shift?scale:-INFINITY;",
+        "for(intmask=1;mask<=8;mask<<=1)",
+        "if(tx==0&&own_ok[i])",
+        "out[int64_t(blockIdx.y)*n_own+own_row[i]]=",
+        # backward epilogue and product
+        "constintcol=tx+16*j;",
+        "if(own_ok[i]&&col<n_valid&&col!=diag[i])",
+        "p=expf(scale*s[i][j]-lse_own[i]);",
+        "p=vec[C::kRows+col]*expf(scale*s[i][j]-vec[col]);",
+        "constintk=kx+16*j;",
+        "pk[i]=__shfl_sync(0xffffffffu,s[i][j],kx,16);",
+        "b[p]=rows[k*C::kLd+tx+16*p];",
+        "acc[i][p]=fmaf(pk[i],b[p],acc[i][p]);",
+        # the one write of the backward
+        "float*slice=out+int64_t(blockIdx.y)*round_up(n_own,kTile)*ld_out;",
+        "constintcol=tx+16*p;",
+        "if(col<ld_out)slice[own_row[i]*ld_out+col]=acc[i][p];",
+    ],
     "bindings.cpp": [  # the glue that tc_lse_forward / tc_lse_backward mirror
         "splits_for(ceil_div(n_anchor,kTile),ceil_div(n_col,kTile),n_anchor,",
         "splits_for(n_anchor_tiles,n_col_tiles,n_anchor_tiles*kTile*dim_pad,",
@@ -381,6 +531,15 @@ KERNEL_EXPRESSIONS = {
         "(w_max*(scale_f*tile_scale))",
         "autow_max=w.abs().max().clamp_min(1e-30);",
         "returntorch::logsumexp(partial,0);",
+        # ... and simt_lse_forward / simt_lse_backward
+        "if(z.size(1)%4==0&&reinterpret_cast<uintptr_t>(z.data_ptr())%16==0)returnz;",
+        "autoout=torch::zeros({z.size(0),round_up(z.size(1),4)},z.options());",
+        "resident_blocks_sweep_simt(SweepMode::kForward,dim_s)",
+        "launch_sweep_simt(SweepMode::kRows,za_s.data_ptr<float>(),za_s.stride(0),",
+        "n_anchor,n_col,dim_pad,self_offset,scale_f,false,dim_s,",
+        "launch_sweep_simt(SweepMode::kCols,zc_s.data_ptr<float>(),zc_s.stride(0),",
+        "acc_cols.data_ptr<float>(),n_grad_cols,n_anchor,dim_pad,",
+        "-self_offset,scale_f,false,dim_s,col_splits.count,",
     ],
 }
 # Statements that must come in this order inside sweep_tc_kernel's main loop.
@@ -402,16 +561,28 @@ def _kernel_sources():
     return {name: re.sub(r"\s+", "", (csrc / name).read_text()) for name in KERNEL_EXPRESSIONS}
 
 
+# The same order in sweep_simt_kernel's main loop.
+SIMT_RING_ORDER = [
+    "for(intit=0;it<n_steps;++it){",
+    "cp_async_wait<C::kStages-2>();",
+    "__syncthreads();",
+    "constintnext=it+C::kStages-1;",
+    "constfloat*rows=stage_rows(it%C::kStages);",
+    "cp_async_wait<0>();",
+]
+
+
 def _source_mismatches(sources):
     missing = [f"{name}: {e}" for name, exprs in KERNEL_EXPRESSIONS.items() for e in exprs
                if e not in sources[name]]
-    src, pos = sources["sweep_tc.cu"], -1
-    for stmt in RING_ORDER:
-        nxt = src.find(stmt, pos + 1)
-        if nxt < 0:
-            missing.append(f"sweep_tc.cu: {stmt} (in this order: {RING_ORDER})")
-            break
-        pos = nxt
+    for name, order in (("sweep_tc.cu", RING_ORDER), ("sweep_simt.cu", SIMT_RING_ORDER)):
+        src, pos = sources[name], -1
+        for stmt in order:
+            nxt = src.find(stmt, pos + 1)
+            if nxt < 0:
+                missing.append(f"{name}: {stmt} (in this order: {order})")
+                break
+            pos = nxt
     return missing
 
 
@@ -431,6 +602,19 @@ def test_kernel_source_check_is_not_vacuous(old, new):
     sources = _kernel_sources()
     assert old in sources["sweep_tc.cu"]
     sources["sweep_tc.cu"] = sources["sweep_tc.cu"].replace(old, new, 1)
+    assert _source_mismatches(sources)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("__shfl_sync(0xffffffffu,s[i][j],kx,16)", "__shfl_sync(0xffffffffu,s[i][j],kx,32)"),
+    ("col<n_valid&&col!=diag[i]", "col<=n_valid&&col!=diag[i]"),
+    ("cp_async_wait<C::kStages-2>();__syncthreads();",
+     "__syncthreads();cp_async_wait<C::kStages-2>();"),  # barrier before the wait
+])
+def test_simt_source_check_is_not_vacuous(old, new):
+    sources = _kernel_sources()
+    assert old in sources["sweep_simt.cu"]
+    sources["sweep_simt.cu"] = sources["sweep_simt.cu"].replace(old, new, 1)
     assert _source_mismatches(sources)
 
 
