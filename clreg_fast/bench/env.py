@@ -59,10 +59,11 @@ def triton_version() -> str:
 
 
 def cuda_loops() -> str:
-    """Which kernel family the cuda backend runs for fp16/bf16 with P <= 256: "sweep" (the
-    tensor-core sweep, the default) or "legacy" (CLREG_FAST_CUDA_LOOPS=legacy, which
-    benchmarks/gpu_suite.sh sets when the sweep fails its GPU tests), as csrc/bindings.cpp
-    reads the variable; recorded so that no number is credited to the wrong kernels."""
+    """Which kernel family the cuda backend runs with P <= 256: "sweep" (the tensor-core sweep
+    for fp16/bf16, the float32 sweep for float32; the default) or "legacy"
+    (CLREG_FAST_CUDA_LOOPS=legacy, which benchmarks/gpu_suite.sh sets when the sweep fails its
+    GPU tests), as csrc/bindings.cpp reads the variable; recorded so that no number is
+    credited to the wrong kernels."""
     value = os.environ.get("CLREG_FAST_CUDA_LOOPS", "")
     return {"": "sweep", "auto": "sweep"}.get(value, value)
 
