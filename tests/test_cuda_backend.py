@@ -384,9 +384,9 @@ def test_float32_sweep_matches_reference_and_legacy(na, nc, p, off, n_grad, monk
         _assert_rows_close(dza, exp_dza, BACKWARD_TOL[torch.float32])
         _assert_rows_close(dzc, exp_dzc, BACKWARD_TOL[torch.float32])
         out[name] = (lse, dza, dzc)
-    torch.testing.assert_close(out["sweep"][0], out["legacy"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["sweep"][0], out["legacy"][0], rtol=1e-5, atol=1e-4)
     for got, want in zip(out["sweep"][1:], out["legacy"][1:]):
-        assert _rel_err(got, want) < 1e-5
+        assert _rel_err(got, want) < BACKWARD_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
