@@ -82,8 +82,8 @@ Splits splits_for(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_element
 
 // Which loops run: the tensor-core sweep (sweep_tc.cu) for fp16/bf16 up to 256 features (the
 // float32 sweep: use_sweep_simt), the SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu)
-// otherwise. CLREG_FAST_CUDA_LOOPS=legacy
-// selects the latter everywhere (the previous kernels, kept for comparison and as a fallback).
+// otherwise. CLREG_FAST_CUDA_LOOPS=legacy selects the latter everywhere (the previous kernels,
+// kept for comparison and as a fallback).
 // The variable is checked on every call, whatever the dtype, so that a misspelt value fails
 // at once instead of only on the first fp16/bf16 call.
 bool use_sweep_tc(DotType dot, int64_t dim) {
