@@ -504,22 +504,56 @@ def simt_config(d):
     return 4096 // d, d + 4, 2 if d == 256 else 3
 
 
-def simt_operand(z):
-    """simt_operand() of bindings.cpp: rows in whole 16-byte chunks (the emulated arrays are
-    aligned): z itself when dim % 4 == 0, else a copy with zero-padded rows. Returns (z, ld)."""
-    if z.shape[1] % 4 == 0:
-        return z, z.shape[1]
+def simt_operand_layout(dim, stride0, address):
+    """simt_operand() of bindings.cpp and the row stride the glue then passes to
+    launch_sweep_simt, for a contiguous float32 tensor of `dim` features whose rows are
+    `stride0` floats apart and whose first element is at byte `address`: (copied, ld). A copy
+    has rows zero-padded to round_up(dim, 4) floats."""
+    if dim % 4 == 0 and address % 16 == 0:
+        return False, stride0
+    return True, _round_up(dim, 4)
+
+
+def simt_operand(z, address=0):
+    """simt_operand() of bindings.cpp on the emulated array z (rows z.strides[0] apart, as the
+    tensor's stride(0); first element at byte `address`, 16-byte aligned unless told):
+    returns (z or its padded copy, the ld the launch is given)."""
+    copied, ld = simt_operand_layout(z.shape[1], z.strides[0] // z.itemsize, address)
+    if not copied:
+        return z, ld
     out = np.zeros((z.shape[0], _round_up(z.shape[1], 4)))
     out[:, : z.shape[1]] = z
-    return out, out.shape[1]
+    return out, ld
 
 
-def simt_load_rows(d, n_tile_rows, src, ld, row0, n_rows, dim):
+def simt_memory(z):
+    """The memory a kernel sees from z's first element on, by offset in floats: its elements
+    where z's strides put them, NaN where z has none (a gap between rows, or past the end)."""
+    assert min(z.strides, default=0) >= 0
+    s0, s1 = (st // z.itemsize for st in z.strides)
+    off = np.arange(z.shape[0])[:, None] * s0 + np.arange(z.shape[1])[None, :] * s1
+    mem = np.full(off.max() + 1 if off.size else 0, np.nan)
+    mem[off] = z
+    return mem
+
+
+def simt_launch_check(own_ld, own_address, swept_ld, swept_address, dim, d, ld_out):
+    """The argument checks of launch_sweep_simt: cudaErrorInvalidValue (here a ValueError)
+    unless rows are whole 16-byte chunks at 16-byte aligned bases and hold `dim` features."""
+    aligned = (own_ld % 4 == 0 and swept_ld % 4 == 0 and own_address % 16 == 0
+               and swept_address % 16 == 0)
+    if (d not in (64, 128, 256) or dim > d or dim > own_ld or dim > swept_ld or not aligned
+            or ld_out > d):
+        raise ValueError("launch_sweep_simt: cudaErrorInvalidValue")
+
+
+def simt_load_rows(d, n_tile_rows, mem, ld, row0, n_rows, dim):
     """load_rows_async<D, ROWS>: 16-byte cp.async chunks with src-size zero fill, into rows
-    D + 4 floats apart. The 4 pad floats of every row stay NaN: a read of them fails the result."""
+    D + 4 floats apart, from the operand's memory `mem` (simt_memory) with rows `ld` floats
+    apart. The 4 pad floats of every row stay NaN: a read of them fails the result."""
     _, ld_smem, _ = simt_config(d)
     chunks = d // 4
-    flat = src.reshape(-1)
+    flat = mem
     dst = np.full(n_tile_rows * ld_smem, np.nan)
     written = np.zeros(n_tile_rows * ld_smem, bool)
     for it in range(n_tile_rows * chunks // THREADS):
@@ -537,6 +571,8 @@ def simt_load_rows(d, n_tile_rows, src, ld, row0, n_rows, dim):
             take = 4 * t < nbytes  # bytes past src-size are zero-filled, not read
             src_idx = row * ld + 4 * c + t
             assert (4 * c[take] + t < ld).all(), "a copy reads past the end of its row"
+            assert (src_idx[take] < flat.shape[0]).all() and \
+                not np.isnan(flat[src_idx[take]]).any(), "a copy reads memory outside the operand"
             dst[base + t] = np.where(take, flat[np.where(take, src_idx, 0)], 0.0)
     assert all(written[r * ld_smem: r * ld_smem + d].all() for r in range(n_tile_rows)), \
         "the loader must fill every feature of every row"
@@ -565,9 +601,10 @@ def sweep_simt_kernel(mode, own, ld_own, swept, ld_swept, dim, lse, w, out, n_ow
     nj, n_p = r_step // 16, d // 16
     n_swept_tiles = _ceil_div(n_swept, TILE)
     i8 = np.arange(8)
+    own_mem, swept_mem = simt_memory(own), simt_memory(swept)
     for bx in range(_ceil_div(n_own, TILE)):
         own0 = bx * TILE
-        own_tile = simt_load_rows(d, TILE, own, ld_own, own0, n_own, dim)
+        own_tile = simt_load_rows(d, TILE, own_mem, ld_own, own0, n_own, dim)
         own_row = own0 + TY[:, None] + 8 * i8[None, :]  # [thread][i]
         own_ok = own_row < n_own
         lse_own = np.zeros((THREADS, 8))
@@ -581,7 +618,7 @@ def sweep_simt_kernel(mode, own, ld_own, swept, ld_swept, dim, lse, w, out, n_ow
 
             def load(step, swept_begin=swept_begin):  # load_stage
                 row0 = swept_begin + step * r_step
-                rows = simt_load_rows(d, r_step, swept, ld_swept, row0, n_swept, dim)
+                rows = simt_load_rows(d, r_step, swept_mem, ld_swept, row0, n_swept, dim)
                 vec = simt_load_vectors(r_step, lse, w, row0) if mode == "cols" else None
                 return rows, vec
 
@@ -653,12 +690,33 @@ def sweep_simt_kernel(mode, own, ld_own, swept, ld_swept, dim, lse, w, out, n_ow
                         out[base + own_row[keep, i], col[keep]] = acc[keep, i, p_]
 
 
+def torch_contiguous(z):
+    """Tensor.contiguous() on the emulated array: z itself when torch counts it contiguous
+    (strides of size-1 dimensions do not count, so a one-row tensor keeps any row stride),
+    else a row-major copy."""
+    expected = z.itemsize
+    for size, stride in zip(reversed(z.shape), reversed(z.strides)):
+        if size != 1:
+            if stride != expected:
+                return np.ascontiguousarray(z)
+            expected *= size
+    return z
+
+
+def _simt_operands(za, zc, dim, ld_out):
+    """The float32 sweep's operands as bindings.cpp makes them (contiguous(), simt_operand()),
+    checked as launch_sweep_simt checks them (the emulated arrays start 16-byte aligned)."""
+    za_s, ld_a = simt_operand(torch_contiguous(za))
+    zc_s, ld_c = simt_operand(torch_contiguous(zc))
+    simt_launch_check(ld_a, 0, ld_c, 0, dim, sweep_tc_dim(dim), ld_out)
+    return za_s, ld_a, zc_s, ld_c
+
+
 def simt_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm):
     """bindings.cpp lse_forward on the float32 sweep."""
     na, nc, dim = za.shape[0], zc.shape[0], za.shape[1]
     d = sweep_tc_dim(dim)
-    own, ld_own = simt_operand(za)
-    swept, ld_swept = simt_operand(zc)
+    own, ld_own, swept, ld_swept = _simt_operands(za, zc, dim, 0)
     count, per = forward_splits(na, nc, multiprocessors, blocks_per_sm)
     partial = np.full((count, na), np.nan)
     sweep_simt_kernel("forward", own, ld_own, swept, ld_swept, dim, None, None, partial, na, nc,
@@ -673,8 +731,7 @@ def simt_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, multiproc
     na, nc, p_dim = za.shape[0], zc.shape[0], za.shape[1]
     d = sweep_tc_dim(p_dim)
     ld_out = _round_up(p_dim, TILE)
-    za_s, ld_a = simt_operand(za)
-    zc_s, ld_c = simt_operand(zc)
+    za_s, ld_a, zc_s, ld_c = _simt_operands(za, zc, p_dim, ld_out)
 
     count, per = backward_splits(na, nc, p_dim, multiprocessors, blocks_per_sm)
     acc_rows = np.full((count * _round_up(na, TILE), ld_out), np.nan)  # torch::empty

@@ -265,16 +265,88 @@ def test_simt_emulation_is_not_vacuous(monkeypatch):
         emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
     monkeypatch.setattr(emu, "simt_config", real_config)
 
-    real_operand = emu.simt_operand
+    real_operand, real_check = emu.simt_operand, emu.simt_launch_check
     monkeypatch.setattr(emu, "simt_operand", lambda z: (z, z.shape[1]))  # no chunk padding
+    with pytest.raises(ValueError, match="cudaErrorInvalidValue"):  # the launcher refuses
+        emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
+    monkeypatch.setattr(emu, "simt_launch_check", lambda *args: None)
     with pytest.raises(AssertionError, match="unaligned"):  # P = 19: rows 76 bytes apart
         emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
     monkeypatch.setattr(emu, "simt_operand", real_operand)
+    monkeypatch.setattr(emu, "simt_launch_check", real_check)
 
     real_thread = emu.THREAD
     monkeypatch.setattr(emu, "THREAD", np.roll(real_thread, 1))  # shuffles from other lanes
     with pytest.raises(AssertionError):
         _check_backward(emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6), want)
+
+
+def _one_row(layout, v):
+    """The (1, P) row v with a row stride that a one-row tensor may keep after .contiguous()."""
+    p = v.shape[0]
+    if layout == "transposed column":  # torch.randn(P, 1).t(): rows 1 float apart
+        buf = v.astype(np.float64)
+        return np.lib.stride_tricks.as_strided(buf, (1, p), (buf.itemsize, buf.itemsize))
+    width = p + 2 if layout == "narrowed row" else 5 * p  # z[i:i + 1, :P] of a wider z
+    wide = np.zeros((1, width))
+    wide[0, :p] = v
+    return wide[:, :p]
+
+
+def test_torch_keeps_any_row_stride_of_a_one_row_tensor():
+    """The premise of the next test: .contiguous() hands a one-row tensor back unchanged
+    whatever its row stride (torch ignores the strides of size-1 dimensions), and the library's
+    normalization keeps it: one forget row given as a transposed column reaches the kernels
+    with rows 1 float apart; one row narrowed from a 66-wide tensor, 66 floats apart (with a
+    16-byte aligned base: no copy)."""
+    torch = pytest.importorskip("torch")
+    from clreg_fast.backends.base import SimilarityKernels
+
+    z, _ = SimilarityKernels().project_normalize(torch.randn(64, 1).t(), None, None)
+    assert z.contiguous().stride() == (1, 1)
+    narrowed = torch.randn(4, 66)[2:3, :64]
+    assert narrowed.contiguous().stride() == (66, 1) and narrowed.data_ptr() % 16 == 0
+    for layout, stride0 in (("transposed column", 1), ("narrowed row", 66),
+                            ("row of a wider tensor", 320)):
+        row = _one_row(layout, np.ones(64))
+        assert emu.torch_contiguous(row) is row and row.strides[0] // row.itemsize == stride0
+
+
+@pytest.mark.parametrize("layout", ["transposed column", "narrowed row", "row of a wider tensor"])
+@pytest.mark.parametrize("p", [64, 100, 256])
+@pytest.mark.parametrize("one_row", ["anchors", "columns"])
+def test_simt_one_row_operand_with_any_row_stride(layout, p, one_row):
+    """A one-row operand is read as the row it is, whatever its stride(0): the glue passes
+    size(1) as the row stride, not stride(0), which launch_sweep_simt rejects when it is not
+    a multiple of 4 floats (cudaErrorInvalidValue: the loss call fails)."""
+    za, zc = _inputs(5, 37, p, 0, seed=p)
+    off = 0
+    if one_row == "anchors":
+        za = _one_row(layout, za[0].copy())  # zc[0] is the same row: the left-out pair
+    else:
+        zc, off = _one_row(layout, zc[0].copy()), 1000
+    scale = 10.0
+    want_lse = emu.dense_lse_forward(za, zc, off, scale)
+    got = emu.simt_lse_forward(za, zc, off, scale, True, 132, 6)
+    np.testing.assert_allclose(got, want_lse, rtol=1e-12, atol=1e-12)
+    w = np.linspace(-1.0, 1.0, za.shape[0]) / za.shape[0]
+    n_grad = zc.shape[0]
+    want = emu.dense_lse_backward(za, zc, want_lse, w, off, scale, n_grad)
+    _check_backward(emu.simt_lse_backward(za, zc, want_lse, w, off, scale, n_grad, 132, 6), want)
+
+
+def test_simt_operand_copies_rows_that_are_not_whole_chunks():
+    """simt_operand() copies (rows padded to 4 floats, 16-byte aligned) when P % 4 != 0 or the
+    base is not 16-byte aligned, and only then; the copy passes the launch's checks."""
+    assert emu.simt_operand_layout(64, 64, 0) == (False, 64)
+    assert emu.simt_operand_layout(64, 64, 4) == (True, 64)    # z[1:] of a flat buffer
+    assert emu.simt_operand_layout(19, 19, 0) == (True, 20)
+    assert emu.simt_operand_layout(130, 130, 32) == (True, 132)
+    emu.simt_launch_check(20, 0, 132, 0, 19, 64, 64)
+    with pytest.raises(ValueError):  # the uncopied rows of P = 19 would be rejected
+        emu.simt_launch_check(19, 0, 19, 0, 19, 64, 64)
+    with pytest.raises(ValueError):  # and so would a misaligned base
+        emu.simt_launch_check(64, 4, 64, 0, 64, 64, 64)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
