@@ -105,7 +105,8 @@ bool use_sweep_simt(DotType dot, int64_t dim) {
 
 // z (contiguous float32) as the float32 sweep reads it, in whole 16-byte chunks: z itself when
 // its rows are (dim % 4 == 0, 16-byte aligned), else a copy with rows zero-padded to
-// round_up(dim, 4). The row stride is the result's stride(0).
+// round_up(dim, 4). The row stride to pass is the result's size(1), not its stride(0): torch
+// counts a one-row tensor as contiguous whatever its stride(0) (1 for a transposed column).
 torch::Tensor simt_operand(const torch::Tensor& z) {
   if (z.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(z.data_ptr()) % 16 == 0) return z;
   auto out = torch::zeros({z.size(0), round_up(z.size(1), 4)}, z.options());
@@ -167,8 +168,8 @@ torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offse
     auto own = simt_operand(za);
     auto swept = simt_operand(zc);
     auto partial = torch::empty({splits.count, n_anchor}, options);
-    check_launch(launch_sweep_simt(SweepMode::kForward, own.data_ptr<float>(), own.stride(0),
-                                   swept.data_ptr<float>(), swept.stride(0), dim, nullptr,
+    check_launch(launch_sweep_simt(SweepMode::kForward, own.data_ptr<float>(), own.size(1),
+                                   swept.data_ptr<float>(), swept.size(1), dim, nullptr,
                                    nullptr, partial.data_ptr<float>(), n_anchor, n_col, 0,
                                    self_offset, static_cast<float>(scale), fixed_shift, dim_s,
                                    splits.count, splits.tiles_per_split, stream),
@@ -256,8 +257,8 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
                    "sweep_tc_kernel (rows)");
     } else if (simt) {  // every element written here too
       acc_rows = torch::empty({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
-      check_launch(launch_sweep_simt(SweepMode::kRows, za_s.data_ptr<float>(), za_s.stride(0),
-                                     zc_s.data_ptr<float>(), zc_s.stride(0), dim,
+      check_launch(launch_sweep_simt(SweepMode::kRows, za_s.data_ptr<float>(), za_s.size(1),
+                                     zc_s.data_ptr<float>(), zc_s.size(1), dim,
                                      lse.data_ptr<float>(), nullptr, acc_rows.data_ptr<float>(),
                                      n_anchor, n_col, dim_pad, self_offset, scale_f, false, dim_s,
                                      row_splits.count, row_splits.tiles_per_split, stream),
@@ -306,8 +307,8 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
     auto lse_pad = zero_padded(lse);
     auto w_pad = zero_padded(w_rel);
     acc_cols = torch::empty({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
-    check_launch(launch_sweep_simt(SweepMode::kCols, zc_s.data_ptr<float>(), zc_s.stride(0),
-                                   za_s.data_ptr<float>(), za_s.stride(0), dim,
+    check_launch(launch_sweep_simt(SweepMode::kCols, zc_s.data_ptr<float>(), zc_s.size(1),
+                                   za_s.data_ptr<float>(), za_s.size(1), dim,
                                    lse_pad.data_ptr<float>(), w_pad.data_ptr<float>(),
                                    acc_cols.data_ptr<float>(), n_grad_cols, n_anchor, dim_pad,
                                    -self_offset, scale_f, false, dim_s, col_splits.count,

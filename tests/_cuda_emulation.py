@@ -504,21 +504,23 @@ def simt_config(d):
     return 4096 // d, d + 4, 2 if d == 256 else 3
 
 
-def simt_operand_layout(dim, stride0, address):
+def simt_operand_layout(dim, address):
     """simt_operand() of bindings.cpp and the row stride the glue then passes to
-    launch_sweep_simt, for a contiguous float32 tensor of `dim` features whose rows are
-    `stride0` floats apart and whose first element is at byte `address`: (copied, ld). A copy
-    has rows zero-padded to round_up(dim, 4) floats."""
+    launch_sweep_simt (the result's size(1), never its stride(0)), for a contiguous float32
+    tensor of `dim` features whose first element is at byte `address`: (copied, ld). A copy
+    has rows zero-padded to round_up(dim, 4) floats. size(1) is the rows' distance in any
+    contiguous tensor of several rows; with one row, stride(0) may be anything (unused)."""
     if dim % 4 == 0 and address % 16 == 0:
-        return False, stride0
+        return False, dim
     return True, _round_up(dim, 4)
 
 
 def simt_operand(z, address=0):
-    """simt_operand() of bindings.cpp on the emulated array z (rows z.strides[0] apart, as the
-    tensor's stride(0); first element at byte `address`, 16-byte aligned unless told):
-    returns (z or its padded copy, the ld the launch is given)."""
-    copied, ld = simt_operand_layout(z.shape[1], z.strides[0] // z.itemsize, address)
+    """simt_operand() of bindings.cpp on the emulated array z (its strides those of the tensor;
+    first element at byte `address`, 16-byte aligned unless told): returns (z or its padded
+    copy, the ld the launch is given). The loads read z's memory as its strides lay it out
+    (simt_memory), so a wrong ld reads the wrong floats."""
+    copied, ld = simt_operand_layout(z.shape[1], address)
     if not copied:
         return z, ld
     out = np.zeros((z.shape[0], _round_up(z.shape[1], 4)))

@@ -338,10 +338,10 @@ def test_simt_one_row_operand_with_any_row_stride(layout, p, one_row):
 def test_simt_operand_copies_rows_that_are_not_whole_chunks():
     """simt_operand() copies (rows padded to 4 floats, 16-byte aligned) when P % 4 != 0 or the
     base is not 16-byte aligned, and only then; the copy passes the launch's checks."""
-    assert emu.simt_operand_layout(64, 64, 0) == (False, 64)
-    assert emu.simt_operand_layout(64, 64, 4) == (True, 64)    # z[1:] of a flat buffer
-    assert emu.simt_operand_layout(19, 19, 0) == (True, 20)
-    assert emu.simt_operand_layout(130, 130, 32) == (True, 132)
+    assert emu.simt_operand_layout(64, 0) == (False, 64)
+    assert emu.simt_operand_layout(64, 4) == (True, 64)    # z[1:] of a flat buffer
+    assert emu.simt_operand_layout(19, 0) == (True, 20)
+    assert emu.simt_operand_layout(130, 32) == (True, 132)
     emu.simt_launch_check(20, 0, 132, 0, 19, 64, 64)
     with pytest.raises(ValueError):  # the uncopied rows of P = 19 would be rejected
         emu.simt_launch_check(19, 0, 19, 0, 19, 64, 64)
@@ -607,9 +607,13 @@ KERNEL_EXPRESSIONS = {
         "if(z.size(1)%4==0&&reinterpret_cast<uintptr_t>(z.data_ptr())%16==0)returnz;",
         "autoout=torch::zeros({z.size(0),round_up(z.size(1),4)},z.options());",
         "resident_blocks_sweep_simt(SweepMode::kForward,dim_s)",
-        "launch_sweep_simt(SweepMode::kRows,za_s.data_ptr<float>(),za_s.stride(0),",
+        "launch_sweep_simt(SweepMode::kForward,own.data_ptr<float>(),own.size(1),",
+        "swept.data_ptr<float>(),swept.size(1),dim,nullptr,",
+        "launch_sweep_simt(SweepMode::kRows,za_s.data_ptr<float>(),za_s.size(1),",
+        "zc_s.data_ptr<float>(),zc_s.size(1),dim,lse.data_ptr<float>(),",
         "n_anchor,n_col,dim_pad,self_offset,scale_f,false,dim_s,",
-        "launch_sweep_simt(SweepMode::kCols,zc_s.data_ptr<float>(),zc_s.stride(0),",
+        "launch_sweep_simt(SweepMode::kCols,zc_s.data_ptr<float>(),zc_s.size(1),",
+        "za_s.data_ptr<float>(),za_s.size(1),dim,lse_pad.data_ptr<float>(),",
         "acc_cols.data_ptr<float>(),n_grad_cols,n_anchor,dim_pad,",
         "-self_offset,scale_f,false,dim_s,col_splits.count,",
     ],
