@@ -413,6 +413,38 @@ def test_primitives_accept_strided_and_misaligned_inputs(dot, loops):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_primitives_accept_one_row_tensors_with_any_row_stride(loops):
+    """torch counts a one-row tensor as contiguous whatever its stride(0): 1 for a transposed
+    column, 66 for one row narrowed from a 66-wide tensor. The float32 sweep once took
+    stride(0) as its row stride and refused both (launch_sweep_simt: invalid argument)."""
+    zc = _unit_rows(90, 64, seed=7)
+    row = zc[:1].clone()
+    transposed = torch.empty(64, 1, device="cuda").copy_(row.T).t()
+    wide = torch.zeros(4, 66, device="cuda")
+    wide[2, :64] = row[0]
+    narrowed = wide[2:3, :64]
+    assert transposed.stride() == (1, 1) and narrowed.stride() == (66, 1)
+    kernels = CudaKernels(EXT)
+    w = torch.ones(1, device="cuda")
+    w5 = torch.linspace(-1, 1, 5, device="cuda")
+    for dot in ALL_DTYPES:
+        lse = kernels.lse_forward(row, zc, 0, 10.0, dot)  # the row is column 0: left out
+        grads = kernels.lse_backward(row, zc, lse, w, 0, 10.0, 90, dot)
+        lse_cols = kernels.lse_forward(zc[:5], row, 1000, 10.0, dot)  # the row as the columns
+        grads_cols = kernels.lse_backward(zc[:5], row, lse_cols, w5, 1000, 10.0, 1, dot)
+        for one_row in (transposed, narrowed):
+            torch.testing.assert_close(kernels.lse_forward(one_row, zc, 0, 10.0, dot), lse,
+                                       rtol=1e-6, atol=1e-6)
+            got = kernels.lse_backward(one_row, zc, lse, w, 0, 10.0, 90, dot)
+            got_cols = kernels.lse_backward(zc[:5], one_row, lse_cols, w5, 1000, 10.0, 1, dot)
+            torch.testing.assert_close(kernels.lse_forward(zc[:5], one_row, 1000, 10.0, dot),
+                                       lse_cols, rtol=1e-6, atol=1e-6)
+            for g, want in zip(got + got_cols, grads + grads_cols):
+                torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: fused_clreg_loss(backend="cuda") against the float64 reference
 # --------------------------------------------------------------------------------------------
