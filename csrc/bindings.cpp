@@ -3,6 +3,7 @@
 // one of clreg_fast/backends/base.py (lse_forward, lse_backward).
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -81,14 +82,15 @@ Splits splits_for(int64_t n_blocks, int64_t n_swept_tiles, int64_t slice_element
 }
 
 // Which loops run (CLREG_FAST_CUDA_LOOPS):
-//   auto (or unset, or "sweep"): the tensor-core sweep for fp16/bf16 up to 256 features: the
-//     Hopper wgmma sweep (sweep_wgmma.cu) on a device that runs its sm_90a code, else the sm_80
-//     mma.sync sweep (sweep_tc.cu); the SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu)
-//     otherwise;
-//   wgmma: as auto, but an error where the wgmma sweep cannot run (tests, benchmarks);
-//   sm80:  the mma.sync sweep even on Hopper;
-//   legacy: the SIMT / WMMA kernels everywhere (the previous kernels, kept for comparison and
-//     as a fallback).
+//   auto (or unset, or "sweep"): the register-resident sweeps up to 256 features: for fp16/bf16
+//     the Hopper wgmma sweep (sweep_wgmma.cu) on a device that runs its sm_90a code, else the
+//     sm_80 mma.sync sweep (sweep_tc.cu); for float32 the SIMT sweep (sweep_simt.cu,
+//     use_sweep_simt); the SIMT / WMMA tile kernels (lse_forward.cu, lse_backward.cu) otherwise;
+//   wgmma: as auto, but an error where the wgmma sweep cannot run for fp16/bf16 (tests,
+//     benchmarks);
+//   sm80:  the mma.sync sweep for fp16/bf16 even on Hopper;
+//   legacy: the SIMT / WMMA tile kernels everywhere (the previous kernels, kept for comparison
+//     and as a fallback).
 // The variable is checked on every call, whatever the dtype, so that a misspelt value fails
 // at once instead of only on the first fp16/bf16 call.
 enum class Loops { kLegacy, kSweepSm80, kWgmma };
@@ -171,6 +173,26 @@ int resident_blocks_sweep(Loops loops, SweepMode mode, DotType dot, int dim_pad)
   return resident_blocks_sweep_tc(mode, dot, dim_pad);
 }
 
+// The float32 sweep (sweep_simt.cu) for float32 up to 256 features, unless
+// CLREG_FAST_CUDA_LOOPS=legacy (then the SIMT tile kernels). Called after choose_loops, which
+// checks the variable's value.
+bool use_sweep_simt(DotType dot, int64_t dim) {
+  const char* env = std::getenv("CLREG_FAST_CUDA_LOOPS");
+  return dot == DotType::kFloat32 && sweep_tc_dim(dim) != 0 &&
+         !(env != nullptr && std::string(env) == "legacy");
+}
+
+// z (contiguous float32) as the float32 sweep reads it, in whole 16-byte chunks: z itself when
+// its rows are (dim % 4 == 0, 16-byte aligned), else a copy with rows zero-padded to
+// round_up(dim, 4). The row stride to pass is the result's size(1), not its stride(0): torch
+// counts a one-row tensor as contiguous whatever its stride(0) (1 for a transposed column).
+torch::Tensor simt_operand(const torch::Tensor& z) {
+  if (z.size(1) % 4 == 0 && reinterpret_cast<uintptr_t>(z.data_ptr()) % 16 == 0) return z;
+  auto out = torch::zeros({z.size(0), round_up(z.size(1), 4)}, z.options());
+  out.narrow(1, 0, z.size(1)).copy_(z);
+  return out;
+}
+
 // z (float32) rounded to the dot type once, zero-padded to (round_up(rows, 64), dim_pad).
 torch::Tensor rounded_padded(const torch::Tensor& z, int64_t dim_pad, DotType dot) {
   const auto type = dot == DotType::kFloat16 ? torch::kFloat16 : torch::kBFloat16;
@@ -217,6 +239,23 @@ torch::Tensor lse_forward(torch::Tensor za, torch::Tensor zc, int64_t self_offse
                               splits.count, splits.tiles_per_split, dot, stream),
                  loops == Loops::kWgmma ? "sweep_wgmma_kernel (forward)"
                                         : "sweep_tc_kernel (forward)");
+    if (splits.count == 1) return partial.select(0, 0);
+    return torch::logsumexp(partial, 0);
+  }
+  if (use_sweep_simt(dot, dim)) {
+    const int dim_s = sweep_tc_dim(dim);
+    const Splits splits =
+        splits_for(ceil_div(n_anchor, kTile), ceil_div(n_col, kTile), n_anchor,
+                   resident_blocks_sweep_simt(SweepMode::kForward, dim_s), za.get_device());
+    auto own = simt_operand(za);
+    auto swept = simt_operand(zc);
+    auto partial = torch::empty({splits.count, n_anchor}, options);
+    check_launch(launch_sweep_simt(SweepMode::kForward, own.data_ptr<float>(), own.size(1),
+                                   swept.data_ptr<float>(), swept.size(1), dim, nullptr,
+                                   nullptr, partial.data_ptr<float>(), n_anchor, n_col, 0,
+                                   self_offset, static_cast<float>(scale), fixed_shift, dim_s,
+                                   splits.count, splits.tiles_per_split, stream),
+                 "sweep_simt_kernel (forward)");
     if (splits.count == 1) return partial.select(0, 0);
     return torch::logsumexp(partial, 0);
   }
@@ -277,14 +316,23 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
     za_tc = rounded_padded(za, dim_tc, dot);
     zc_tc = rounded_padded(zc, dim_tc, dot);
   }
+  // Float32 sweep: the operands as they are (or rows padded to whole 16-byte chunks).
+  const bool simt = !tc && use_sweep_simt(dot, dim);
+  const int dim_s = simt ? sweep_tc_dim(dim) : 0;
+  torch::Tensor za_s, zc_s;
+  if (simt) {
+    za_s = simt_operand(za);
+    zc_s = simt_operand(zc);
+  }
 
   // Row pass: dza_i = scale * w_i * sum_c Pr_ic zc_c (skipped when the caller drops dza).
   torch::Tensor dza = torch::zeros({0, dim}, options);
   if (need_dza) {
     const Splits row_splits =
         splits_for(n_anchor_tiles, n_col_tiles, n_anchor_tiles * kTile * dim_pad,
-                   tc ? resident_blocks_sweep(loops, SweepMode::kRows, dot, dim_tc)
-                      : resident_blocks_lse_backward_rows(dot),
+                   tc     ? resident_blocks_sweep(loops, SweepMode::kRows, dot, dim_tc)
+                   : simt ? resident_blocks_sweep_simt(SweepMode::kRows, dim_s)
+                          : resident_blocks_lse_backward_rows(dot),
                    device);
     torch::Tensor acc_rows;
     if (tc) {  // the kernel writes every element of every slice: no zero fill
@@ -294,6 +342,14 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
                                 n_anchor, n_col, dim_pad, self_offset, scale_f, false, dim_tc,
                                 row_splits.count, row_splits.tiles_per_split, dot, stream),
                    rows_name);
+    } else if (simt) {  // every element written here too
+      acc_rows = torch::empty({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
+      check_launch(launch_sweep_simt(SweepMode::kRows, za_s.data_ptr<float>(), za_s.size(1),
+                                     zc_s.data_ptr<float>(), zc_s.size(1), dim,
+                                     lse.data_ptr<float>(), nullptr, acc_rows.data_ptr<float>(),
+                                     n_anchor, n_col, dim_pad, self_offset, scale_f, false, dim_s,
+                                     row_splits.count, row_splits.tiles_per_split, stream),
+                   "sweep_simt_kernel (rows)");
     } else {
       acc_rows = torch::zeros({row_splits.count, n_anchor_tiles * kTile, dim_pad}, options);
       check_launch(
@@ -317,8 +373,9 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
   const int64_t n_grad_tiles = ceil_div(n_grad_cols, kTile);
   const Splits col_splits =
       splits_for(n_grad_tiles, n_anchor_tiles, n_grad_tiles * kTile * dim_pad,
-                 tc ? resident_blocks_sweep(loops, SweepMode::kCols, dot, dim_tc)
-                    : resident_blocks_lse_backward_cols(dot),
+                 tc     ? resident_blocks_sweep(loops, SweepMode::kCols, dot, dim_tc)
+                 : simt ? resident_blocks_sweep_simt(SweepMode::kCols, dim_s)
+                        : resident_blocks_lse_backward_cols(dot),
                  device);
   torch::Tensor acc_cols;
   if (tc) {
@@ -332,6 +389,18 @@ std::tuple<torch::Tensor, torch::Tensor> lse_backward(torch::Tensor za, torch::T
                               -self_offset, scale_f, false, dim_tc, col_splits.count,
                               col_splits.tiles_per_split, dot, stream),
                  cols_name);
+  } else if (simt) {
+    // The kernel stages lse and w_rel of whole anchor tiles: padded with zeros.
+    auto lse_pad = zero_padded(lse);
+    auto w_pad = zero_padded(w_rel);
+    acc_cols = torch::empty({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
+    check_launch(launch_sweep_simt(SweepMode::kCols, zc_s.data_ptr<float>(), zc_s.size(1),
+                                   za_s.data_ptr<float>(), za_s.size(1), dim,
+                                   lse_pad.data_ptr<float>(), w_pad.data_ptr<float>(),
+                                   acc_cols.data_ptr<float>(), n_grad_cols, n_anchor, dim_pad,
+                                   -self_offset, scale_f, false, dim_s, col_splits.count,
+                                   col_splits.tiles_per_split, stream),
+                 "sweep_simt_kernel (cols)");
   } else {
     acc_cols = torch::zeros({col_splits.count, n_grad_tiles * kTile, dim_pad}, options);
     check_launch(launch_lse_backward_cols(za.data_ptr<float>(), zc.data_ptr<float>(),
@@ -375,12 +444,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "loops",
       [](const std::string& dot_dtype, int64_t dim, int64_t device) {
         if (device < 0) device = c10::cuda::current_device();
-        return clreg::loops_name(
-            clreg::choose_loops(clreg::parse_dot(dot_dtype), dim, static_cast<int>(device)));
+        const clreg::DotType dot = clreg::parse_dot(dot_dtype);
+        // choose_loops first: it checks the variable's value.
+        const clreg::Loops loops = clreg::choose_loops(dot, dim, static_cast<int>(device));
+        if (loops == clreg::Loops::kLegacy && clreg::use_sweep_simt(dot, dim)) return "sweep";
+        return clreg::loops_name(loops);
       },
       "Which kernels run for this dot dtype and feature size on `device` (-1: the current one): "
-      "'wgmma' (Hopper sweep, sweep_wgmma.cu), 'sweep' (mma.sync sweep, sweep_tc.cu) or "
-      "'legacy' (lse_forward.cu / lse_backward.cu); reads CLREG_FAST_CUDA_LOOPS",
+      "'wgmma' (Hopper sweep, sweep_wgmma.cu), 'sweep' (register-resident sweep: sweep_tc.cu for "
+      "fp16/bf16, sweep_simt.cu for float32) or 'legacy' (lse_forward.cu / lse_backward.cu); "
+      "reads CLREG_FAST_CUDA_LOOPS",
       pybind11::arg("dot_dtype"), pybind11::arg("dim"), pybind11::arg("device") = -1);
   m.def(
       "wgmma_available",

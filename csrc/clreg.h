@@ -97,6 +97,18 @@ cudaError_t launch_sweep_wgmma(SweepMode mode, const void* own, const void* swep
                                bool fixed_shift, int dim_pad, int n_splits, int tiles_per_split,
                                DotType dot, cudaStream_t stream);
 int resident_blocks_sweep_wgmma(SweepMode mode, DotType dot, int dim_pad);
+// Float32 sweep (sweep_simt.cu; sm_80+: cp.async ring, SIMT fp32 FMAs, register-resident
+// accumulators), the same passes and outputs as launch_sweep_tc, for dim <= kSweepMaxDim.
+// `own` and `swept` are the caller's float32 rows, ld_own / ld_swept floats apart (multiples of
+// 4, 16-byte aligned bases: cudaErrorInvalidValue otherwise); features past `dim` and rows past
+// the end are read as zeros. dim_pad = sweep_tc_dim(dim).
+cudaError_t launch_sweep_simt(SweepMode mode, const float* own, int64_t ld_own,
+                              const float* swept, int64_t ld_swept, int64_t dim, const float* lse,
+                              const float* w, float* out, int64_t n_own, int64_t n_swept,
+                              int64_t ld_out, int64_t pair_offset, float scale, bool fixed_shift,
+                              int dim_pad, int n_splits, int tiles_per_split,
+                              cudaStream_t stream);
+int resident_blocks_sweep_simt(SweepMode mode, int dim_pad);
 
 // Resident blocks per SM of the kernel that the launcher above runs for `dot` (occupancy API;
 // 0 when the runtime cannot tell). The split policy (splits.h) aims at full GPUs with it.

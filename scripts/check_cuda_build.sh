@@ -6,10 +6,12 @@
 #       torch) into a throwaway --target directory with CLREG_FAST_CUDA_BUILD=1, keeps the full
 #       build output, including ptxas' registers/spills/shared-memory report of every kernel,
 #       in FILE (default build/cuda_build.log), prints a per-kernel summary, checks that sm_80
-#       and sm_90 code was compiled and that no sweep kernel spills, imports clreg_fast._C from
+#       and sm_90 code was compiled and that no sweep kernel (sweep_tc_kernel,
+#       sweep_simt_kernel) spills, imports clreg_fast._C from
 #       outside the checkout, compares its split policy with the Python mirror and checks the
 #       machine code (scripts/cuda_sass_report.py: HMMA, LDGSTS, LDSM, no local memory in the
-#       sweep kernels; build/cuda_sass_report.txt). With the CUTLASS headers (nvidia-cutlass,
+#       sweep kernels; LDGSTS, no HMMA, no local memory in the float32 sweep;
+#       build/cuda_sass_report.txt). With the CUTLASS headers (nvidia-cutlass,
 #       or CLREG_FAST_CUTLASS_INCLUDE) setup.py also builds the wgmma sweep and compiles the 9.0
 #       entry as sm_90a; its kernels must then exist for sm_90a, not spill, and show HGMMA and
 #       LDGSTS without local memory.
@@ -116,7 +118,8 @@ spilling = [(r, n) for r, n in zip(rows, names) if r.get("spill", "0/0") != "0/0
 if spilling:
     lines.append(f"note: {len(spilling)} kernel build(s) spill registers (see the table)")
 # The sweep kernels keep their accumulators in registers by design: a spill is a failure.
-sweep_spills = [n for r, n in spilling if "sweep_tc_kernel" in n or "sweep_wgmma_kernel" in n]
+SWEEPS = ("sweep_tc_kernel", "sweep_simt_kernel", "sweep_wgmma_kernel")
+sweep_spills = [n for r, n in spilling if any(k in n for k in SWEEPS)]
 report = "\n".join(lines) + "\n"
 print(report, end="")
 with open(usage_file, "w") as f:
@@ -129,8 +132,9 @@ wanted = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in re.split(r"[;\
 missing = wanted - {r["arch"] for r in rows}
 if missing:
     sys.exit(f"FAILED: no kernels compiled for {sorted(missing)}")
-if not any("sweep_tc_kernel" in n for n in names):
-    sys.exit("FAILED: no sweep_tc_kernel in the ptxas report")
+for kernel in SWEEPS[:2]:  # the wgmma sweep only with CUTLASS, checked below
+    if not any(kernel in n for n in names):
+        sys.exit(f"FAILED: no {kernel} in the ptxas report")
 if wgmma and not any("sweep_wgmma_kernel" in n and r["arch"] == "sm_90a"
                      for r, n in zip(rows, names)):
     sys.exit("FAILED: setup.py built the wgmma sweep but ptxas compiled no sm_90a sweep_wgmma_kernel")

@@ -10,6 +10,10 @@ what each design claims and fails (exit 1) when a claim does not hold:
   - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: warpgroup MMAs (HGMMA),
     LDGSTS and no local-memory traffic; in other architectures' code (where it only traps) no
     HGMMA; with --expect-wgmma the module must hold the sm_90a kernels;
+  - sweep_simt_kernel (csrc/sweep_simt.cu), on every architecture: LDGSTS, no HMMA (float32
+    FMAs, no TF32), no local-memory traffic, and no global loads besides the row pass's 8 lse
+    values (LDG): the workspace is never read back, the backward's accumulators stay in
+    registers; one global store (STG) per accumulator, D / 2 of them;
   - the SIMT float32 kernels: no HMMA at all (float32 products, no TF32).
 Prints a table per (architecture, kernel) and writes it to FILE when given.
 """
@@ -23,7 +27,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
-COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "MUFU.EX2")
+COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "MUFU.EX2", "LDG", "STG")
 
 
 def find_cuobjdump(explicit=None):
@@ -113,10 +117,27 @@ def check(counts, expect_wgmma=False):
                     failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
             elif ops.get("HGMMA", 0):
                 failures.append(f"{arch} {short}: HGMMA outside the sm_90a code")
+        elif "sweep_simt_kernel" in short:
+            if ops.get("LDGSTS", 0) == 0:
+                failures.append(f"{arch} {short}: no LDGSTS")
+            if ops.get("HMMA", 0):
+                failures.append(f"{arch} {short}: HMMA in the float32 sweep (TF32?)")
+            if ops.get("LDL", 0) or ops.get("STL", 0):
+                failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
+            m = re.search(r"<(\d+), (\w+)>", short)
+            if m and m.group(2) != "forward":
+                d, mode = int(m.group(1)), m.group(2)
+                if ops.get("LDG", 0) > (8 if mode == "rows" else 0):
+                    failures.append(f"{arch} {short}: {ops['LDG']} global loads (LDG): the "
+                                    "workspace is read back")
+                if ops.get("STG", 0) != d // 2:
+                    failures.append(f"{arch} {short}: {ops.get('STG', 0)} global stores (STG), "
+                                    f"not one per accumulator ({d // 2})")
         elif "<float>" in short and ops.get("HMMA", 0):
             failures.append(f"{arch} {short}: HMMA in a float32 kernel (TF32?)")
-    if not any("sweep_tc_kernel" in r[1] for r in rows):
-        failures.append("no sweep_tc_kernel in the module")
+    for kernel in ("sweep_tc_kernel", "sweep_simt_kernel"):
+        if not any(kernel in r[1] for r in rows):
+            failures.append(f"no {kernel} in the module")
     if expect_wgmma and not any("sweep_wgmma_kernel" in r[1] and r[0] == "sm_90a" for r in rows):
         failures.append("no sm_90a sweep_wgmma_kernel in the module")
     return rows, failures
@@ -137,7 +158,7 @@ def main(argv=None):
     text = subprocess.run([tool, "-sass", args.module], capture_output=True, text=True,
                           check=True).stdout
     rows, failures = check(parse_sass(text), args.expect_wgmma)
-    cols = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL")
+    cols = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "LDG", "STG")
     lines = [f"{'arch':7} " + " ".join(f"{c:>6}" for c in cols) + "  kernel"]
     for arch, short, ops in sorted(rows, key=lambda r: (r[0], r[1])):
         lines.append(f"{arch:7} " + " ".join(f"{ops.get(c, 0):>6}" for c in cols) + f"  {short}")

@@ -5,6 +5,11 @@ split ranges, tile order, masks, left-out pair, lane ownership, merges, workspac
 glue's reduction in csrc/bindings.cpp), with float64 arithmetic in place of the hardware's.
 tests/test_cuda_emulation.py compares them with dense float64 math on odd sizes.
 
+The float32 sweep (csrc/sweep_simt.cu) is emulated thread by thread: its zero-filling cp.async
+loads into padded shared-memory rows, the steps of 4096 / D swept rows through the same ring
+model, each thread's rows, columns and output features, the half-warp shuffles of the
+probabilities and the lane merges.
+
 The tensor-core sweep (csrc/sweep_tc.cu) is emulated at fragment level: the XOR-swizzled
 shared-memory tiles, ``ldmatrix`` (plain and transposed) and ``mma.m16n8k16`` follow the PTX ISA
 fragment layouts, lane by lane, so a wrong address or fragment index in the kernel's formulas
@@ -712,6 +717,276 @@ def wgmma_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16, mu
     """bindings.cpp lse_backward on the wgmma path."""
     return tc_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, fp16,
                            multiprocessors, blocks_per_sm, kernel=sweep_wgmma_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The float32 sweep (sweep_simt.cu): thread-level emulation.
+# ---------------------------------------------------------------------------------------------
+
+THREAD = np.arange(THREADS)
+TX = THREAD & 15  # swept column / output feature lane
+TY = THREAD >> 4  # owned row group: rows TY + 8 i
+
+
+def simt_config(d):
+    """SimtConfig<D>: (rows per step, shared-memory row stride, ring depth)."""
+    assert d in (64, 128, 256)
+    return 4096 // d, d + 4, 2 if d == 256 else 3
+
+
+def simt_operand_layout(dim, address):
+    """simt_operand() of bindings.cpp and the row stride the glue then passes to
+    launch_sweep_simt (the result's size(1), never its stride(0)), for a contiguous float32
+    tensor of `dim` features whose first element is at byte `address`: (copied, ld). A copy
+    has rows zero-padded to round_up(dim, 4) floats. size(1) is the rows' distance in any
+    contiguous tensor of several rows; with one row, stride(0) may be anything (unused)."""
+    if dim % 4 == 0 and address % 16 == 0:
+        return False, dim
+    return True, _round_up(dim, 4)
+
+
+def simt_operand(z, address=0):
+    """simt_operand() of bindings.cpp on the emulated array z (its strides those of the tensor;
+    first element at byte `address`, 16-byte aligned unless told): returns (z or its padded
+    copy, the ld the launch is given). The loads read z's memory as its strides lay it out
+    (simt_memory), so a wrong ld reads the wrong floats."""
+    copied, ld = simt_operand_layout(z.shape[1], address)
+    if not copied:
+        return z, ld
+    out = np.zeros((z.shape[0], _round_up(z.shape[1], 4)))
+    out[:, : z.shape[1]] = z
+    return out, ld
+
+
+def simt_memory(z):
+    """The memory a kernel sees from z's first element on, by offset in floats: its elements
+    where z's strides put them, NaN where z has none (a gap between rows, or past the end)."""
+    assert min(z.strides, default=0) >= 0
+    s0, s1 = (st // z.itemsize for st in z.strides)
+    off = np.arange(z.shape[0])[:, None] * s0 + np.arange(z.shape[1])[None, :] * s1
+    mem = np.full(off.max() + 1 if off.size else 0, np.nan)
+    mem[off] = z
+    return mem
+
+
+def simt_launch_check(own_ld, own_address, swept_ld, swept_address, dim, d, ld_out):
+    """The argument checks of launch_sweep_simt: cudaErrorInvalidValue (here a ValueError)
+    unless rows are whole 16-byte chunks at 16-byte aligned bases and hold `dim` features."""
+    aligned = (own_ld % 4 == 0 and swept_ld % 4 == 0 and own_address % 16 == 0
+               and swept_address % 16 == 0)
+    if (d not in (64, 128, 256) or dim > d or dim > own_ld or dim > swept_ld or not aligned
+            or ld_out > d):
+        raise ValueError("launch_sweep_simt: cudaErrorInvalidValue")
+
+
+def simt_load_rows(d, n_tile_rows, mem, ld, row0, n_rows, dim):
+    """load_rows_async<D, ROWS>: 16-byte cp.async chunks with src-size zero fill, into rows
+    D + 4 floats apart, from the operand's memory `mem` (simt_memory) with rows `ld` floats
+    apart. The 4 pad floats of every row stay NaN: a read of them fails the result."""
+    _, ld_smem, _ = simt_config(d)
+    chunks = d // 4
+    flat = mem
+    dst = np.full(n_tile_rows * ld_smem, np.nan)
+    written = np.zeros(n_tile_rows * ld_smem, bool)
+    for it in range(n_tile_rows * chunks // THREADS):
+        e = THREAD + it * THREADS
+        r, c = e // chunks, e % chunks
+        row = row0 + r
+        nbytes = np.where(row < n_rows, np.clip(4 * (dim - 4 * c), 0, 16), 0)
+        base = r * ld_smem + 4 * c
+        assert len(set(base)) == THREADS, "two threads copy into one chunk"
+        src0 = row * ld + 4 * c
+        assert (src0[nbytes > 0] % 4 == 0).all(), "a 16-byte copy from an unaligned address"
+        for t in range(4):  # float t of each thread's chunk
+            assert not written[base + t].any(), "two copies into one chunk"
+            written[base + t] = True
+            take = 4 * t < nbytes  # bytes past src-size are zero-filled, not read
+            src_idx = row * ld + 4 * c + t
+            assert (4 * c[take] + t < ld).all(), "a copy reads past the end of its row"
+            assert (src_idx[take] < flat.shape[0]).all() and \
+                not np.isnan(flat[src_idx[take]]).any(), "a copy reads memory outside the operand"
+            dst[base + t] = np.where(take, flat[np.where(take, src_idx, 0)], 0.0)
+    assert all(written[r * ld_smem: r * ld_smem + d].all() for r in range(n_tile_rows)), \
+        "the loader must fill every feature of every row"
+    return dst
+
+
+def simt_load_vectors(rows, lse, w, row0):
+    """load_vectors_async<R>: threads t < R / 4 copy lse[row0 + 4t ..], the next R / 4 threads
+    w[row0 + 4c ..] (c = t % (R / 4)), four floats each, to vec[4c] and vec[R + 4c]."""
+    q = rows // 4
+    vec = np.full(2 * rows, np.nan)
+    for t in range(2 * q):
+        c = t % q
+        src, dst = (lse, 4 * c) if t < q else (w, rows + 4 * c)
+        assert row0 + 4 * c + 4 <= src.shape[0], "lse / w must be padded to whole tiles"
+        vec[dst:dst + 4] = src[row0 + 4 * c: row0 + 4 * c + 4]
+    assert not np.isnan(vec).any()
+    return vec
+
+
+def sweep_simt_kernel(mode, own, ld_own, swept, ld_swept, dim, lse, w, out, n_own, n_swept,
+                      ld_out, pair_offset, scale, fixed_shift, d, n_splits, tiles_per_split):
+    """sweep_simt_kernel<D, M> over its whole grid, writing `out` as the kernel does; every
+    thread of a block at once (arrays over threadIdx)."""
+    r_step, ld_smem, stages = simt_config(d)
+    nj, n_p = r_step // 16, d // 16
+    n_swept_tiles = _ceil_div(n_swept, TILE)
+    i8 = np.arange(8)
+    own_mem, swept_mem = simt_memory(own), simt_memory(swept)
+    for bx in range(_ceil_div(n_own, TILE)):
+        own0 = bx * TILE
+        own_tile = simt_load_rows(d, TILE, own_mem, ld_own, own0, n_own, dim)
+        own_row = own0 + TY[:, None] + 8 * i8[None, :]  # [thread][i]
+        own_ok = own_row < n_own
+        lse_own = np.zeros((THREADS, 8))
+        if mode == "rows":
+            lse_own[own_ok] = lse[own_row[own_ok]]
+        for by in range(n_splits):
+            tile_begin = by * tiles_per_split
+            tile_end = min(tile_begin + tiles_per_split, n_swept_tiles)
+            swept_begin = tile_begin * TILE
+            n_steps = _ceil_div(min(tile_end * TILE, n_swept) - swept_begin, r_step)
+
+            def load(step, swept_begin=swept_begin):  # load_stage
+                row0 = swept_begin + step * r_step
+                rows = simt_load_rows(d, r_step, swept_mem, ld_swept, row0, n_swept, dim)
+                vec = simt_load_vectors(r_step, lse, w, row0) if mode == "cols" else None
+                return rows, vec
+
+            staged = sweep_ring(n_steps, stages, load)
+            run_max = np.full((THREADS, 8), scale if fixed_shift else -np.inf)
+            run_sum = np.zeros((THREADS, 8))
+            acc = np.zeros((THREADS, 8, n_p))
+            kf = np.arange(d)
+            a_idx = (TY[:, None, None] + 8 * i8[None, :, None]) * ld_smem + kf[None, None, :]
+            b_idx = (TX[:, None, None] + 16 * np.arange(nj)[None, :, None]) * ld_smem + kf
+            for it in range(n_steps):
+                rows, vec = staged[it]
+                sw0 = swept_begin + it * r_step
+                n_valid = min(r_step, n_swept - sw0)
+                dd = own_row + pair_offset - sw0
+                diag = np.where((dd < 0) | (dd >= r_step), -1, dd)  # [thread][i]
+                # s[t][i][j] = own row (ty + 8 i) . swept row (tx + 16 j)
+                s = np.einsum("tik,tjk->tij", own_tile[a_idx], rows[b_idx])
+                col = TX[:, None, None] + 16 * np.arange(nj)[None, None, :]  # [t][1][j]
+                ok = (col < n_valid) & (col != diag[:, :, None])
+                if mode == "forward":
+                    x = np.where(ok, scale * s, -np.inf)
+                    if not fixed_shift:
+                        step_max = x.max(axis=2)
+                        grow = step_max > run_max
+                        with np.errstate(invalid="ignore"):
+                            run_sum = np.where(grow, run_sum * np.exp(run_max - step_max), run_sum)
+                        run_max = np.where(grow, step_max, run_max)
+                    live = run_max != -np.inf
+                    with np.errstate(invalid="ignore"):
+                        add = np.exp(x - run_max[:, :, None]).sum(axis=2)
+                    run_sum = np.where(live, run_sum + add, run_sum)
+                    continue
+                ok = ok & own_ok[:, :, None]
+                with np.errstate(over="ignore", invalid="ignore"):
+                    if mode == "rows":
+                        p = np.exp(scale * s - lse_own[:, :, None])
+                    else:
+                        p = vec[r_step + col] * np.exp(scale * s - vec[col])
+                s = np.where(ok, p, 0.0)
+                for j in range(nj):
+                    for kx in range(16):
+                        k = kx + 16 * j
+                        # __shfl_sync(full, s[i][j], kx, 16): lane kx of this half-warp
+                        pk = s[(THREAD & ~15) | kx, :, j]  # [t][i]
+                        b = rows[k * ld_smem + TX[:, None] + 16 * np.arange(n_p)[None, :]]
+                        acc += pk[:, :, None] * b[:, None, :]
+            if mode == "forward":
+                m, total = run_max.copy(), run_sum.copy()
+                for mask in (1, 2, 4, 8):  # __shfl_xor_sync within the half-warp
+                    om, os_ = m[THREAD ^ mask], total[THREAD ^ mask]
+                    nm = np.maximum(m, om)
+                    live = nm != -np.inf
+                    with np.errstate(invalid="ignore"):
+                        merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
+                    total = np.where(live, merged, total)
+                    m = np.where(live, nm, m)
+                with np.errstate(divide="ignore"):
+                    val = np.where((m == -np.inf) | (total == 0), -np.inf,
+                                   m + np.log(np.where(total > 0, total, 1.0)))
+                write = (TX[:, None] == 0) & own_ok
+                out[by, own_row[write]] = val[write]
+            else:
+                base = by * _round_up(n_own, TILE)
+                for p_ in range(n_p):
+                    col = TX + 16 * p_
+                    keep = col < ld_out
+                    for i in range(8):
+                        out[base + own_row[keep, i], col[keep]] = acc[keep, i, p_]
+
+
+def torch_contiguous(z):
+    """Tensor.contiguous() on the emulated array: z itself when torch counts it contiguous
+    (strides of size-1 dimensions do not count, so a one-row tensor keeps any row stride),
+    else a row-major copy."""
+    expected = z.itemsize
+    for size, stride in zip(reversed(z.shape), reversed(z.strides)):
+        if size != 1:
+            if stride != expected:
+                return np.ascontiguousarray(z)
+            expected *= size
+    return z
+
+
+def _simt_operands(za, zc, dim, ld_out):
+    """The float32 sweep's operands as bindings.cpp makes them (contiguous(), simt_operand()),
+    checked as launch_sweep_simt checks them (the emulated arrays start 16-byte aligned)."""
+    za_s, ld_a = simt_operand(torch_contiguous(za))
+    zc_s, ld_c = simt_operand(torch_contiguous(zc))
+    simt_launch_check(ld_a, 0, ld_c, 0, dim, sweep_tc_dim(dim), ld_out)
+    return za_s, ld_a, zc_s, ld_c
+
+
+def simt_lse_forward(za, zc, self_offset, scale, fixed_shift, multiprocessors, blocks_per_sm):
+    """bindings.cpp lse_forward on the float32 sweep."""
+    na, nc, dim = za.shape[0], zc.shape[0], za.shape[1]
+    d = sweep_tc_dim(dim)
+    own, ld_own, swept, ld_swept = _simt_operands(za, zc, dim, 0)
+    count, per = forward_splits(na, nc, multiprocessors, blocks_per_sm)
+    partial = np.full((count, na), np.nan)
+    sweep_simt_kernel("forward", own, ld_own, swept, ld_swept, dim, None, None, partial, na, nc,
+                      0, self_offset, scale, fixed_shift, d, count, per)
+    assert not np.isnan(partial).any(), "every partial log-sum-exp is written"
+    return partial[0] if count == 1 else _logsumexp0(partial)
+
+
+def simt_lse_backward(za, zc, lse, w, self_offset, scale, n_grad_cols, multiprocessors,
+                      blocks_per_sm):
+    """bindings.cpp lse_backward on the float32 sweep."""
+    na, nc, p_dim = za.shape[0], zc.shape[0], za.shape[1]
+    d = sweep_tc_dim(p_dim)
+    ld_out = _round_up(p_dim, TILE)
+    za_s, ld_a, zc_s, ld_c = _simt_operands(za, zc, p_dim, ld_out)
+
+    count, per = backward_splits(na, nc, p_dim, multiprocessors, blocks_per_sm)
+    acc_rows = np.full((count * _round_up(na, TILE), ld_out), np.nan)  # torch::empty
+    sweep_simt_kernel("rows", za_s, ld_a, zc_s, ld_c, p_dim, lse, None, acc_rows, na, nc, ld_out,
+                      self_offset, scale, False, d, count, per)
+    acc_rows = acc_rows.reshape(count, _round_up(na, TILE), ld_out)
+    assert not np.isnan(acc_rows).any(), "every element of every slice is written"
+    rows = acc_rows[0] if count == 1 else acc_rows.sum(0)
+    dza = rows[:na, :p_dim] * (w * scale)[:, None]
+    if n_grad_cols == 0:
+        return dza, np.zeros((0, p_dim))
+
+    w_max = max(np.abs(w).max(), 1e-30)
+    lse_pad = np.pad(lse, (0, _round_up(na, TILE) - na))
+    w_pad = np.pad(w / w_max, (0, _round_up(na, TILE) - na))
+    count, per = backward_splits(n_grad_cols, na, p_dim, multiprocessors, blocks_per_sm)
+    acc_cols = np.full((count * _round_up(n_grad_cols, TILE), ld_out), np.nan)
+    sweep_simt_kernel("cols", zc_s, ld_c, za_s, ld_a, p_dim, lse_pad, w_pad, acc_cols,
+                      n_grad_cols, na, ld_out, -self_offset, scale, False, d, count, per)
+    acc_cols = acc_cols.reshape(count, _round_up(n_grad_cols, TILE), ld_out)
+    assert not np.isnan(acc_cols).any(), "every element of every slice is written"
+    cols = acc_cols[0] if count == 1 else acc_cols.sum(0)
+    return dza, cols[:n_grad_cols, :p_dim] * (w_max * scale)
 
 
 # ---------------------------------------------------------------------------------------------

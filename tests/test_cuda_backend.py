@@ -38,13 +38,16 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 # CLREG_FAST_CUDA_LOOPS for fp16/bf16 up to 256 features: "wgmma" (the Hopper sweep of
 # csrc/sweep_wgmma.cu, the default where it runs; an error elsewhere), "sm80" (the mma.sync sweep
 # of csrc/sweep_tc.cu, the default elsewhere) or "legacy" (lse_forward.cu / lse_backward.cu
-# everywhere). What EXT.loops() then reports:
+# everywhere). float32 up to 256 features runs the float32 sweep (csrc/sweep_simt.cu) under
+# every value but "legacy". What EXT.loops() then reports for fp16/bf16:
 LOOPS = ("wgmma", "sm80", "legacy")
 LOOPS_REPORTED = {"wgmma": "wgmma", "sm80": "sweep", "legacy": "legacy"}
 
 
 def _wgmma_runs():
     return EXT is not None and bool(getattr(EXT, "wgmma_built", False)) and EXT.wgmma_available()
+
+
 ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -280,12 +283,14 @@ def test_loops_selection(monkeypatch):
     sweep = "wgmma" if _wgmma_runs() else "sweep"  # the default sweep of this GPU
     assert EXT.loops("bfloat16", 128) == EXT.loops("float16", 1) == sweep
     assert EXT.loops("bfloat16", 256) == sweep and EXT.loops("bfloat16", 257) == "legacy"
-    assert EXT.loops("float32", 64) == "legacy"  # SIMT float32 stays exact: no TF32
+    # float32: the SIMT sweep up to 256 features (exact float32 FMAs, no TF32), then the tiles.
+    assert EXT.loops("float32", 1) == EXT.loops("float32", 256) == "sweep"
+    assert EXT.loops("float32", 257) == "legacy"
     for value in ("auto", "sweep"):
         monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", value)
         assert EXT.loops("bfloat16", 128) == sweep
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "sm80")
-    assert EXT.loops("bfloat16", 128) == "sweep" and EXT.loops("float32", 64) == "legacy"
+    assert EXT.loops("bfloat16", 128) == "sweep" and EXT.loops("float32", 64) == "sweep"
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "wgmma")
     if _wgmma_runs():
         assert EXT.loops("bfloat16", 128) == "wgmma"
@@ -293,7 +298,7 @@ def test_loops_selection(monkeypatch):
         with pytest.raises(RuntimeError, match="wgmma"):
             EXT.loops("bfloat16", 128)
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "legacy")
-    assert EXT.loops("bfloat16", 128) == "legacy"
+    assert EXT.loops("bfloat16", 128) == EXT.loops("float32", 64) == "legacy"
     monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", "fast")
     with pytest.raises(ValueError, match="CLREG_FAST_CUDA_LOOPS"):
         EXT.loops("bfloat16", 128)
@@ -309,8 +314,8 @@ def test_loops_selection(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
-    if loops != "legacy" and dot == torch.float32:
-        pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
+    if loops == "wgmma" and dot == torch.float32:
+        pytest.skip("float32 runs the float32 sweep under wgmma and sm80 alike (covered by sm80)")
     za = _unit_rows(na, p, seed=na + p)
     zc = _unit_rows(nc, p, seed=nc + 1)
     if off == 0:
@@ -330,8 +335,8 @@ def test_lse_forward_matches_float64(dot, na, nc, p, off, tau, loops):
 @pytest.mark.gpu
 @needs_cuda_ext
 def test_lse_backward_matches_float64(dot, na, nc, p, off, grad_cols, loops):
-    if loops != "legacy" and dot == torch.float32:
-        pytest.skip("float32 always runs the SIMT kernels (covered by loops=legacy)")
+    if loops == "wgmma" and dot == torch.float32:
+        pytest.skip("float32 runs the float32 sweep under wgmma and sm80 alike (covered by sm80)")
     za = _unit_rows(na, p, seed=2 * na + p)
     zc = _unit_rows(nc, p, seed=3 * nc)
     scale = 10.0
@@ -426,6 +431,58 @@ def test_wgmma_sweep_runs_on_hopper_when_built():
 _DOT_NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
+# Odd sizes for the float32 sweep (csrc/sweep_simt.cu) at D = 64, 128 and 256: features not a
+# multiple of 4 (the padded operand copy) and of 4 (read in place), one-row last tiles, the
+# left-out pair at offsets inside, at the edge of and past the steps of 4096 / D swept rows.
+SIMT_SHAPES = [  # (Na, Nc, P, self_offset)
+    (37, 101, 19, 0),
+    (65, 130, 129, 0),
+    (30, 75, 40, 45),
+    (33, 97, 256, -1),
+    (70, 150, 128, 100),
+    (20, 70, 200, 0),
+    (129, 1000, 100, -63),
+    (256, 9000, 64, 0),
+]
+
+
+@pytest.mark.parametrize("na, nc, p, off", SIMT_SHAPES)
+@pytest.mark.parametrize("n_grad", ["all", "odd"])
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_float32_sweep_matches_reference_and_legacy(na, nc, p, off, n_grad, monkeypatch):
+    """The float32 sweep against float64 math and against the SIMT tile kernels (legacy): both
+    are plain float32 FMAs in another order, so all three agree to float32 accumulation error.
+    The longer sweeps (Nc = 1000, 9000) are cut into several splits by the GPU's split policy."""
+    za = _unit_rows(na, p, seed=21)
+    zc = _unit_rows(nc, p, seed=22)
+    if off == 0:
+        zc[: min(na, nc)] = za[: min(na, nc)]
+    n_grad_cols = nc if n_grad == "all" else max(1, nc // 3)
+    w = torch.linspace(-1, 1, na, device="cuda") / na
+    s = _scores64(za, zc, off, 10.0, torch.float32)
+    lse64 = torch.logsumexp(s, dim=1)
+    prob = torch.exp(s - lse64[:, None])
+    exp_dza = 10.0 * w.double()[:, None] * (prob @ zc.double())
+    exp_dzc = 10.0 * (prob * w.double()[:, None]).T[:n_grad_cols] @ za.double()
+    out = {}
+    # "sm80" (like "wgmma" or unset) runs the float32 sweep; "legacy" the tile kernels.
+    for value, name in (("sm80", "sweep"), ("legacy", "legacy")):
+        monkeypatch.setenv("CLREG_FAST_CUDA_LOOPS", value)
+        assert EXT.loops("float32", p) == name
+        kernels = CudaKernels(EXT)
+        lse = kernels.lse_forward(za, zc, off, 10.0, torch.float32)
+        torch.testing.assert_close(lse.double(), lse64, rtol=2e-5, atol=2e-4)
+        dza, dzc = kernels.lse_backward(za, zc, lse64.float(), w, off, 10.0, n_grad_cols,
+                                        torch.float32)
+        _assert_rows_close(dza, exp_dza, BACKWARD_TOL[torch.float32])
+        _assert_rows_close(dzc, exp_dzc, BACKWARD_TOL[torch.float32])
+        out[name] = (lse, dza, dzc)
+    torch.testing.assert_close(out["sweep"][0], out["legacy"][0], rtol=1e-5, atol=1e-4)
+    for got, want in zip(out["sweep"][1:], out["legacy"][1:]):
+        assert _rel_err(got, want) < BACKWARD_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dot", ALL_DTYPES, ids=str)
 @pytest.mark.gpu
 @needs_cuda_ext
@@ -448,6 +505,38 @@ def test_primitives_accept_strided_and_misaligned_inputs(dot, loops):
     odd = kernels.lse_backward(za_odd, zc_odd, lse, w, 0, 10.0, 90, dot)
     for got, want in zip(odd, aligned):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_primitives_accept_one_row_tensors_with_any_row_stride(loops):
+    """torch counts a one-row tensor as contiguous whatever its stride(0): 1 for a transposed
+    column, 66 for one row narrowed from a 66-wide tensor. The float32 sweep once took
+    stride(0) as its row stride and refused both (launch_sweep_simt: invalid argument)."""
+    zc = _unit_rows(90, 64, seed=7)
+    row = zc[:1].clone()
+    transposed = torch.empty(64, 1, device="cuda").copy_(row.T).t()
+    wide = torch.zeros(4, 66, device="cuda")
+    wide[2, :64] = row[0]
+    narrowed = wide[2:3, :64]
+    assert transposed.stride() == (1, 1) and narrowed.stride() == (66, 1)
+    kernels = CudaKernels(EXT)
+    w = torch.ones(1, device="cuda")
+    w5 = torch.linspace(-1, 1, 5, device="cuda")
+    for dot in ALL_DTYPES:
+        lse = kernels.lse_forward(row, zc, 0, 10.0, dot)  # the row is column 0: left out
+        grads = kernels.lse_backward(row, zc, lse, w, 0, 10.0, 90, dot)
+        lse_cols = kernels.lse_forward(zc[:5], row, 1000, 10.0, dot)  # the row as the columns
+        grads_cols = kernels.lse_backward(zc[:5], row, lse_cols, w5, 1000, 10.0, 1, dot)
+        for one_row in (transposed, narrowed):
+            torch.testing.assert_close(kernels.lse_forward(one_row, zc, 0, 10.0, dot), lse,
+                                       rtol=1e-6, atol=1e-6)
+            got = kernels.lse_backward(one_row, zc, lse, w, 0, 10.0, 90, dot)
+            got_cols = kernels.lse_backward(zc[:5], one_row, lse_cols, w5, 1000, 10.0, 1, dot)
+            torch.testing.assert_close(kernels.lse_forward(zc[:5], one_row, 1000, 10.0, dot),
+                                       lse_cols, rtol=1e-6, atol=1e-6)
+            for g, want in zip(got + got_cols, grads + grads_cols):
+                torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

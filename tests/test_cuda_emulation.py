@@ -281,6 +281,178 @@ def test_wgmma_layouts_and_fragments(d):
     np.testing.assert_array_equal(emu.wgmma_tile_matrix(d, tile, transposed=True), src.T)
 
 
+# --------------------------------------------------------------------------------------------
+# The float32 sweep (sweep_simt.cu)
+# --------------------------------------------------------------------------------------------
+
+SIMT_SHAPES = SHAPES + SWEEP_SHAPES + [
+    (20, 70, 200, 0),     # D = 256: steps of 16 rows, the last tile has one step, not four
+    (33, 97, 256, -1),    # D = 256 exactly, 2-stage ring
+    (70, 150, 128, 100),  # D = 128, steps of 32 rows, the pair in the second tile's rows
+]
+
+
+def _simt_case(p):
+    if emu.sweep_tc_dim(p) == 0:
+        pytest.skip("the float32 sweep takes P <= 256")
+
+
+@pytest.mark.parametrize("na, nc, p, off", SIMT_SHAPES)
+@pytest.mark.parametrize("tau", [0.1, 0.02])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_simt_forward_emulation(na, nc, p, off, tau, sms, per_sm):
+    _simt_case(p)
+    za, zc = _inputs(na, nc, p, off, seed=na + p)
+    scale = 1 / tau
+    got = emu.simt_lse_forward(za, zc, off, scale, scale <= 40, sms, per_sm)
+    np.testing.assert_allclose(got, emu.dense_lse_forward(za, zc, off, scale), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("na, nc, p, off", SIMT_SHAPES)
+@pytest.mark.parametrize("grad_cols", ["all", "none", "odd"])
+@pytest.mark.parametrize("sms, per_sm", [(132, 6), (1, 1)])
+def test_simt_backward_emulation(na, nc, p, off, grad_cols, sms, per_sm):
+    _simt_case(p)
+    za, zc, lse, w, scale, n_grad = _backward_case(na, nc, p, off, grad_cols, seed=2 * na + p)
+    want = emu.dense_lse_backward(za, zc, lse, w, off, scale, n_grad)
+    got = emu.simt_lse_backward(za, zc, lse, w, off, scale, n_grad, sms, per_sm)
+    _check_backward(got, want)
+
+
+def test_simt_emulation_is_not_vacuous(monkeypatch):
+    """The emulated kernel fails when one of its pieces is off: overlapping shared-memory rows,
+    rows not padded to whole 16-byte chunks (unaligned cp.async sources), or shuffles from the
+    wrong lanes."""
+    za, zc, lse, w, scale, n_grad = _backward_case(37, 101, 19, 0, "all", seed=1)
+    want = emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad)
+    _check_backward(emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6), want)
+
+    real_config = emu.simt_config
+    monkeypatch.setattr(emu, "simt_config",
+                        lambda d: (real_config(d)[0], d - 4, real_config(d)[2]))
+    with pytest.raises(AssertionError, match="into one chunk"):  # rows D - 4 apart: they overlap
+        emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
+    monkeypatch.setattr(emu, "simt_config", real_config)
+
+    real_operand, real_check = emu.simt_operand, emu.simt_launch_check
+    monkeypatch.setattr(emu, "simt_operand", lambda z: (z, z.shape[1]))  # no chunk padding
+    with pytest.raises(ValueError, match="cudaErrorInvalidValue"):  # the launcher refuses
+        emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
+    monkeypatch.setattr(emu, "simt_launch_check", lambda *args: None)
+    with pytest.raises(AssertionError, match="unaligned"):  # P = 19: rows 76 bytes apart
+        emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6)
+    monkeypatch.setattr(emu, "simt_operand", real_operand)
+    monkeypatch.setattr(emu, "simt_launch_check", real_check)
+
+    real_thread = emu.THREAD
+    monkeypatch.setattr(emu, "THREAD", np.roll(real_thread, 1))  # shuffles from other lanes
+    with pytest.raises(AssertionError):
+        _check_backward(emu.simt_lse_backward(za, zc, lse, w, 0, scale, n_grad, 132, 6), want)
+
+
+def _one_row(layout, v):
+    """The (1, P) row v with a row stride that a one-row tensor may keep after .contiguous()."""
+    p = v.shape[0]
+    if layout == "transposed column":  # torch.randn(P, 1).t(): rows 1 float apart
+        buf = v.astype(np.float64)
+        return np.lib.stride_tricks.as_strided(buf, (1, p), (buf.itemsize, buf.itemsize))
+    width = p + 2 if layout == "narrowed row" else 5 * p  # z[i:i + 1, :P] of a wider z
+    wide = np.zeros((1, width))
+    wide[0, :p] = v
+    return wide[:, :p]
+
+
+def test_torch_keeps_any_row_stride_of_a_one_row_tensor():
+    """The premise of the next test: .contiguous() hands a one-row tensor back unchanged
+    whatever its row stride (torch ignores the strides of size-1 dimensions), and the library's
+    normalization keeps it: one forget row given as a transposed column reaches the kernels
+    with rows 1 float apart; one row narrowed from a 66-wide tensor, 66 floats apart (with a
+    16-byte aligned base: no copy)."""
+    torch = pytest.importorskip("torch")
+    from clreg_fast.backends.base import SimilarityKernels
+
+    z, _ = SimilarityKernels().project_normalize(torch.randn(64, 1).t(), None, None)
+    assert z.contiguous().stride() == (1, 1)
+    narrowed = torch.randn(4, 66)[2:3, :64]
+    assert narrowed.contiguous().stride() == (66, 1) and narrowed.data_ptr() % 16 == 0
+    for layout, stride0 in (("transposed column", 1), ("narrowed row", 66),
+                            ("row of a wider tensor", 320)):
+        row = _one_row(layout, np.ones(64))
+        assert emu.torch_contiguous(row) is row and row.strides[0] // row.itemsize == stride0
+
+
+@pytest.mark.parametrize("layout", ["transposed column", "narrowed row", "row of a wider tensor"])
+@pytest.mark.parametrize("p", [64, 100, 256])
+@pytest.mark.parametrize("one_row", ["anchors", "columns"])
+def test_simt_one_row_operand_with_any_row_stride(layout, p, one_row):
+    """A one-row operand is read as the row it is, whatever its stride(0): the glue passes
+    size(1) as the row stride, not stride(0), which launch_sweep_simt rejects when it is not
+    a multiple of 4 floats (cudaErrorInvalidValue: the loss call fails)."""
+    za, zc = _inputs(5, 37, p, 0, seed=p)
+    off = 0
+    if one_row == "anchors":
+        za = _one_row(layout, za[0].copy())  # zc[0] is the same row: the left-out pair
+    else:
+        zc, off = _one_row(layout, zc[0].copy()), 1000
+    scale = 10.0
+    want_lse = emu.dense_lse_forward(za, zc, off, scale)
+    got = emu.simt_lse_forward(za, zc, off, scale, True, 132, 6)
+    np.testing.assert_allclose(got, want_lse, rtol=1e-12, atol=1e-12)
+    w = np.linspace(-1.0, 1.0, za.shape[0]) / za.shape[0]
+    n_grad = zc.shape[0]
+    want = emu.dense_lse_backward(za, zc, want_lse, w, off, scale, n_grad)
+    _check_backward(emu.simt_lse_backward(za, zc, want_lse, w, off, scale, n_grad, 132, 6), want)
+
+
+def test_simt_operand_copies_rows_that_are_not_whole_chunks():
+    """simt_operand() copies (rows padded to 4 floats, 16-byte aligned) when P % 4 != 0 or the
+    base is not 16-byte aligned, and only then; the copy passes the launch's checks."""
+    assert emu.simt_operand_layout(64, 0) == (False, 64)
+    assert emu.simt_operand_layout(64, 4) == (True, 64)    # z[1:] of a flat buffer
+    assert emu.simt_operand_layout(19, 0) == (True, 20)
+    assert emu.simt_operand_layout(130, 32) == (True, 132)
+    emu.simt_launch_check(20, 0, 132, 0, 19, 64, 64)
+    with pytest.raises(ValueError):  # the uncopied rows of P = 19 would be rejected
+        emu.simt_launch_check(19, 0, 19, 0, 19, 64, 64)
+    with pytest.raises(ValueError):  # and so would a misaligned base
+        emu.simt_launch_check(64, 4, 64, 0, 64, 64, 64)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_simt_shared_memory_budget_and_banks(d):
+    """SimtConfig<D>: the owned tile and the ring fit 99 KB; every 8-lane phase of the 16-byte
+    score reads and of the cp.async stores hits 8 different bank groups; the 4-byte reads of
+    the product touch 32 different banks or one address (broadcast)."""
+    rows, ld, stages = emu.simt_config(d)
+    assert rows * d == 4096 and rows % 16 == 0 and 64 % rows == 0
+    assert 4 * (64 * ld + stages * (rows * ld + 2 * rows)) <= 99 * 1024
+    lanes = emu.LANES
+    for warp in range(4):
+        t = 32 * warp + lanes
+        tx, ty = t & 15, t >> 4
+        for k in range(0, d, 4):
+            for j in range(rows // 16):
+                b = (tx + 16 * j) * ld + k
+                for ph in range(0, 32, 8):
+                    assert len(set((b[ph:ph + 8] // 4) % 8)) == 8
+            for i in range(8):
+                a = (ty + 8 * i) * ld + k
+                for ph in range(0, 32, 8):
+                    assert len(set(a[ph:ph + 8])) == 1  # one row per phase: a broadcast
+        for k in range(rows):
+            for p in range(d // 16):
+                addr = k * ld + tx + 16 * p
+                assert len(set(addr % 32)) == len(set(addr)) == 16  # half-warps share addresses
+    chunks = d // 4
+    for n_rows in (64, rows):
+        for it in range(n_rows * chunks // emu.THREADS):
+            e = np.arange(emu.THREADS) + it * emu.THREADS
+            dst = (e // chunks) * ld + 4 * (e % chunks)
+            for ph in range(0, emu.THREADS, 8):
+                assert len(set((dst[ph:ph + 8] // 4) % 8)) == 8
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 def test_cp_async_ring_model_catches_wrong_schedules(stages):
     """The ring of sweep_tc_kernel passes the cp.async model for any tile count (fewer tiles
@@ -440,6 +612,56 @@ KERNEL_EXPRESSIONS = {
         "cp.async.cg.shared.global[%0],[%1],16;",
         "__floats2bfloat162_rn(lo,hi)", "__floats2half2_rn(lo,hi)",
     ],
+    "sweep_simt.cu": [
+        "staticconstexprintkRows=4096/D;", "staticconstexprintkLd=D+4;",
+        "staticconstexprintkStages=D==256?2:3;",
+        # load_rows_async / load_vectors_async
+        "constintr=e/C::kChunks;", "constintc=e%C::kChunks;",
+        "constintbytes=row<n_rows?max(0,min(16,4*(dim-4*c))):0;",
+        "cp_async_16_zfill(dst+r*C::kLd+4*c,from,bytes);",
+        "cp.async.cg.shared.global[%0],[%1],16,%2;",
+        "constintc=threadIdx.x%kQ;",
+        "cp_async_16_zfill(vec+(is_lse?0:R)+4*c,(is_lse?lse:w)+row0+4*c,16);",
+        # grid, rows, splits, steps
+        "constinttx=threadIdx.x&15;", "constintty=threadIdx.x>>4;",
+        "constint64_town0=int64_t(blockIdx.x)*kTile;",
+        "constint64_ttile_begin=int64_t(blockIdx.y)*tiles_per_split;",
+        "constint64_ttile_end=min(tile_begin+tiles_per_split,n_swept_tiles);",
+        "ceil_div(min(tile_end*kTile,n_swept)-swept_begin,C::kRows)",
+        "own_row[i]=own0+ty+8*i;", "own_ok[i]=own_row[i]<n_own;",
+        "lse_own[i]=(M==SweepMode::kRows&&own_ok[i])?__ldg(lse+own_row[i]):0.f;",
+        "constint64_trow0=swept_begin+int64_t(step)*C::kRows;",
+        "if(st<n_steps)load_stage(st,st);",
+        "if(next<n_steps)load_stage(next%C::kStages,next);",
+        "constfloat*rows=stage_rows(it%C::kStages);",
+        # masks
+        "constint64_tsw0=swept_begin+int64_t(it)*C::kRows;",
+        "constintn_valid=static_cast<int>(min(int64_t(C::kRows),n_swept-sw0));",
+        "constint64_td=own_row[i]+pair_offset-sw0;",
+        "diag[i]=(d<0||d>=C::kRows)?-1:static_cast<int>(d);",
+        # scores
+        "b[j]=*reinterpret_cast<constfloat4*>(rows+(tx+16*j)*C::kLd+k);",
+        "*reinterpret_cast<constfloat4*>(own_tile+(ty+8*i)*C::kLd+k);",
+        # forward epilogue and merge
+        "x[j]=(col<n_valid&&col!=diag[i])?scale*s[i][j]:-INFINITY;",
+        "run_max[i]=fixed_shift?scale:-INFINITY;",
+        "for(intmask=1;mask<=8;mask<<=1)",
+        "if(tx==0&&own_ok[i])",
+        "out[int64_t(blockIdx.y)*n_own+own_row[i]]=",
+        # backward epilogue and product
+        "constintcol=tx+16*j;",
+        "if(own_ok[i]&&col<n_valid&&col!=diag[i])",
+        "p=expf(scale*s[i][j]-lse_own[i]);",
+        "p=vec[C::kRows+col]*expf(scale*s[i][j]-vec[col]);",
+        "constintk=kx+16*j;",
+        "pk[i]=__shfl_sync(0xffffffffu,s[i][j],kx,16);",
+        "b[p]=rows[k*C::kLd+tx+16*p];",
+        "acc[i][p]=fmaf(pk[i],b[p],acc[i][p]);",
+        # the one write of the backward
+        "float*slice=out+int64_t(blockIdx.y)*round_up(n_own,kTile)*ld_out;",
+        "constintcol=tx+16*p;",
+        "if(col<ld_out)slice[own_row[i]*ld_out+col]=acc[i][p];",
+    ],
     "bindings.cpp": [  # the glue that tc_lse_forward / tc_lse_backward mirror
         "splits_for(ceil_div(n_anchor,kTile),ceil_div(n_col,kTile),n_anchor,",
         "splits_for(n_anchor_tiles,n_col_tiles,n_anchor_tiles*kTile*dim_pad,",
@@ -451,6 +673,19 @@ KERNEL_EXPRESSIONS = {
         "(w_max*(scale_f*tile_scale))",
         "autow_max=w.abs().max().clamp_min(1e-30);",
         "returntorch::logsumexp(partial,0);",
+        # ... and simt_lse_forward / simt_lse_backward
+        "if(z.size(1)%4==0&&reinterpret_cast<uintptr_t>(z.data_ptr())%16==0)returnz;",
+        "autoout=torch::zeros({z.size(0),round_up(z.size(1),4)},z.options());",
+        "resident_blocks_sweep_simt(SweepMode::kForward,dim_s)",
+        "launch_sweep_simt(SweepMode::kForward,own.data_ptr<float>(),own.size(1),",
+        "swept.data_ptr<float>(),swept.size(1),dim,nullptr,",
+        "launch_sweep_simt(SweepMode::kRows,za_s.data_ptr<float>(),za_s.size(1),",
+        "zc_s.data_ptr<float>(),zc_s.size(1),dim,lse.data_ptr<float>(),",
+        "n_anchor,n_col,dim_pad,self_offset,scale_f,false,dim_s,",
+        "launch_sweep_simt(SweepMode::kCols,zc_s.data_ptr<float>(),zc_s.size(1),",
+        "za_s.data_ptr<float>(),za_s.size(1),dim,lse_pad.data_ptr<float>(),",
+        "acc_cols.data_ptr<float>(),n_grad_cols,n_anchor,dim_pad,",
+        "-self_offset,scale_f,false,dim_s,col_splits.count,",
         # the wgmma sweep takes the same arguments through the same launch_sweep calls
         "returnlaunch_sweep_wgmma(mode,own,swept,lse,w,out,n_own,n_swept,ld_out,pair_offset,",
     ],
@@ -538,10 +773,22 @@ WGMMA_RING_ORDER = [
 ]
 
 
+# The same order in sweep_simt_kernel's main loop.
+SIMT_RING_ORDER = [
+    "for(intit=0;it<n_steps;++it){",
+    "cp_async_wait<C::kStages-2>();",
+    "__syncthreads();",
+    "constintnext=it+C::kStages-1;",
+    "constfloat*rows=stage_rows(it%C::kStages);",
+    "cp_async_wait<0>();",
+]
+
+
 def _source_mismatches(sources):
     missing = [f"{name}: {e}" for name, exprs in KERNEL_EXPRESSIONS.items() for e in exprs
                if e not in sources[name]]
-    for name, order in (("sweep_tc.cu", RING_ORDER), ("sweep_wgmma.cu", WGMMA_RING_ORDER)):
+    for name, order in (("sweep_tc.cu", RING_ORDER), ("sweep_wgmma.cu", WGMMA_RING_ORDER),
+                        ("sweep_simt.cu", SIMT_RING_ORDER)):
         src, pos = sources[name], -1
         for stmt in order:
             nxt = src.find(stmt, pos + 1)
@@ -581,6 +828,19 @@ def test_wgmma_source_check_is_not_vacuous(old, new):
     sources = _kernel_sources()
     assert old in sources["sweep_wgmma.cu"]
     sources["sweep_wgmma.cu"] = sources["sweep_wgmma.cu"].replace(old, new, 1)
+    assert _source_mismatches(sources)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("__shfl_sync(0xffffffffu,s[i][j],kx,16)", "__shfl_sync(0xffffffffu,s[i][j],kx,32)"),
+    ("col<n_valid&&col!=diag[i]", "col<=n_valid&&col!=diag[i]"),
+    ("cp_async_wait<C::kStages-2>();__syncthreads();",
+     "__syncthreads();cp_async_wait<C::kStages-2>();"),  # barrier before the wait
+])
+def test_simt_source_check_is_not_vacuous(old, new):
+    sources = _kernel_sources()
+    assert old in sources["sweep_simt.cu"]
+    sources["sweep_simt.cu"] = sources["sweep_simt.cu"].replace(old, new, 1)
     assert _source_mismatches(sources)
 
 

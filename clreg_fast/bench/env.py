@@ -71,13 +71,13 @@ def _cuda_extension():
 
 
 def cuda_loops() -> str:
-    """Which kernel family the cuda backend runs for fp16/bf16 with P <= 256: "wgmma" (the Hopper
-    sweep, the default where it runs), "sweep" (the mma.sync tensor-core sweep, the default
-    elsewhere, or CLREG_FAST_CUDA_LOOPS=sm80) or "legacy" (CLREG_FAST_CUDA_LOOPS=legacy, which
-    benchmarks/gpu_suite.sh sets when the sweep fails its GPU tests). Asked of the extension
-    when one is loaded (csrc/bindings.cpp decides); otherwise read from the variable as the
-    extension would on a GPU without the wgmma sweep. Recorded so that no number is credited to
-    the wrong kernels."""
+    """Which kernel family the cuda backend runs with P <= 256: "wgmma" (the Hopper sweep for
+    fp16/bf16, the default where it runs), "sweep" (the mma.sync tensor-core sweep for fp16/bf16
+    elsewhere or with CLREG_FAST_CUDA_LOOPS=sm80, and the float32 sweep for float32) or "legacy"
+    (CLREG_FAST_CUDA_LOOPS=legacy, which benchmarks/gpu_suite.sh sets when the sweeps fail their
+    GPU tests). Asked of the extension for bf16 when one is loaded (csrc/bindings.cpp decides);
+    otherwise read from the variable as the extension would on a GPU without the wgmma sweep.
+    Recorded so that no number is credited to the wrong kernels."""
     ext = _cuda_extension()
     if ext is not None and hasattr(ext, "loops"):
         try:

@@ -2,9 +2,10 @@
 
 Kernels (docs/cuda_backend.md): bf16/fp16 inputs with up to 256 features run the tensor-core
 sweep of csrc/sweep_tc.cu (operands rounded once in global memory, cp.async pipeline, mma.sync
-with float32 accumulation, backward accumulators in registers, written once); wider bf16/fp16
-inputs run WMMA tiles and float32 inputs SIMT float32 FMAs (no TF32) (csrc/tiles.cuh).
-``CLREG_FAST_CUDA_LOOPS=legacy`` selects the WMMA/SIMT kernels everywhere. The forward keeps an
+with float32 accumulation, backward accumulators in registers, written once); float32 inputs
+with up to 256 features the float32 sweep of csrc/sweep_simt.cu (the same loop with SIMT float32
+FMAs, no TF32); wider inputs run WMMA tiles (bf16/fp16) or SIMT float32 tiles (csrc/tiles.cuh).
+``CLREG_FAST_CUDA_LOOPS=legacy`` selects the WMMA/SIMT tile kernels everywhere. The forward keeps an
 online log-sum-exp per anchor; the backward recomputes the probability tiles from it in a row
 pass (anchor gradients) and a column pass (column gradients), without atomics, so results are
 deterministic. Needs compute capability 8.0+ (A100, H100/H200); built for sm_80 and sm_90.

@@ -16,7 +16,8 @@ DEFAULT_ARCH_LIST = "8.0;9.0"       # A100 (sm_80), H100/H200 (sm_90)
 EXTENSION_NAME = "clreg_fast._C"
 # Kernel code in .cu files, PyTorch glue in bindings.cpp, shared declarations in headers.
 # torch_ops.cpp registers the same functions as torch.ops.clreg_fast.cuda_* (TORCH_LIBRARY).
-SOURCES = ("bindings.cpp", "torch_ops.cpp", "lse_forward.cu", "lse_backward.cu", "sweep_tc.cu")
+SOURCES = ("bindings.cpp", "torch_ops.cpp", "lse_forward.cu", "lse_backward.cu", "sweep_tc.cu",
+           "sweep_simt.cu")
 HEADERS = ("clreg.h", "clreg_torch.h", "splits.h", "tiles.cuh", "mma_sm80.cuh", "wgmma_layouts.cuh")
 # The Hopper sweep (CuTe wgmma kernels): compiled only when the CUTLASS headers are found and the
 # arch list has a 9.0 entry; it then gets -DCLREG_WITH_WGMMA (bindings.cpp too).
