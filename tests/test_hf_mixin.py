@@ -468,6 +468,22 @@ def test_one_row_per_micro_batch_is_refused(tmp_path):
         make_trainer(H.CLRegGradDiff, tmp_path, args={"per_device_train_batch_size": 1})
 
 
+def test_data_parallel_is_refused(tmp_path):
+    """One process seeing several GPUs makes the Trainer wrap the model in nn.DataParallel,
+    whose replicas each forward a slice of the batch: no forward is the forget batch's. A clear
+    error, at construction and when compute_loss gets a DataParallel model (on CPU DataParallel
+    runs the module as it is, so only the refusal can be checked here)."""
+    args = H.training_args(tmp_path / "dp")
+    args._n_gpu = 2  # what TrainingArguments reports with 2 visible GPUs and no torchrun
+    with pytest.raises(NotImplementedError, match="DataParallel"):
+        H.CLRegGradDiff(model=H.tiny_model(), args=args, train_dataset=H.make_pairs(4),
+                        data_collator=H.collate_pairs)
+    trainer = make_trainer(H.CLRegGradDiff, tmp_path)
+    trainer.model.train()
+    with pytest.raises(NotImplementedError, match="DataParallel"):
+        trainer.compute_loss(torch.nn.DataParallel(trainer.model), _one_batch())
+
+
 def test_a_head_under_zero3_is_refused_without_a_head_it_is_allowed(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_mixin, "_zero3_enabled", lambda: True)
     with pytest.raises(NotImplementedError, match="ZeRO-3"):

@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 HEAD_NAME = "clreg_head"  # the head is registered on the model under this name
 FALLBACKS = ("one_concept", "skip")
+# Each DataParallel replica forwards a slice of the batch (in its own thread), so no forward is
+# the forget batch's and the hooks would race: refused with what to do instead.
+_DATA_PARALLEL = ("CLRegMixin does not support nn.DataParallel, which the Trainer uses when one "
+                  "process sees several GPUs: run one process per GPU (torchrun or accelerate "
+                  "launch) or make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -155,7 +160,8 @@ class CLRegMixin:
         clreg_fallback: when no concept repeats in a micro-batch, ``"one_concept"`` treats all
             forget rows as one concept and ``"skip"`` drops the term for that micro-batch.
 
-    Unsupported: a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters would be
+    Unsupported: ``nn.DataParallel`` (several GPUs in one process; raises
+    ``NotImplementedError``), a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters would be
     sharded where the loss reads them; raises ``NotImplementedError``; without a head both
     work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and inputs
     given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks are
@@ -188,6 +194,8 @@ class CLRegMixin:
                              "not supported)")
         resolve_layer(model, clreg_layer)  # a clear error now rather than at the first step
         args_ = getattr(self, "args", None)
+        if getattr(args_, "n_gpu", 1) > 1:  # the Trainer will wrap the model in DataParallel
+            raise NotImplementedError(_DATA_PARALLEL)
         if (clreg_pooling != "token" and args_ is not None
                 and getattr(args_, "per_device_train_batch_size", 2) < 2):
             raise ValueError("CLReg needs at least 2 forget rows per micro-batch: "
@@ -260,6 +268,8 @@ class CLRegMixin:
                 or not torch.is_grad_enabled()):
             return base(model, inputs, return_outputs=return_outputs, **kwargs)
 
+        if isinstance(model, nn.DataParallel):
+            raise NotImplementedError(_DATA_PARALLEL)
         forget = inputs["forget"]
         retain = inputs.get("retain") if isinstance(inputs.get("retain"), Mapping) else None
         target = _unwrap(model)
