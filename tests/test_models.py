@@ -24,6 +24,9 @@ def test_bad_names_raise_clear_errors(tmp_path):
         MD.resolve_model(str(tmp_path / "missing-folder"))
     with pytest.raises(ValueError, match="not a folder"):
         MD.resolve_model("./nope")
+    # A hub id has at most one "/": a relative path with more is a missing folder.
+    with pytest.raises(ValueError, match="not a folder"):
+        MD.resolve_model("runs/unlearned/model")
 
 
 def test_known_name_uses_the_converted_cache_folder(tmp_path):

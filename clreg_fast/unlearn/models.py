@@ -75,7 +75,10 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None,
     key = name_or_path.lower()
     if key in KNOWN_MODELS:
         return _materialize(KNOWN_MODELS[key], cache_dir or default_cache_dir(), log)
-    if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path:
+    # A hub id is "name" or "org/name": a leading ".", "/" or "~", a second "/" or a
+    # backslash can only be a path.
+    if (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or "\\" in name_or_path):
         raise ValueError(f"model {name_or_path!r} is not a folder, and not a known model name "
                          f"(known: {', '.join(sorted(KNOWN_MODELS))})")
     return name_or_path  # a hub id: transformers resolves (and reports) it
