@@ -132,3 +132,40 @@ def test_clreg_unlearn_resolves_model_names(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a folder"):
         cli.main(["--model", str(tmp_path / "absent"), "--forget", str(data), "--retain",
                   str(data), "--out", str(tmp_path / "out")])
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            f.write("{}")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_conversion_refuses_an_untied_model_without_an_output_head(tied, tmp_path, monkeypatch):
+    """A GGUF without ``lm_head.weight`` is fine when the config ties it to the embeddings;
+    untied, the rebuilt model's head would stay random, so the conversion must fail."""
+    transformers = pytest.importorskip("transformers")
+    from clreg_fast.unlearn.tiny_model import tiny_llama_config
+
+    config = tiny_llama_config(16, hidden_size=8, num_layers=1, num_heads=2)
+    config.tie_word_embeddings = tied
+    loaded = transformers.LlamaForCausalLM(config)
+    weights = {k: v for k, v in loaded.state_dict().items() if k != "lm_head.weight"}
+    monkeypatch.setattr(loaded, "state_dict", lambda: weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loaded)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: _FakeTokenizer())
+    folder = tmp_path / "converted"
+    if not tied:
+        with pytest.raises(MD.ModelUnavailableError, match="lm_head.weight"):
+            MD.convert_gguf(str(tmp_path), "model.gguf", str(folder))
+        assert not folder.exists()
+        return
+    MD.convert_gguf(str(tmp_path), "model.gguf", str(folder))
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    torch.testing.assert_close(saved["model.embed_tokens.weight"],
+                               weights["model.embed_tokens.weight"], rtol=0, atol=0)

@@ -174,12 +174,14 @@ def convert_gguf(gguf_dir: str, gguf_file: str, folder: str) -> None:
     config = type(loaded.config).from_dict(values)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied output embeddings are the only keys allowed to differ.
-    missing = [k for k in missing if k != "lm_head.weight"]
+    # The output head may be absent only when it is tied to the embeddings (tie_weights below);
+    # untied, it would stay at its random initialization.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise ModelUnavailableError(f"converted {gguf_file} does not match its config: missing "
                                     f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         plain.tie_weights()
     tmp = f"{folder}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
