@@ -389,6 +389,28 @@ def test_bf16_trains(weights, tmp_path, monkeypatch):
     assert not torch.equal(trainer.clreg_head.weight, head0.weight)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_features_head_and_loss_on_different_devices(tmp_path):
+    """device_map="auto" puts layers (and so the features), the head (made on the first
+    parameter's device) and the method's loss (the last layer's) on different devices: the term
+    is computed on the head's device and added on the loss's. Here the model is on the CPU and
+    only the head on the GPU."""
+    batch = _one_batch()
+    values = []
+    for head_device in ("cpu", "cuda"):
+        # the torch backend: this test is about devices, not about the GPU kernels
+        trainer = make_trainer(H.CLRegNPO, tmp_path, clreg_proj_dim=8, clreg_backend="torch")
+        trainer.clreg_head.to(head_device)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        assert loss.device.type == "cpu" and trainer._clreg_log_count == 1
+        loss.backward()
+        assert trainer.clreg_head.weight.grad.device.type == head_device
+        values.append(float(loss.detach()))
+    assert values[1] == pytest.approx(values[0], rel=1e-4, abs=1e-6)
+
+
 def test_concepts_from_an_overridden_clreg_concept_ids(tmp_path):
     class ByParity(recording(H.CLRegNPO)):
         def clreg_concept_ids(self, forget):

@@ -308,11 +308,14 @@ class CLRegMixin:
         if clreg is not None:
             self._record_clreg(clreg)
             scale = self.clreg_weight * self._ga_correction(num_items_in_batch)
-            loss = loss + scale * clreg.to(loss.dtype)
+            # With device_map="auto" the term (on the head's device) and the method's loss
+            # (on the last layer's) may live on different devices.
+            loss = loss + scale * clreg.to(device=loss.device, dtype=loss.dtype)
         elif self.clreg_head is not None:
             # A dropped term still keeps the head in the graph, so DDP's reducer sees its
             # (zero) gradients on every rank.
-            loss = loss + sum(p.sum() for p in self.clreg_head.parameters()).to(loss.dtype) * 0.0
+            zero = sum(p.sum() for p in self.clreg_head.parameters()) * 0.0
+            loss = loss + zero.to(device=loss.device, dtype=loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def clreg_concept_ids(self, forget: Dict) -> Optional[torch.Tensor]:
@@ -338,16 +341,20 @@ class CLRegMixin:
         """
         head = self.clreg_head
         dtype = head.weight.dtype if head is not None else torch.float32
+        # The head's device: under device_map="auto" the feature layer may sit elsewhere.
+        device = head.weight.device if head is not None else forget_hidden.device
         f_feats, f_labels = pool_features(forget_hidden, answer_mask(forget["labels"]),
                                           self.clreg_pooling, concept_ids)
         r_feats = None
         if retain_hidden is not None:
             r_feats, _ = pool_features(retain_hidden.detach(), answer_mask(retain["labels"]),
                                        self.clreg_pooling)
-            r_feats = r_feats.to(dtype)
-        f_feats = f_feats.to(dtype)
+            r_feats = r_feats.to(device=device, dtype=dtype)
+        f_feats = f_feats.to(device=device, dtype=dtype)
         if concept_ids is None:
             f_labels = None  # one concept: no label bookkeeping (and no host sync) needed
+        else:
+            f_labels = f_labels.to(device)
         weight, bias = (head.weight, head.bias) if head is not None else (None, None)
         loss, _info = clreg_term(f_feats, f_labels, r_feats, weight, bias,
                                  temperature=self.clreg_temperature,
