@@ -169,3 +169,35 @@ def test_conversion_refuses_an_untied_model_without_an_output_head(tied, tmp_pat
     saved = load_file(str(folder / "model.safetensors"))
     torch.testing.assert_close(saved["model.embed_tokens.weight"],
                                weights["model.embed_tokens.weight"], rtol=0, atol=0)
+
+
+def test_conversion_with_transformers_that_spell_dtype_torch_dtype(tmp_path, monkeypatch):
+    """transformers < 4.56 (the package allows >= 4.45) takes ``torch_dtype=``; a ``dtype=``
+    keyword reaches the model's __init__ there and raises TypeError."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from clreg_fast.unlearn.tiny_model import tiny_llama_config
+
+    loaded = transformers.LlamaForCausalLM(
+        tiny_llama_config(16, hidden_size=8, num_layers=1, num_heads=2))
+    real_from_config = transformers.AutoModelForCausalLM.from_config
+    seen = []
+
+    def old_style(result):
+        def load(*args, torch_dtype=None, **kwargs):
+            if "dtype" in kwargs:
+                raise TypeError("LlamaForCausalLM.__init__() got an unexpected keyword "
+                                "argument 'dtype'")
+            seen.append(torch_dtype)
+            return result(*args, **kwargs)
+        return load
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        old_style(lambda *a, **k: loaded))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        old_style(lambda config: real_from_config(config)))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: _FakeTokenizer())
+    MD.convert_gguf(str(tmp_path), "model.gguf", str(tmp_path / "converted"))
+    assert seen == [torch.float32, torch.float32]
+    assert (tmp_path / "converted" / "config.json").exists()

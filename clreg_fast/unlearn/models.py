@@ -160,19 +160,28 @@ def _materialize(spec: WheelModel, cache_dir: str, log) -> str:
     return folder
 
 
+def _in_float32(load, *args, **kwargs):
+    """``load(*args, dtype=torch.float32, **kwargs)``; transformers < 4.56 spells it
+    ``torch_dtype`` (there ``dtype`` reaches the model's ``__init__``, a TypeError)."""
+    import torch
+
+    try:
+        return load(*args, dtype=torch.float32, **kwargs)
+    except TypeError:
+        return load(*args, torch_dtype=torch.float32, **kwargs)
+
+
 def convert_gguf(gguf_dir: str, gguf_file: str, folder: str) -> None:
     """Load a GGUF causal LM with transformers and save it as a plain (unquantized) HF folder."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file,
-                                                  dtype=torch.float32)
+    loaded = _in_float32(AutoModelForCausalLM.from_pretrained, gguf_dir, gguf_file=gguf_file)
     # A fresh config without quantization_config: the saved folder must not claim GGUF.
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
     config = type(loaded.config).from_dict(values)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = _in_float32(AutoModelForCausalLM.from_config, config)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # The output head may be absent only when it is tied to the embeddings (tie_weights below);
     # untied, it would stay at its random initialization.
