@@ -194,6 +194,26 @@ def set_trainable(model, train_layers: Optional[int]) -> str:
             f"(embeddings, output head and layers 0-{len(layers) - train_layers - 1} frozen)")
 
 
+def check_clreg_layer(cfg: DemoConfig, depth: int) -> None:
+    """CLReg must read a layer that unlearning trains: below the ``train_layers`` upper layers
+    every parameter up to it is frozen, its features carry no gradient, and the ``+clreg`` arms
+    would silently equal the plain ones."""
+    index = cfg.clreg_layer + depth if cfg.clreg_layer < 0 else cfg.clreg_layer
+    if not 0 <= index < depth:
+        raise ValueError(f"clreg_layer {cfg.clreg_layer} is out of range for a model with {depth} "
+                         "decoder layers")
+    if cfg.train_layers is not None and index < depth - cfg.train_layers:
+        raise ValueError(f"clreg_layer {cfg.clreg_layer} is frozen: train_layers="
+                         f"{cfg.train_layers} trains decoder layers {depth - cfg.train_layers}-"
+                         f"{depth - 1} only, so CLReg there would change nothing")
+
+
+def _num_layers(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).num_hidden_layers)
+
+
 def _load_pretrained(path: str):
     from transformers import AutoModelForCausalLM
 
@@ -459,6 +479,7 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     torch.manual_seed(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
     splits, tokenizer, model_path = prepare_data(cfg, out_dir, cache_dir, log)
+    check_clreg_layer(cfg, cfg.num_layers if cfg.model == TINY else _num_layers(model_path))
     pad = _pad_id(tokenizer)
     eval_splits = {k: splits[k] for k in ("forget", "retain", "holdout") if splits.get(k)}
     utility_sets = {}

@@ -142,3 +142,17 @@ def test_real_model_slice_end_to_end(tmp_path):
         assert os.path.exists(os.path.join(out, "data", f"{split}.json"))
     # CLReg changed the NPO run (the two arms differ at the CLReg layer)
     assert arms["npo"]["entanglement_score"] != arms["npo+clreg"]["entanglement_score"]
+
+
+def test_clreg_on_a_frozen_layer_is_refused_before_any_training(tmp_path):
+    """With ``train_layers`` only the upper layers train; CLReg below them has no gradient and
+    its arms would silently equal the plain ones (seen: identical metrics)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(demo.quick_config(), train_layers=2, clreg_layer=0)
+    with pytest.raises(ValueError, match="clreg_layer 0 .*frozen"):
+        demo.run(cfg, str(tmp_path / "out"), None, progress=False, make_plot=False,
+                 log=lambda t: None)
+    with pytest.raises(ValueError, match="out of range"):
+        demo.run(dataclasses.replace(cfg, clreg_layer=4), str(tmp_path / "out"), None,
+                 progress=False, make_plot=False, log=lambda t: None)
