@@ -477,6 +477,7 @@ def test_a_micro_batch_without_a_repeated_concept(tmp_path):
     (dict(clreg_pooling="max"), ValueError, "clreg_pooling"),
     (dict(clreg_proj_dim=0), ValueError, "clreg_proj_dim"),
     (dict(clreg_backend=3), TypeError, "clreg_backend"),
+    (dict(clreg_backend="trition"), ValueError, "clreg_backend"),  # at once, not at step 1
     (dict(clreg_concept_key=1), TypeError, "clreg_concept_key"),
     (dict(clreg_fallback="drop"), ValueError, "clreg_fallback"),
 ])

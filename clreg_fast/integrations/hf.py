@@ -33,6 +33,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from clreg_fast.backends import BACKENDS
 from clreg_fast.unlearn.data import answer_mask
 from clreg_fast.unlearn.features import (POOLINGS, capture_layer, layer_hidden_states,
                                          pool_features, resolve_layer)
@@ -424,6 +425,8 @@ def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_
         raise ValueError(f"clreg_proj_dim must be None or an int >= 1, got {proj_dim!r}")
     if not isinstance(backend, str):
         raise TypeError(f"clreg_backend must be a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"clreg_backend must be one of {BACKENDS}, got {backend!r}")
     if concept_key is not None and not isinstance(concept_key, str):
         raise TypeError("clreg_concept_key must be a str or None, got "
                         f"{type(concept_key).__name__}")
