@@ -162,11 +162,11 @@ class CLRegMixin:
             forget rows as one concept and ``"skip"`` drops the term for that micro-batch.
 
     Unsupported: ``nn.DataParallel`` (several GPUs in one process; raises
-    ``NotImplementedError``), a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters would be
-    sharded where the loss reads them; raises ``NotImplementedError``; without a head both
-    work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and inputs
-    given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks are
-    removed before backward, so recomputation neither records nor counts.
+    ``NotImplementedError``), a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters
+    would be sharded where the loss reads them; raises ``NotImplementedError``; without a head
+    both work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and
+    inputs given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks
+    are removed before backward, so recomputation neither records nor counts.
     """
 
     def __init__(self, *args, clreg_weight: float = 1.0, clreg_layer: int = -1,
