@@ -23,7 +23,8 @@ target with every method, with and without CLReg; evaluate every arm. Writes
 an unlearned arm holds its metrics at the default learning rate and, under ``sweep``, those at
 every learning rate), ``run.json`` (model, parameter count, configuration, timings, machine),
 ``tradeoff.png`` and ``entanglement.png`` (2-D PCA of forget vs retain features at the CLReg
-layer, one panel per arm).
+layer, one panel per arm). The feature metrics pool each answer as CLReg does (``token``
+pooling: the answer's mean, one row per example).
 """
 from __future__ import annotations
 
@@ -507,8 +508,11 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     trained = set_trainable(copy.deepcopy(target), cfg.train_layers)  # the description only
     features: Dict[str, Dict] = {}
 
+    # The feature metrics take one row per answer: "token" pooling is scored on answer means.
+    feature_pooling = "mean" if cfg.clreg_pooling == "token" else cfg.clreg_pooling
+
     def evaluate(arm, model, oracle_raw=None, reference=None):
-        m = evaluate_model(model, eval_splits, layer=cfg.clreg_layer, pooling=cfg.clreg_pooling,
+        m = evaluate_model(model, eval_splits, layer=cfg.clreg_layer, pooling=feature_pooling,
                            oracle=oracle_raw, reference_features=reference, knn_k=cfg.knn_k,
                            batch_size=cfg.eval_batch_size, pad_id=pad)
         raw = m.pop("_raw")
@@ -581,6 +585,7 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
         "model_path": model_path,
         "n_params": n_params,
         "trained_parameters": trained,
+        "feature_pooling": feature_pooling,  # of the entanglement metrics and the PCA panels
         "config": {**asdict(cfg), "lrs": list(cfg.lrs), "methods": list(cfg.methods)},
         "seconds": seconds,
         "cached_models": bool(cached_t and cached_o),
