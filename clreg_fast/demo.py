@@ -23,7 +23,8 @@ target with every method, with and without CLReg; evaluate every arm. Writes
 an unlearned arm holds its metrics at the default learning rate and, under ``sweep``, those at
 every learning rate), ``run.json`` (model, parameter count, configuration, timings, machine),
 ``tradeoff.png`` and ``entanglement.png`` (2-D PCA of forget vs retain features at the CLReg
-layer, one panel per arm).
+layer, one panel per arm). The feature metrics pool each answer as CLReg does (``token``
+pooling: the answer's mean, one row per example).
 """
 from __future__ import annotations
 
@@ -192,6 +193,26 @@ def set_trainable(model, train_layers: Optional[int]) -> str:
         norm.requires_grad_(True)
     return (f"decoder layers {len(layers) - train_layers}-{len(layers) - 1} and the final norm "
             f"(embeddings, output head and layers 0-{len(layers) - train_layers - 1} frozen)")
+
+
+def check_clreg_layer(cfg: DemoConfig, depth: int) -> None:
+    """CLReg must read a layer that unlearning trains: below the ``train_layers`` upper layers
+    every parameter up to it is frozen, its features carry no gradient, and the ``+clreg`` arms
+    would silently equal the plain ones."""
+    index = cfg.clreg_layer + depth if cfg.clreg_layer < 0 else cfg.clreg_layer
+    if not 0 <= index < depth:
+        raise ValueError(f"clreg_layer {cfg.clreg_layer} is out of range for a model with {depth} "
+                         "decoder layers")
+    if cfg.train_layers is not None and index < depth - cfg.train_layers:
+        raise ValueError(f"clreg_layer {cfg.clreg_layer} is frozen: train_layers="
+                         f"{cfg.train_layers} trains decoder layers {depth - cfg.train_layers}-"
+                         f"{depth - 1} only, so CLReg there would change nothing")
+
+
+def _num_layers(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_path).num_hidden_layers)
 
 
 def _load_pretrained(path: str):
@@ -459,6 +480,7 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     torch.manual_seed(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
     splits, tokenizer, model_path = prepare_data(cfg, out_dir, cache_dir, log)
+    check_clreg_layer(cfg, cfg.num_layers if cfg.model == TINY else _num_layers(model_path))
     pad = _pad_id(tokenizer)
     eval_splits = {k: splits[k] for k in ("forget", "retain", "holdout") if splits.get(k)}
     utility_sets = {}
@@ -486,8 +508,11 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     trained = set_trainable(copy.deepcopy(target), cfg.train_layers)  # the description only
     features: Dict[str, Dict] = {}
 
+    # The feature metrics take one row per answer: "token" pooling is scored on answer means.
+    feature_pooling = "mean" if cfg.clreg_pooling == "token" else cfg.clreg_pooling
+
     def evaluate(arm, model, oracle_raw=None, reference=None):
-        m = evaluate_model(model, eval_splits, layer=cfg.clreg_layer, pooling=cfg.clreg_pooling,
+        m = evaluate_model(model, eval_splits, layer=cfg.clreg_layer, pooling=feature_pooling,
                            oracle=oracle_raw, reference_features=reference, knn_k=cfg.knn_k,
                            batch_size=cfg.eval_batch_size, pad_id=pad)
         raw = m.pop("_raw")
@@ -560,6 +585,7 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
         "model_path": model_path,
         "n_params": n_params,
         "trained_parameters": trained,
+        "feature_pooling": feature_pooling,  # of the entanglement metrics and the PCA panels
         "config": {**asdict(cfg), "lrs": list(cfg.lrs), "methods": list(cfg.methods)},
         "seconds": seconds,
         "cached_models": bool(cached_t and cached_o),

@@ -6,6 +6,7 @@ matrix exists only tile by tile inside the backend's two primitives (see ``backe
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -18,6 +19,21 @@ from clreg_fast.loss_math import (LabelGroups, positive_grad, positive_term,
                                   projection_backward)
 
 __all__ = ["fused_clreg_loss", "CLRegFunction", "apply_clreg"]
+
+
+def _without_autocast(device_type: str):
+    """A context that turns autocast off for ``device_type`` (a no-op when it is off).
+
+    The inputs' dtypes choose the loss's math (``clreg_spec.md``). Under autocast (a Trainer
+    with ``bf16=True``) the plain-PyTorch GEMMs would run in bf16/fp16 while the fused kernels
+    and the positive term stay float32: the two terms of the loss would round differently and
+    the backends would disagree.
+    """
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _anchor_order(groups: Optional[LabelGroups], nf: int):
@@ -81,11 +97,17 @@ class CLRegFunction(torch.autograd.Function):
         ctx.groups, ctx.anchors = groups, anchors
         ctx.nf, ctx.scale, ctx.reduction, ctx.kernels = nf, scale, reduction, kernels
         ctx.has_bias = bias is not None
+        ctx.device_type = forget.device.type
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
+        with _without_autocast(ctx.device_type):  # a backward run inside autocast
+            return CLRegFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         (forget, retain, weight, zf, z_all, norm_f, norm_r, lse, n_pos, others,
          n_anchors) = ctx.saved_tensors
         nf, scale, kernels, anchors = ctx.nf, ctx.scale, ctx.kernels, ctx.anchors
@@ -188,6 +210,16 @@ def fused_clreg_loss(
     Returns:
         float32 loss (a scalar, or (Nf,) for ``reduction="none"``); float64 for float64 inputs.
     """
+    if isinstance(forget, torch.Tensor):
+        with _without_autocast(forget.device.type):
+            return _fused_clreg_loss(forget, retain, weight, bias, labels, temperature,
+                                     reduction, backend, extra_negatives, process_group)
+    return _fused_clreg_loss(forget, retain, weight, bias, labels, temperature, reduction,
+                             backend, extra_negatives, process_group)  # fails the checks
+
+
+def _fused_clreg_loss(forget, retain, weight, bias, labels, temperature, reduction, backend,
+                      extra_negatives, process_group) -> torch.Tensor:
     if process_group is not None:
         from clreg_fast.distributed.loss import distributed_clreg_loss
 

@@ -227,3 +227,24 @@ def test_non_finite_cotangent_on_anchor_without_positive_stays_out(backend):
         loss = fn(forget, retain, labels=labels, reduction="none")
         grads = torch.autograd.grad(loss, [forget, retain], cot)
         assert all(torch.isfinite(g).all() for g in grads), fn
+
+
+AUTOCAST_DTYPE = torch.float16 if DEVICE == "cuda" else torch.bfloat16
+
+
+@pytest.mark.parametrize("case", [Case(2, 0, 8, 5), Case(37, 53, 19, 24, n_labels=5)], ids=str)
+def test_autocast_leaves_the_loss_as_without_it(backend, case):
+    """Trainers run the loss under autocast (``bf16=True``): the inputs' dtypes, not autocast,
+    choose the math, so every backend gives what it gives outside autocast (and Nf = 2, Nr = 0
+    stays 0: autocast rounding only the similarity GEMMs would break the cancellation)."""
+    tensors, labels = make_inputs(case, torch.float32, DEVICE)
+    plain_loss, plain_grads = loss_and_grads(fused(backend), tensors, labels, case, "mean")
+    with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+        loss, grads = loss_and_grads(fused(backend), tensors, labels, case, "mean")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for g, pg in zip(grads, plain_grads):
+        assert (g is None) == (pg is None)
+        if g is not None:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, pg, rtol=1e-5, atol=1e-6)

@@ -142,3 +142,41 @@ def test_real_model_slice_end_to_end(tmp_path):
         assert os.path.exists(os.path.join(out, "data", f"{split}.json"))
     # CLReg changed the NPO run (the two arms differ at the CLReg layer)
     assert arms["npo"]["entanglement_score"] != arms["npo+clreg"]["entanglement_score"]
+
+
+def test_clreg_on_a_frozen_layer_is_refused_before_any_training(tmp_path):
+    """With ``train_layers`` only the upper layers train; CLReg below them has no gradient and
+    its arms would silently equal the plain ones (seen: identical metrics)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(demo.quick_config(), train_layers=2, clreg_layer=0)
+    with pytest.raises(ValueError, match="clreg_layer 0 .*frozen"):
+        demo.run(cfg, str(tmp_path / "out"), None, progress=False, make_plot=False,
+                 log=lambda t: None)
+    with pytest.raises(ValueError, match="out of range"):
+        demo.run(dataclasses.replace(cfg, clreg_layer=4), str(tmp_path / "out"), None,
+                 progress=False, make_plot=False, log=lambda t: None)
+
+
+def test_token_pooling_runs_and_evaluates_per_answer_means(tmp_path):
+    """``--clreg-pooling token`` trains on one row per answer token; the feature metrics then use
+    each answer's mean (the evaluation raised after all the training before)."""
+    import dataclasses
+
+    from clreg_fast.unlearn.synthetic import SyntheticConfig
+
+    cfg = dataclasses.replace(
+        demo.quick_config(), data=SyntheticConfig(n_authors=6, n_forget_authors=2,
+                                                  n_holdout_authors=2, n_facts=2),
+        clreg_pooling="token", train_epochs=1, max_steps=1, lrs=(2e-4,), default_lr=2e-4,
+        methods=("graddiff",), knn_k=1, hidden_size=32, num_layers=3, clreg_layer=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = demo.run(cfg, str(tmp_path / "out"), None, progress=False, make_plot=False,
+                           log=lambda t: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(results["graddiff+clreg"]["knn_mixing"], float)
+    with open(tmp_path / "out" / "run.json") as f:
+        assert json.load(f)["feature_pooling"] == "mean"

@@ -389,6 +389,28 @@ def test_bf16_trains(weights, tmp_path, monkeypatch):
     assert not torch.equal(trainer.clreg_head.weight, head0.weight)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_features_head_and_loss_on_different_devices(tmp_path):
+    """device_map="auto" puts layers (and so the features), the head (made on the first
+    parameter's device) and the method's loss (the last layer's) on different devices: the term
+    is computed on the head's device and added on the loss's. Here the model is on the CPU and
+    only the head on the GPU."""
+    batch = _one_batch()
+    values = []
+    for head_device in ("cpu", "cuda"):
+        # the torch backend: this test is about devices, not about the GPU kernels
+        trainer = make_trainer(H.CLRegNPO, tmp_path, clreg_proj_dim=8, clreg_backend="torch")
+        trainer.clreg_head.to(head_device)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, batch)
+        assert loss.device.type == "cpu" and trainer._clreg_log_count == 1
+        loss.backward()
+        assert trainer.clreg_head.weight.grad.device.type == head_device
+        values.append(float(loss.detach()))
+    assert values[1] == pytest.approx(values[0], rel=1e-4, abs=1e-6)
+
+
 def test_concepts_from_an_overridden_clreg_concept_ids(tmp_path):
     class ByParity(recording(H.CLRegNPO)):
         def clreg_concept_ids(self, forget):
@@ -455,6 +477,7 @@ def test_a_micro_batch_without_a_repeated_concept(tmp_path):
     (dict(clreg_pooling="max"), ValueError, "clreg_pooling"),
     (dict(clreg_proj_dim=0), ValueError, "clreg_proj_dim"),
     (dict(clreg_backend=3), TypeError, "clreg_backend"),
+    (dict(clreg_backend="trition"), ValueError, "clreg_backend"),  # at once, not at step 1
     (dict(clreg_concept_key=1), TypeError, "clreg_concept_key"),
     (dict(clreg_fallback="drop"), ValueError, "clreg_fallback"),
 ])
@@ -466,6 +489,22 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, word, tmp_path):
 def test_one_row_per_micro_batch_is_refused(tmp_path):
     with pytest.raises(ValueError, match="per_device_train_batch_size"):
         make_trainer(H.CLRegGradDiff, tmp_path, args={"per_device_train_batch_size": 1})
+
+
+def test_data_parallel_is_refused(tmp_path):
+    """One process seeing several GPUs makes the Trainer wrap the model in nn.DataParallel,
+    whose replicas each forward a slice of the batch: no forward is the forget batch's. A clear
+    error, at construction and when compute_loss gets a DataParallel model (on CPU DataParallel
+    runs the module as it is, so only the refusal can be checked here)."""
+    args = H.training_args(tmp_path / "dp")
+    args._n_gpu = 2  # what TrainingArguments reports with 2 visible GPUs and no torchrun
+    with pytest.raises(NotImplementedError, match="DataParallel"):
+        H.CLRegGradDiff(model=H.tiny_model(), args=args, train_dataset=H.make_pairs(4),
+                        data_collator=H.collate_pairs)
+    trainer = make_trainer(H.CLRegGradDiff, tmp_path)
+    trainer.model.train()
+    with pytest.raises(NotImplementedError, match="DataParallel"):
+        trainer.compute_loss(torch.nn.DataParallel(trainer.model), _one_batch())
 
 
 def test_a_head_under_zero3_is_refused_without_a_head_it_is_allowed(tmp_path, monkeypatch):

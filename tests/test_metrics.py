@@ -40,6 +40,18 @@ def test_knn_mixing_hand_computed():
     assert M.knn_mixing(forget, retain, k=2) == pytest.approx(0.75)
 
 
+def test_knn_mixing_ties_count_as_a_random_draw():
+    """Equal similarities (a collapsed model maps rows to one point) are split as a random
+    tie-break would split them on average, whatever order topk returns them in."""
+    same = torch.ones(3, 4)
+    # every row identical: as mixed as a random draw, exactly 1
+    assert M.knn_mixing(same, torch.ones(40, 4), k=2) == pytest.approx(1.0)
+    # row 0's nearest (k=1) is a tie between forget row 1 and retain row 0: half retain
+    forget = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    retain = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert M.knn_mixing(forget, retain, k=1) == pytest.approx(0.5 / (2 / 3))
+
+
 def test_knn_mixing_checks_inputs():
     with pytest.raises(ValueError, match="k must be"):
         M.knn_mixing(torch.randn(2, 3), torch.randn(2, 3), k=4)

@@ -24,6 +24,9 @@ def test_bad_names_raise_clear_errors(tmp_path):
         MD.resolve_model(str(tmp_path / "missing-folder"))
     with pytest.raises(ValueError, match="not a folder"):
         MD.resolve_model("./nope")
+    # A hub id has at most one "/": a relative path with more is a missing folder.
+    with pytest.raises(ValueError, match="not a folder"):
+        MD.resolve_model("runs/unlearned/model")
 
 
 def test_known_name_uses_the_converted_cache_folder(tmp_path):
@@ -129,3 +132,72 @@ def test_clreg_unlearn_resolves_model_names(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not a folder"):
         cli.main(["--model", str(tmp_path / "absent"), "--forget", str(data), "--retain",
                   str(data), "--out", str(tmp_path / "out")])
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            f.write("{}")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_conversion_refuses_an_untied_model_without_an_output_head(tied, tmp_path, monkeypatch):
+    """A GGUF without ``lm_head.weight`` is fine when the config ties it to the embeddings;
+    untied, the rebuilt model's head would stay random, so the conversion must fail."""
+    transformers = pytest.importorskip("transformers")
+    from clreg_fast.unlearn.tiny_model import tiny_llama_config
+
+    config = tiny_llama_config(16, hidden_size=8, num_layers=1, num_heads=2)
+    config.tie_word_embeddings = tied
+    loaded = transformers.LlamaForCausalLM(config)
+    weights = {k: v for k, v in loaded.state_dict().items() if k != "lm_head.weight"}
+    monkeypatch.setattr(loaded, "state_dict", lambda: weights)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loaded)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: _FakeTokenizer())
+    folder = tmp_path / "converted"
+    if not tied:
+        with pytest.raises(MD.ModelUnavailableError, match="lm_head.weight"):
+            MD.convert_gguf(str(tmp_path), "model.gguf", str(folder))
+        assert not folder.exists()
+        return
+    MD.convert_gguf(str(tmp_path), "model.gguf", str(folder))
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    torch.testing.assert_close(saved["model.embed_tokens.weight"],
+                               weights["model.embed_tokens.weight"], rtol=0, atol=0)
+
+
+def test_conversion_with_transformers_that_spell_dtype_torch_dtype(tmp_path, monkeypatch):
+    """transformers < 4.56 (the package allows >= 4.45) takes ``torch_dtype=``; a ``dtype=``
+    keyword reaches the model's __init__ there and raises TypeError."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from clreg_fast.unlearn.tiny_model import tiny_llama_config
+
+    loaded = transformers.LlamaForCausalLM(
+        tiny_llama_config(16, hidden_size=8, num_layers=1, num_heads=2))
+    real_from_config = transformers.AutoModelForCausalLM.from_config
+    seen = []
+
+    def old_style(result):
+        def load(*args, torch_dtype=None, **kwargs):
+            if "dtype" in kwargs:
+                raise TypeError("LlamaForCausalLM.__init__() got an unexpected keyword "
+                                "argument 'dtype'")
+            seen.append(torch_dtype)
+            return result(*args, **kwargs)
+        return load
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        old_style(lambda *a, **k: loaded))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        old_style(lambda config: real_from_config(config)))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: _FakeTokenizer())
+    MD.convert_gguf(str(tmp_path), "model.gguf", str(tmp_path / "converted"))
+    assert seen == [torch.float32, torch.float32]
+    assert (tmp_path / "converted" / "config.json").exists()

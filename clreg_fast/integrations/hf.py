@@ -33,6 +33,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from clreg_fast.backends import BACKENDS
 from clreg_fast.unlearn.data import answer_mask
 from clreg_fast.unlearn.features import (POOLINGS, capture_layer, layer_hidden_states,
                                          pool_features, resolve_layer)
@@ -42,6 +43,11 @@ logger = logging.getLogger(__name__)
 
 HEAD_NAME = "clreg_head"  # the head is registered on the model under this name
 FALLBACKS = ("one_concept", "skip")
+# Each DataParallel replica forwards a slice of the batch (in its own thread), so no forward is
+# the forget batch's and the hooks would race: refused with what to do instead.
+_DATA_PARALLEL = ("CLRegMixin does not support nn.DataParallel, which the Trainer uses when one "
+                  "process sees several GPUs: run one process per GPU (torchrun or accelerate "
+                  "launch) or make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -155,11 +161,12 @@ class CLRegMixin:
         clreg_fallback: when no concept repeats in a micro-batch, ``"one_concept"`` treats all
             forget rows as one concept and ``"skip"`` drops the term for that micro-batch.
 
-    Unsupported: a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters would be
-    sharded where the loss reads them; raises ``NotImplementedError``; without a head both
-    work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and inputs
-    given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks are
-    removed before backward, so recomputation neither records nor counts.
+    Unsupported: ``nn.DataParallel`` (several GPUs in one process; raises
+    ``NotImplementedError``), a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters
+    would be sharded where the loss reads them; raises ``NotImplementedError``; without a head
+    both work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and
+    inputs given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks
+    are removed before backward, so recomputation neither records nor counts.
     """
 
     def __init__(self, *args, clreg_weight: float = 1.0, clreg_layer: int = -1,
@@ -188,6 +195,8 @@ class CLRegMixin:
                              "not supported)")
         resolve_layer(model, clreg_layer)  # a clear error now rather than at the first step
         args_ = getattr(self, "args", None)
+        if getattr(args_, "n_gpu", 1) > 1:  # the Trainer will wrap the model in DataParallel
+            raise NotImplementedError(_DATA_PARALLEL)
         if (clreg_pooling != "token" and args_ is not None
                 and getattr(args_, "per_device_train_batch_size", 2) < 2):
             raise ValueError("CLReg needs at least 2 forget rows per micro-batch: "
@@ -260,6 +269,8 @@ class CLRegMixin:
                 or not torch.is_grad_enabled()):
             return base(model, inputs, return_outputs=return_outputs, **kwargs)
 
+        if isinstance(model, nn.DataParallel):
+            raise NotImplementedError(_DATA_PARALLEL)
         forget = inputs["forget"]
         retain = inputs.get("retain") if isinstance(inputs.get("retain"), Mapping) else None
         target = _unwrap(model)
@@ -298,11 +309,14 @@ class CLRegMixin:
         if clreg is not None:
             self._record_clreg(clreg)
             scale = self.clreg_weight * self._ga_correction(num_items_in_batch)
-            loss = loss + scale * clreg.to(loss.dtype)
+            # With device_map="auto" the term (on the head's device) and the method's loss
+            # (on the last layer's) may live on different devices.
+            loss = loss + scale * clreg.to(device=loss.device, dtype=loss.dtype)
         elif self.clreg_head is not None:
             # A dropped term still keeps the head in the graph, so DDP's reducer sees its
             # (zero) gradients on every rank.
-            loss = loss + sum(p.sum() for p in self.clreg_head.parameters()).to(loss.dtype) * 0.0
+            zero = sum(p.sum() for p in self.clreg_head.parameters()) * 0.0
+            loss = loss + zero.to(device=loss.device, dtype=loss.dtype)
         return (loss, outputs) if return_outputs else loss
 
     def clreg_concept_ids(self, forget: Dict) -> Optional[torch.Tensor]:
@@ -328,16 +342,20 @@ class CLRegMixin:
         """
         head = self.clreg_head
         dtype = head.weight.dtype if head is not None else torch.float32
+        # The head's device: under device_map="auto" the feature layer may sit elsewhere.
+        device = head.weight.device if head is not None else forget_hidden.device
         f_feats, f_labels = pool_features(forget_hidden, answer_mask(forget["labels"]),
                                           self.clreg_pooling, concept_ids)
         r_feats = None
         if retain_hidden is not None:
             r_feats, _ = pool_features(retain_hidden.detach(), answer_mask(retain["labels"]),
                                        self.clreg_pooling)
-            r_feats = r_feats.to(dtype)
-        f_feats = f_feats.to(dtype)
+            r_feats = r_feats.to(device=device, dtype=dtype)
+        f_feats = f_feats.to(device=device, dtype=dtype)
         if concept_ids is None:
             f_labels = None  # one concept: no label bookkeeping (and no host sync) needed
+        else:
+            f_labels = f_labels.to(device)
         weight, bias = (head.weight, head.bias) if head is not None else (None, None)
         loss, _info = clreg_term(f_feats, f_labels, r_feats, weight, bias,
                                  temperature=self.clreg_temperature,
@@ -407,6 +425,8 @@ def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_
         raise ValueError(f"clreg_proj_dim must be None or an int >= 1, got {proj_dim!r}")
     if not isinstance(backend, str):
         raise TypeError(f"clreg_backend must be a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"clreg_backend must be one of {BACKENDS}, got {backend!r}")
     if concept_key is not None and not isinstance(concept_key, str):
         raise TypeError("clreg_concept_key must be a str or None, got "
                         f"{type(concept_key).__name__}")

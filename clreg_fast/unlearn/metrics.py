@@ -64,7 +64,8 @@ def knn_mixing(forget, retain, k: int = 5) -> float:
     """How entangled forget rows are with retain rows, by cosine k-nearest neighbours.
 
     For each forget row, take its ``k`` nearest rows (cosine similarity) in the pool of all
-    other rows (forget and retain, itself excluded) and count the retain share among them.
+    other rows (forget and retain, itself excluded) and count the retain share among them
+    (rows tied at the k-th similarity count in proportion, as a random tie-break would).
     The mean share is divided by the retain share of that pool, ``Nr / (Nf - 1 + Nr)``: 1 means
     forget rows are as mixed with retain rows as a random draw, 0 that they are separated.
     """
@@ -80,9 +81,14 @@ def knn_mixing(forget, retain, k: int = 5) -> float:
     z = torch.nn.functional.normalize(torch.cat([f, r]), dim=1)
     sim = z[:nf] @ z.T
     sim[torch.arange(nf), torch.arange(nf)] = -math.inf  # a row is not its own neighbour
-    # Ties broken toward lower indices (forget rows): never overstates mixing.
-    neighbours = sim.topk(k, dim=1).indices
-    retain_share = (neighbours >= nf).double().mean().item()
+    # Rows tied at the k-th similarity (collapsed features) count as a random tie-break counts
+    # them on average; topk's own choice among ties is arbitrary.
+    kth = sim.topk(k, dim=1).values[:, -1:]
+    is_retain = torch.arange(nf + nr) >= nf
+    above, tied = sim > kth, sim == kth
+    retain_count = ((above & is_retain).sum(1)
+                    + (k - above.sum(1)) * (tied & is_retain).sum(1) / tied.sum(1))
+    retain_share = (retain_count / k).mean().item()
     return retain_share / (nr / pool)
 
 

@@ -75,7 +75,10 @@ def resolve_model(name_or_path: str, cache_dir: Optional[str] = None,
     key = name_or_path.lower()
     if key in KNOWN_MODELS:
         return _materialize(KNOWN_MODELS[key], cache_dir or default_cache_dir(), log)
-    if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path:
+    # A hub id is "name" or "org/name": a leading ".", "/" or "~", a second "/" or a
+    # backslash can only be a path.
+    if (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or "\\" in name_or_path):
         raise ValueError(f"model {name_or_path!r} is not a folder, and not a known model name "
                          f"(known: {', '.join(sorted(KNOWN_MODELS))})")
     return name_or_path  # a hub id: transformers resolves (and reports) it
@@ -157,26 +160,37 @@ def _materialize(spec: WheelModel, cache_dir: str, log) -> str:
     return folder
 
 
+def _in_float32(load, *args, **kwargs):
+    """``load(*args, dtype=torch.float32, **kwargs)``; transformers < 4.56 spells it
+    ``torch_dtype`` (there ``dtype`` reaches the model's ``__init__``, a TypeError)."""
+    import torch
+
+    try:
+        return load(*args, dtype=torch.float32, **kwargs)
+    except TypeError:
+        return load(*args, torch_dtype=torch.float32, **kwargs)
+
+
 def convert_gguf(gguf_dir: str, gguf_file: str, folder: str) -> None:
     """Load a GGUF causal LM with transformers and save it as a plain (unquantized) HF folder."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file,
-                                                  dtype=torch.float32)
+    loaded = _in_float32(AutoModelForCausalLM.from_pretrained, gguf_dir, gguf_file=gguf_file)
     # A fresh config without quantization_config: the saved folder must not claim GGUF.
     values = loaded.config.to_dict()
     values.pop("quantization_config", None)
     config = type(loaded.config).from_dict(values)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = _in_float32(AutoModelForCausalLM.from_config, config)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied output embeddings are the only keys allowed to differ.
-    missing = [k for k in missing if k != "lm_head.weight"]
+    # The output head may be absent only when it is tied to the embeddings (tie_weights below);
+    # untied, it would stay at its random initialization.
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise ModelUnavailableError(f"converted {gguf_file} does not match its config: missing "
                                     f"{missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         plain.tie_weights()
     tmp = f"{folder}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
