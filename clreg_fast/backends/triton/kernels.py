@@ -44,6 +44,9 @@ ROUND_TF32 = 3  # float32 inputs, TF32 tensor-core products (opt-in)
 # The per-anchor weights are applied outside the rounded tile for the same reason.
 FP16_PROB_SCALE = tl.constexpr(4096.0)
 
+# Features per step of the score sum when P is tiled (K_TILES > 1).
+SCORE_CHUNK = tl.constexpr(64)
+
 
 @triton.jit
 def _dot_operand(x, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
@@ -100,11 +103,14 @@ def _load_tile(ptr, stride, rows64, row_mask, k0, P, BLOCK_P: tl.constexpr, ROUN
 def _scores_over_k(a_ptr, stride_a, rows64, row_mask, c_ptr, stride_c, cols64, col_mask, P,
                    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
                    K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
-    """``a[rows] . c[cols]^T`` (float32) summed over ``K_TILES`` column tiles (wide ``P``)."""
+    """``a[rows] . c[cols]^T`` (float32) over all of a wide ``P``, in chunks of ``SCORE_CHUNK``
+    features: tiles of ``BLOCK_P`` loaded whole spill registers, and the loop up to ``P`` skips
+    the padding of the last tile."""
+    CHUNK: tl.constexpr = SCORE_CHUNK if BLOCK_P > SCORE_CHUNK else BLOCK_P
     s = tl.zeros([BLOCK_A, BLOCK_C], dtype=tl.float32)
-    for kt in range(K_TILES):
-        a = _load_tile(a_ptr, stride_a, rows64, row_mask, kt * BLOCK_P, P, BLOCK_P, ROUND, INTERPRET)
-        c = _load_tile(c_ptr, stride_c, cols64, col_mask, kt * BLOCK_P, P, BLOCK_P, ROUND, INTERPRET)
+    for k0 in range(0, P, CHUNK):
+        a = _load_tile(a_ptr, stride_a, rows64, row_mask, k0, P, CHUNK, ROUND, INTERPRET)
+        c = _load_tile(c_ptr, stride_c, cols64, col_mask, k0, P, CHUNK, ROUND, INTERPRET)
         s += _dot(a, tl.trans(c), ROUND, INTERPRET)
     return s
 
