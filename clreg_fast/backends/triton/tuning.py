@@ -78,9 +78,11 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
     tensor-core kinds. The column kernel gets BLOCK_N >= 64 wherever its M side runs on tensor
     cores at K_TILES == 1 (wgmma on sm_90). With P > 256 (K_TILES > 1) the scores are summed over
     64-feature chunks (``kernels.SCORE_CHUNK``) and the backward keeps a BLOCK_P-wide
-    accumulator: 32 x 32 tiles with 8 warps, except the tensor-core forward (64 anchors: wgmma on
-    sm_90; 32 x 32 spills there) and the float32 row backward (one stage: two spill 20-30 bytes
-    on sm_90). None of the defaults spills on sm_80 or sm_90 (``compile_check``, P = 24 to 1024).
+    accumulator: 32 x 32 tiles with 8 warps, except the tensor-core forward (64 x 32 with 4
+    warps: wgmma on sm_90; 32 x 32 spills there, 8 warps spill 8 bytes on sm_80 at P = 512), and
+    one stage for the float32 forward and row backward (two spill 20-110 bytes on sm_90 at P =
+    300 or 512). Known: where P > 256 is not a multiple of 16 (no divisibility hints, e.g. P =
+    300) the tensor-core forward spills ~300 bytes on sm_80; the multiples of 16 do not spill.
     """
     if block_p <= 32:  # the float32 backward with 4 warps spills 200-300 bytes on sm_80
         cfg = KernelConfig(64, 64, 8 if kind == "fp32" and kernel != "lse_forward" else 4, 3)
@@ -88,16 +90,19 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
         cfg = KernelConfig(32, 32, 8, 2)
         if kernel == "lse_forward" and kind != "fp32":
             cfg = KernelConfig(64, 32, 4, 2)
-        elif kernel == "lse_backward_rows" and kind == "fp32":
+        elif kernel != "lse_backward_cols" and kind == "fp32":
             cfg = KernelConfig(32, 32, 8, 1)
     elif kind == "fp32":
-        cfg = KernelConfig(32, 32, 4 if block_p <= 128 else 8, 2)
+        # the running-max forward with 4 warps spills ~400 bytes on sm_90 at BLOCK_P = 128
+        cfg = KernelConfig(32, 32, 8 if kernel == "lse_forward" or block_p > 128 else 4, 2)
     elif block_p <= 64:
         cfg = KernelConfig(64, 64, 4, 3)
     else:
         cfg = KernelConfig(64, 32, 8, 2)
         if kernel == "lse_backward_cols":
             cfg = KernelConfig(32, 64, 8, 2)
+        elif kernel == "lse_backward_rows" and block_p == 128:
+            cfg = KernelConfig(64, 32, 4, 2)  # with 8 warps it spills 24 bytes on sm_80
     return cfg
 
 
@@ -108,22 +113,23 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
 # of shared memory per block on sm_80 or sm_90 with triton 3.8 (so one list serves both). Larger tiles mostly spill: the backward at BLOCK_P = 256
 # keeps a 64 x 256 float32 accumulator per program and fits with 8 warps and 32-wide steps only;
 # float32 backward at P = 256 has no alternative to its default. ``compile_check --candidates``
-# checks every entry and a slow test holds them to it. bf16 and fp16 share a list; tf32 and
-# P <= 64 or tiled P have the default only.
+# checks every entry and a slow test holds them to it. Compiled with the divisibility hints of a
+# real launch (since compile_check passes them) a few entries spilled and were dropped: float32
+# forward 64 x 32 and 32 x 64 at BLOCK_P = 256 and 32 x 32 at 128 with 4 warps, or 8 and 3-4
+# stages (running max, sm_90), and the bf16/fp16 row backward 64 x 32 with 8 warps and 64 x 64
+# with 4 at 128 (sm_80). bf16 and fp16 share a list; tf32 and P <= 64 or tiled P have the
+# default only.
 _CANDIDATES: Dict[Tuple[str, str, int], Tuple[Tuple[int, int, int, int], ...]] = {
     ("lse_forward", "lowp", 256): ((64, 64, 8, 2), (128, 32, 8, 2)),
     ("lse_backward_rows", "lowp", 256): ((64, 32, 8, 3), (64, 32, 8, 4)),
     ("lse_backward_cols", "lowp", 256): ((32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 8, 2)),
     ("lse_forward", "lowp", 128): ((64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4),
                                    (128, 64, 8, 2), (64, 128, 4, 2)),
-    ("lse_backward_rows", "lowp", 128): ((64, 32, 8, 3), (64, 32, 8, 4), (64, 64, 4, 2),
-                                         (64, 64, 8, 3)),
+    ("lse_backward_rows", "lowp", 128): ((64, 64, 8, 2), (64, 64, 8, 3)),
     ("lse_backward_cols", "lowp", 128): ((32, 64, 8, 3), (32, 64, 8, 4), (64, 64, 4, 2),
                                          (64, 64, 8, 3)),
-    ("lse_forward", "fp32", 256): ((32, 32, 8, 3), (32, 32, 8, 4), (64, 32, 8, 2),
-                                   (32, 64, 8, 2)),
+    ("lse_forward", "fp32", 256): ((32, 32, 8, 3), (32, 32, 8, 4)),
     ("lse_backward_cols", "fp32", 256): ((32, 32, 8, 3),),
-    ("lse_forward", "fp32", 128): ((32, 32, 4, 3), (32, 32, 4, 4)),
     ("lse_backward_rows", "fp32", 128): ((32, 32, 4, 3), (64, 32, 8, 2)),
     ("lse_backward_cols", "fp32", 128): ((32, 32, 4, 3), (32, 64, 8, 2)),
 }
