@@ -82,7 +82,8 @@ def default_config(kernel: str, kind: str, block_p: int, k_tiles: int) -> Kernel
     warps: wgmma on sm_90; 32 x 32 spills there, 8 warps spill 8 bytes on sm_80 at P = 512), and
     one stage for the float32 forward and row backward (two spill 20-110 bytes on sm_90 at P =
     300 or 512). Known: where P > 256 is not a multiple of 16 (no divisibility hints, e.g. P =
-    300) the tensor-core forward spills ~300 bytes on sm_80; the multiples of 16 do not spill.
+    300) the tensor-core forward spills 240-304 bytes and the float32 column backward 80 on sm_80
+    (none on sm_90); at the multiples of 16 nothing spills.
     """
     if block_p <= 32:  # the float32 backward with 4 warps spills 200-300 bytes on sm_80
         cfg = KernelConfig(64, 64, 8 if kind == "fp32" and kernel != "lse_forward" else 4, 3)
