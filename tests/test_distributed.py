@@ -69,6 +69,17 @@ def _run_world(world: int):
     return result
 
 
+# What every rank's error says, for the cases where all ranks see the same problem.
+RAISED_MESSAGES = {
+    "too_few_forget_rows": "at least 2 rows over all ranks",
+    "no_positive": "no forget row has a positive",
+    "temperature_differs": "ranks disagree on temperature",
+    "labels_on_some_ranks_only": "ranks disagree on whether labels are given",
+    "extra_differs": "extra_negatives differ across ranks",
+    "local_queue_differs": "extra_negatives differ across ranks",
+}
+
+
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_torchrun_case(case, world):
@@ -79,6 +90,9 @@ def test_torchrun_case(case, world):
         # Every rank must raise a ValueError (a hang would have hit the gloo timeout).
         assert all(r is not None and r.startswith("ValueError") for r in record["raised"]), \
             record["raised"]
+        expected = RAISED_MESSAGES.get(case[len("raises_"):])
+        if expected is not None:
+            assert all(expected in r for r in record["raised"]), record["raised"]
         return
     assert all(r is None for r in record["raised"]), "\n".join(t for t in record["traceback"] if t)
     assert record["checks"], "the case checked nothing"
@@ -204,3 +218,57 @@ def test_int64_concept_ids_and_many_chunks(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=0)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-14)
+
+
+# The agreement check on extra_negatives: a checksum computed on the device and carried by the
+# metadata all-gather, never read on its own (on a GPU that read would be a host sync per step).
+def test_extra_negatives_checksum_is_not_read_on_the_host():
+    from clreg_fast.distributed.loss import _EXTRA_ABS, _EXTRA_SUM, _M, _local_metadata
+
+    # Meta tensors hold no data: any host read of the checksum (float(), .item()) raises.
+    forget, extra = torch.empty(4, 3, device="meta"), torch.empty(5, 3, device="meta")
+    meta = _local_metadata(forget, None, None, None, None, 0.1, "mean", "torch", extra, None,
+                           torch.device("meta"))
+    assert meta.device.type == "meta" and meta.dtype == torch.float64
+    # On CPU the vector holds the checksum itself.
+    gen = torch.Generator().manual_seed(3)
+    forget = torch.randn(4, 3, generator=gen)
+    extra = torch.nn.functional.normalize(torch.randn(5, 3, generator=gen), dim=1)
+    meta = _local_metadata(forget, None, None, None, None, 0.1, "mean", "torch", extra, None,
+                           torch.device("cpu"))
+    assert meta[_M] == 5
+    torch.testing.assert_close(meta[_EXTRA_SUM], extra.double().sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(meta[_EXTRA_ABS], extra.double().abs().sum(), rtol=1e-12, atol=0)
+
+
+def test_agreement_check_catches_different_extra_negatives():
+    from clreg_fast.distributed.loss import _check_agreement, _local_metadata
+
+    gen = torch.Generator().manual_seed(4)
+    forget = torch.randn(3, 3, generator=gen)
+    shared = torch.nn.functional.normalize(torch.randn(6, 3, generator=gen), dim=1)
+
+    def rank_meta(extra):
+        return _local_metadata(forget, None, None, None, None, 0.1, "mean", "torch", extra,
+                               None, torch.device("cpu"))
+
+    _check_agreement(torch.stack([rank_meta(shared), rank_meta(shared.clone())]))
+    other = shared.clone()
+    other[2] = torch.nn.functional.normalize(torch.randn(3, generator=gen), dim=0)
+    with pytest.raises(ValueError, match="extra_negatives differ across ranks"):
+        _check_agreement(torch.stack([rank_meta(shared), rank_meta(other)]))
+    with pytest.raises(ValueError, match="number of extra_negatives rows"):
+        _check_agreement(torch.stack([rank_meta(shared), rank_meta(shared[:5])]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_rank_group_with_extra_negatives_matches_single_process(solo_group, reduction):
+    forget, retain, weight, bias, labels = _inputs()
+    gen = torch.Generator().manual_seed(9)
+    extra = torch.nn.functional.normalize(torch.randn(5, 3, generator=gen, dtype=torch.float64),
+                                          dim=1)
+    out = fused_clreg_loss(forget, retain, weight, bias, labels=labels, reduction=reduction,
+                           backend="torch", extra_negatives=extra, process_group=solo_group)
+    single = fused_clreg_loss(forget, retain, weight, bias, labels=labels, reduction=reduction,
+                              backend="torch", extra_negatives=extra)
+    torch.testing.assert_close(out, single, rtol=1e-12, atol=1e-14)

@@ -2,7 +2,7 @@
 
 * Every candidate configuration (``tuning.candidates``, the default included) runs in the
   interpreter at a small shape that still leaves partial tiles (37 anchors, 150 columns,
-  P = 200, 100, 40, 24 or 13), against float64 math. The interpreter ignores warps and stages,
+  P = 200, 100, 40, 24 or 13, and P = 300 in two feature tiles), against float64 math. The interpreter ignores warps and stages,
   so configurations differing only there run once; the static check below covers those.
 * Tables: a matching table is used, one for another device / triton version / an untested
   configuration is not; lookups read the disk once.
@@ -36,9 +36,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCALE = 10.0
 KIND_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
               "fp16": torch.float16}
-CLASSES = [(kind, block_p) for kind in ("fp32", "bf16", "fp16", "tf32")
+CLASSES = [(kind, block_p, 1) for kind in ("fp32", "bf16", "fp16", "tf32")
            for block_p in (256, 128, 64, 32, 16)]
-P_OF_BLOCK = {256: 200, 128: 100, 64: 40, 32: 24, 16: 13}
+# P > 256: two feature tiles, the second partial, and a partial score chunk (300 = 4 x 64 + 44)
+CLASSES += [(kind, 256, 2) for kind in ("fp32", "bf16", "fp16", "tf32")]
+P_OF_CLASS = {(256, 1): 200, (128, 1): 100, (64, 1): 40, (32, 1): 24, (16, 1): 13,
+              (256, 2): 300}
 
 
 def rel_err(got, want):
@@ -64,26 +67,28 @@ def float64_lse_and_grads(za, zc, w, offset, round_to=None):
     return lse, p @ zc.double(), p.T @ za.double()
 
 
-def _distinct_blocks(kernel, kind, block_p):
+def _distinct_blocks(kernel, kind, block_p, k_tiles):
     seen = {}
-    for cfg in tuning.candidates(kernel, kind, block_p, 1):
+    for cfg in tuning.candidates(kernel, kind, block_p, k_tiles):
         seen.setdefault((cfg.block_m, cfg.block_n), cfg)
     return list(seen.values())
 
 
 CANDIDATE_CASES = [
-    pytest.param(kernel, kind, block_p, cfg,
-                 id=f"{kernel}-{kind}-p{block_p}-{cfg.block_m}x{cfg.block_n}")
-    for kind, block_p in CLASSES for kernel in tuning.SIMILARITY_KERNELS
-    for cfg in _distinct_blocks(kernel, kind, block_p)
+    pytest.param(kernel, kind, block_p, k_tiles, cfg,
+                 id=f"{kernel}-{kind}-p{block_p}-k{k_tiles}-{cfg.block_m}x{cfg.block_n}")
+    for kind, block_p, k_tiles in CLASSES for kernel in tuning.SIMILARITY_KERNELS
+    for cfg in _distinct_blocks(kernel, kind, block_p, k_tiles)
 ]
 
 
-@pytest.mark.parametrize("kernel,kind,block_p,cfg", CANDIDATE_CASES)
-def test_every_candidate_is_correct(kernel, kind, block_p, cfg):
-    p = P_OF_BLOCK[block_p]
+@pytest.mark.parametrize("kernel,kind,block_p,k_tiles,cfg", CANDIDATE_CASES)
+def test_every_candidate_is_correct(kernel, kind, block_p, k_tiles, cfg):
+    from clreg_fast.backends.triton import ops
+
+    p = P_OF_CLASS[(block_p, k_tiles)]
     kernels = TritonKernels(allow_tf32=kind == "tf32")
-    assert triton.next_power_of_2(p) == block_p
+    assert ops._feature_block(p, kernels.max_block_p) == (block_p, k_tiles)
     dtype = KIND_DTYPE[kind]
     na, nc, offset = 37, 150, 3
     za, zc = unit_rows(na, p, seed=p), unit_rows(nc, p, seed=p + 1)
@@ -166,6 +171,35 @@ def test_parse_table_keeps_only_matching_tested_entries():
         assert tuning.parse_table(bad, DEVICE_RECORD) == {}
     with pytest.warns(RuntimeWarning, match="not a clreg_fast triton tuning table"):
         assert tuning.parse_table({"format": 99}, DEVICE_RECORD) == {}
+
+
+def test_parse_table_never_raises_on_a_malformed_table():
+    """Tables are read at the first launch: a bad one is ignored with a warning, not raised."""
+    for part, value in (("device", ["NVIDIA H200"]), ("versions", "3.8"), ("entries", [1])):
+        table = _table({TUNED_KEY: TUNED})
+        table[part] = value
+        with pytest.warns(RuntimeWarning, match="must be objects"):
+            assert tuning.parse_table(table, DEVICE_RECORD) == {}
+    table = _table({TUNED_KEY: TUNED})
+    table["device"] = {"name": DEVICE_RECORD["name"], "capability": 90}
+    assert tuning.parse_table(table, DEVICE_RECORD) == {}  # another device, silently
+
+
+@pytest.mark.parametrize("key", ["lse_forward/bf16/p0256/k1", "lse_forward/bf16/x256/k1",
+                                 "lse_forward/bf16/p200/k1", "lse_forward/bf16/p256/k0",
+                                 "lse_fwd/bf16/p256/k1", "lse_forward/int8/p256/k1",
+                                 "lse_forward/bf16/p256/k1/extra"])
+def test_parse_table_rejects_keys_a_lookup_never_makes(key):
+    default = tuning.default_config("lse_forward", "bf16", 256, 1)
+    with pytest.warns(RuntimeWarning, match="malformed"):
+        assert tuning.parse_table(_table({key: default}), DEVICE_RECORD) == {}
+
+
+def test_candidates_reject_an_unknown_kernel_or_kind():
+    with pytest.raises(ValueError, match="kernel"):
+        tuning.candidates("lse_fwd", "bf16", 256, 1)
+    with pytest.raises(ValueError, match="kind"):
+        tuning.candidates("lse_forward", "int8", 256, 1)
 
 
 def test_lookup_reads_the_table_once_and_falls_back_to_defaults(tmp_path, monkeypatch):
@@ -256,6 +290,32 @@ def test_autotune_never_chooses_a_wrong_candidate(monkeypatch):
     assert any("differs" in line for line in logs)
 
 
+def test_autotune_skips_a_kernel_whose_default_fails(monkeypatch):
+    default = tuning.candidates("lse_forward", "fp32", 256, 1)[0]
+    real = TritonKernels.lse_forward
+    runs = []
+
+    def failing_default(self, *args, config=None, **kwargs):
+        runs.append(config)
+        if config == default:
+            raise RuntimeError("out of resources")
+        return real(self, *args, config=config, **kwargs)
+
+    monkeypatch.setattr(TritonKernels, "lse_forward", failing_default)
+    logs = []
+    entries, timings = autotune.tune([("fp32", 200)], n_rows=20, n_cols=45, budget_s=10 ** 6,
+                                     device=DEVICE, timer=lambda fn, cfg: 1.0, log=logs.append)
+    key = tuning.shape_class("lse_forward", "fp32", 256, 1)
+    statuses = [t["status"] for t in timings if t["shape_class"] == key]
+    assert key not in entries
+    assert statuses[0] == "error" and statuses[1:] == ["skipped"] * (len(statuses) - 1)
+    assert len(statuses) == len(tuning.candidates("lse_forward", "fp32", 256, 1)) > 1
+    # only the default ran as a forward candidate (runs with config=None: the backward's lse)
+    assert [c for c in runs if c is not None] == [default]
+    rows_key = tuning.shape_class("lse_backward_rows", "fp32", 256, 1)
+    assert rows_key in entries  # the other kernels of the class are tuned as usual
+
+
 def test_autotune_command_dry_run_and_without_gpu(tmp_path, capsys):
     assert autotune.main(["--dry-run", "--classes", "bf16:256", "fp32:4096"]) == 0
     out = capsys.readouterr().out
@@ -299,9 +359,10 @@ def test_autotune_command_writes_a_table_the_launchers_accept(tmp_path, monkeypa
 def test_candidates_compile_without_spills_and_bf16_fp16_use_wgmma_on_hopper():
     """Every candidate for sm_90 and sm_80 at every feature tile of P <= 256 (BLOCK_P 16 to 256;
     bf16, fp16, fp32, tf32): compiles, no register spills, shared memory within the limit;
-    bf16/fp16 similarity kernels on sm_90 compile to wgmma. About 6 minutes on two busy cores
-    with empty caches (342 s measured on 2 shared cores), seconds once triton's cache and
-    compile_check's report cache hold the kernels."""
+    bf16/fp16 similarity kernels on sm_90 compile to wgmma. With the launch's divisibility hints
+    and both forward forms, about 25 minutes on two busy shared cores with empty caches (the same
+    compile_check run, measured), seconds once triton's cache and compile_check's report cache
+    hold the kernels."""
     pytest.importorskip("triton.backends.nvidia")
     PS = (256, 128, 64, 24, 16)  # one P per feature tile width
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -312,7 +373,9 @@ def test_candidates_compile_without_spills_and_bf16_fp16_use_wgmma_on_hopper():
         capture_output=True, text=True, env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    # the forward in both forms (fixed shift and running max): one configuration serves both
     expected = sum(len(tuning.candidates(k, kind, triton.next_power_of_2(p), 1))
+                   * (2 if k == "lse_forward" else 1)
                    for k in tuning.SIMILARITY_KERNELS
                    for kind in ("bf16", "fp16", "fp32", "tf32") for p in PS)
     assert len(lines) == 2 * expected and all(line.startswith("ok  ") for line in lines)
@@ -320,3 +383,25 @@ def test_candidates_compile_without_spills_and_bf16_fp16_use_wgmma_on_hopper():
                    and (" ROUND=1 " in line or " ROUND=2 " in line)]
     assert hopper_lowp and all("mma=wgmma" in line for line in hopper_lowp), \
         [line for line in hopper_lowp if "mma=wgmma" not in line]
+
+
+@pytest.mark.slow
+def test_default_kernels_at_wide_p_compile_without_spills():
+    """Every kernel launched by default at P = 384, 512 and 1024 (two and four feature tiles)
+    for sm_90 and sm_80 and every input kind: compiles, no register spills, shared memory within
+    the limit. About 10 minutes on two busy shared cores with empty caches, seconds warm."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-m", "clreg_fast.backends.triton.compile_check", "--arch", "90", "80",
+         "--p", "384", "512", "1024", "--dtype", "bf16", "fp16", "fp32", "tf32"],
+        capture_output=True, text=True, env=env, timeout=3000)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    similarity = [line for line in lines if " lse_" in line]
+    # 4 similarity variants (the forward twice) x 3 widths x 4 kinds x 2 architectures
+    assert len(similarity) == 4 * 3 * 4 * 2
+    assert all(line.startswith("ok  ") and "spill_bytes=0 " in line for line in lines), \
+        [line for line in lines if not line.startswith("ok  ")]
+    assert all("K_TILES=2" in line or "K_TILES=4" in line for line in similarity)

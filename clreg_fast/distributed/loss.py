@@ -24,14 +24,19 @@ Every rank of the group must call the loss, and backward through it whenever any
 
 Communication per step (P = projected width, Nf/Nr = rows of the largest rank)
 -----------------------------------------------------------------------------
-* forward: an all-gather of a few numbers per rank (shapes and settings, checked to agree), an
-  all-gather of the labels (int64, skipped without labels), one all-gather of the normalized
-  projected features (``(Nf + Nr) x P`` per rank, never D wide), one all-gather of the
-  per-anchor log-sum-exp (one float per forget row);
+* forward: an all-gather of a few numbers per rank (shapes, settings and a checksum of
+  ``extra_negatives``, checked to agree), an all-gather of the labels (int64, skipped without
+  labels), one all-gather of the normalized projected features (``(Nf + Nr) x P`` per rank,
+  never D wide), one all-gather of the per-anchor log-sum-exp (one float per forget row);
 * backward: one all-reduce of the scalar grad_output ("mean"/"sum") or an all-gather of the
   per-anchor grad_outputs ("none"). No gradient matrix is communicated: each rank computes the
   row gradient of its own anchors against all global columns and the column gradient of its own
   rows against all global anchors, from the gathered features and the per-anchor scalars.
+
+Host syncs per forward: the metadata all-gather is read on the host (the row counts size every
+later gather and the agreement check raises there), and with labels the number of anchors with a
+positive is read once. The ``extra_negatives`` checksum adds none: it is computed on the device
+and travels inside the metadata all-gather instead of being read on its own.
 
 The per-concept sums of the positive term are computed on every rank from the gathered forget
 features, which each rank holds anyway for the negatives: no extra all-reduce is needed. They are
@@ -112,12 +117,18 @@ def _comm_device(forget, group) -> torch.device:
 
 
 def _local_metadata(forget, retain, weight, bias, labels, temperature, reduction, backend,
-                    extra, error) -> torch.Tensor:
-    """This rank's shapes and settings as float64 numbers (exact for counts below 2**53)."""
+                    extra, error, device) -> torch.Tensor:
+    """This rank's shapes and settings as float64 numbers (exact for counts below 2**53), on
+    ``device``.
+
+    Shapes and settings are host numbers. The checksum of ``extra`` is computed where ``extra``
+    lives and written into the vector there: it reaches the host only with the metadata
+    all-gather, which every step waits for anyway, so a queue adds no host sync of its own.
+    """
     meta = torch.zeros(_META_LEN, dtype=torch.float64)
     meta[_OK] = 0.0 if error is not None else 1.0
     if error is not None:
-        return meta
+        return meta.to(device)
     meta[_NF] = forget.shape[0]
     meta[_NR] = 0 if retain is None else retain.shape[0]
     meta[_D] = forget.shape[1]
@@ -134,9 +145,12 @@ def _local_metadata(forget, retain, weight, bias, labels, temperature, reduction
     meta[_TEMP] = float(temperature)
     meta[_REDUCTION] = float(REDUCTIONS.index(reduction))
     meta[_BACKEND] = _BACKEND_CODES[backend]
+    meta = meta.to(device)
     if extra is not None and extra.shape[0]:
-        meta[_EXTRA_SUM] = float(extra.double().sum())
-        meta[_EXTRA_ABS] = float(extra.double().abs().sum())
+        # float64 accumulation inside the reductions: no float64 copy of the queue
+        checksum = torch.stack([extra.sum(dtype=torch.float64),
+                                torch.linalg.vector_norm(extra, ord=1, dtype=torch.float64)])
+        meta[_EXTRA_SUM:_EXTRA_ABS + 1] = checksum.to(device)
     return meta
 
 
@@ -233,7 +247,7 @@ def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, bac
         error = exc
     device = _comm_device(forget, group)
     local = _local_metadata(forget, retain, weight, bias, labels, temperature, reduction, backend,
-                            extra, error).to(device)
+                            extra, error, device)
     meta = _gather_rows(local[None], [1] * world, group, world).cpu()
     if error is not None:
         raise error

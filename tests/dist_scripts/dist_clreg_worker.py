@@ -308,6 +308,14 @@ def raises_case(kind):
             gen = torch.Generator().manual_seed(rank)  # different rows on every rank
             extra = torch.nn.functional.normalize(
                 torch.randn(3, 3, generator=gen, dtype=torch.float64), dim=1)
+        if kind == "local_queue_differs":
+            # The usual mistake: a queue without a process_group fills with each rank's own
+            # rows, so the ranks' queues have the same length but different rows.
+            queue = RetainFeatureQueue(capacity=4, dim=3, dtype=torch.float64)
+            gen = torch.Generator().manual_seed(100 + rank)
+            queue.enqueue(torch.randn(2, 4, generator=gen, dtype=torch.float64), loc["weight"],
+                          loc["bias"])
+            extra = queue.negatives()
         fused_clreg_loss(forget, loc["retain"], loc["weight"], loc["bias"], labels=lab,
                          temperature=temperature, extra_negatives=extra, backend="torch",
                          process_group=group)
@@ -359,7 +367,8 @@ CASES = {
     "triton_interpreter": triton_case,
 }
 RAISING = ("too_few_forget_rows", "no_positive", "bad_input_on_rank_1", "temperature_differs",
-           "labels_on_some_ranks_only", "extra_differs", "queue_bad_rows_on_rank_1")
+           "labels_on_some_ranks_only", "extra_differs", "local_queue_differs",
+           "queue_bad_rows_on_rank_1")
 for _kind in RAISING:
     CASES[f"raises_{_kind}"] = raises_case(_kind)
 

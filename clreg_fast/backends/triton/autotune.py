@@ -8,7 +8,8 @@ For each shape class (input kind, feature tile) in priority order, at the benchm
 shape (8192 anchors against 16384 columns), each similarity kernel's candidates
 (``tuning.candidates``) are run once (compiling them), checked against the default
 configuration's result, and timed with ``triton.testing.do_bench``; the fastest correct one is
-recorded, the default unless a candidate beats it by more than ``--margin``. The time budget is
+recorded, the default unless a candidate beats it by more than ``--margin``; a kernel whose
+default fails to compile or run keeps no entry and its other candidates are skipped. The time budget is
 checked before every candidate: classes not reached keep the defaults, and the table says which
 classes were measured. Tables are read once per device by the launchers (``tuning.load_table``)
 and only where the device name, compute capability and triton version match.
@@ -100,9 +101,12 @@ def tune(classes: Sequence[Tuple[str, int]], n_rows: int, n_cols: int, budget_s:
             cands = tuning.candidates(kernel, kind, block_p, k_tiles)
             reference = None
             results = []
+            default_failed = False
             for cfg in cands:  # the default comes first: it is the yardstick
                 elapsed = clock() - start
-                if elapsed > budget_s:
+                if elapsed > budget_s or default_failed:
+                    # Without the default's result and time no candidate can be checked or
+                    # chosen: the rest of the class would spend the budget for nothing.
                     timings.append(dict(shape_class=key, config=cfg.to_dict(), status="skipped"))
                     continue
                 record = dict(shape_class=key, config=cfg.to_dict())
@@ -123,6 +127,8 @@ def tune(classes: Sequence[Tuple[str, int]], n_rows: int, n_cols: int, budget_s:
                 timings.append(record)
                 if record.get("status") == "ok":
                     results.append((record["ms"], cfg))
+                elif cfg == cands[0]:
+                    default_failed = True
             measured = dict((c, ms) for ms, c in results)
             default = cands[0]
             if default not in measured:

@@ -7,9 +7,11 @@
 Default mode: each kernel variant that ``TritonKernels`` launches by default for the given feature
 widths and input dtypes. ``--candidates``: every configuration of the similarity kernels that the
 autotuner may choose (``tuning.candidates``). ``--grid``: the wider grid the candidate lists were
-taken from, to regenerate them. Each variant is compiled to a cubin (triton bundles ptxas) and
-reported with the MMA instruction family it uses (``wgmma``, ``mma.sync`` or ``none``, read from
-the PTX), registers and spill bytes (``ptxas -v`` with triton's options) and shared memory. A
+taken from, to regenerate them. Each variant is compiled to a cubin (triton bundles ptxas) with
+the 16-divisibility hints triton's launcher gives it at that P (``launch_alignment``;
+``--unaligned``: none, as for misaligned views) and reported with the MMA instruction family it
+uses (``wgmma``, ``mma.sync`` or ``none``, read from the PTX), registers and spill bytes
+(``ptxas -v`` with triton's options) and shared memory. A
 variant fails on a compile error, shared memory over the architecture's limit or, outside
 ``--grid``, any register spill. Reports are cached by triton's kernel hash (the compiled kernels
 themselves sit in triton's cache), so a second run takes seconds. Needs TRITON_INTERPRET unset.
@@ -37,12 +39,38 @@ from clreg_fast.backends.triton import ops, tuning
 
 DTYPES = {"fp32": (K.ROUND_FP32, "*fp32"), "tf32": (K.ROUND_TF32, "*fp32"),
           "bf16": (K.ROUND_BF16, "*bf16"), "fp16": (K.ROUND_FP16, "*fp16")}
-# Largest shared memory per block: A100 164 KiB, H100/H200 227 KiB.
+# Largest shared memory per block (opt-in): A100 163 KiB, H100/H200 227 KiB.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 SIMILARITY_FNS = {"lse_forward": K.lse_forward_kernel,
                   "lse_backward_rows": K.lse_backward_rows_kernel,
                   "lse_backward_cols": K.lse_backward_cols_kernel}
 CACHE_ENV = "CLREG_COMPILE_CHECK_CACHE"
+
+
+# Integer arguments that are multiples of 16 in every launch (column splits hold whole BLOCK_N
+# tiles), those that are when P is (P itself and the row strides of P-wide rows), and those that
+# are when D is (taken as a multiple of 16, as every common hidden size is).
+_ALWAYS_ALIGNED = frozenset({"cols_per_split"})
+_P_ALIGNED = frozenset({"P", "stride_a", "stride_c", "stride_d", "stride_out", "stride_y",
+                        "stride_z", "stride_dz", "stride_dy"})
+_D_ALIGNED = frozenset({"D", "stride_x", "stride_w"})
+
+
+def launch_alignment(fn, p: int) -> frozenset:
+    """The arguments triton's launcher marks 16-divisible at feature width p.
+
+    At launch triton specializes each pointer and integer argument on whether it is a multiple of
+    16 (``tt.divisibility``), and the code differs a lot (vector loads, fewer address
+    registers), so a check has to compile the specialization that runs. Pointers: torch's
+    allocations are 16-byte aligned, and so are the row slices the launchers get when a row is a
+    multiple of 4 floats. Row counts depend on the batch and are left unspecialized.
+    """
+    names = set(_ALWAYS_ALIGNED | _D_ALIGNED)
+    if p % 16 == 0:
+        names |= _P_ALIGNED
+    if p % 4 == 0:
+        names |= {name for name in fn.arg_names if name.endswith("_ptr")}
+    return frozenset(name for name in names if name in fn.arg_names)
 
 
 class Variant(NamedTuple):
@@ -51,12 +79,23 @@ class Variant(NamedTuple):
     consts: dict
     num_warps: int
     num_stages: int
+    aligned: frozenset = frozenset()  # arguments compiled as multiples of 16
 
     @property
     def label(self) -> str:
-        return (f"{self.fn.__name__} "
+        # kernels without ROUND take their input's dtype from the pointer type
+        source = "" if "ROUND" in self.consts else f" in={self.types[self.fn.arg_names[0]]}"
+        return (f"{self.fn.__name__}{source} "
                 + " ".join(f"{k}={v}" for k, v in self.consts.items() if k != "INTERPRET")
-                + f" warps={self.num_warps} stages={self.num_stages}")
+                + f" warps={self.num_warps} stages={self.num_stages}" + self._alignment_tag())
+
+    def _alignment_tag(self) -> str:
+        """Empty for the usual launch (P a multiple of 16, aligned pointers)."""
+        if not any(name.endswith("_ptr") for name in self.aligned):
+            return " unaligned"
+        if "P" in self.fn.arg_names and "P" not in self.aligned:
+            return " P-unaligned"
+        return ""
 
 
 class Report(NamedTuple):
@@ -71,6 +110,12 @@ def _signature(fn, types, constexprs):
     for name in fn.arg_names:
         sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
     return sig
+
+
+def _divisibility(fn, aligned) -> dict:
+    """``ASTSource`` attributes marking ``aligned`` arguments as multiples of 16."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if name in aligned}
 
 
 def mma_family(ptx: str) -> str:
@@ -115,7 +160,7 @@ def _cache_dir() -> Path:
 def compile_variant(variant: Variant, arch: int) -> Report:
     """Compile one variant for ``sm_<arch>`` and read its resource use (cached on disk)."""
     src = ASTSource(variant.fn, _signature(variant.fn, variant.types, variant.consts),
-                    variant.consts)
+                    variant.consts, _divisibility(variant.fn, variant.aligned))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=variant.num_warps,
                                            num_stages=variant.num_stages))
@@ -144,16 +189,34 @@ def _similarity_types() -> dict:
 
 
 def similarity_variant(kernel: str, dtype: str, block_p: int, k_tiles: int,
-                       cfg: tuning.KernelConfig, fixed_shift: bool = True) -> Variant:
+                       cfg: tuning.KernelConfig, fixed_shift: bool = True,
+                       p: Optional[int] = None, aligned: bool = True) -> Variant:
+    """One similarity kernel as launched at feature width ``p`` (default: the widest P of the
+    tile, ``block_p * k_tiles``); ``aligned=False``: without triton's 16-divisibility hints."""
     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_P=block_p, K_TILES=k_tiles,
                   ROUND=DTYPES[dtype][0], INTERPRET=False)
     if kernel == "lse_forward":
         consts = dict(FIXED_SHIFT=fixed_shift, **consts)
-    return Variant(SIMILARITY_FNS[kernel], _similarity_types(), consts, cfg.num_warps,
-                   cfg.num_stages)
+    fn = SIMILARITY_FNS[kernel]
+    width = block_p * k_tiles if p is None else p
+    return Variant(fn, _similarity_types(), consts, cfg.num_warps, cfg.num_stages,
+                   launch_alignment(fn, width) if aligned else frozenset())
 
 
-def variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P) -> Iterator[Variant]:
+def _rowwise_variants(p: int, y_ptr: str, aligned: bool) -> Iterator[Variant]:
+    f32 = "*fp32"
+    rbm, rbp, rwarps = ops._rowwise_config(p)
+    for fn, types in ((K.normalize_kernel, {"y_ptr": y_ptr, "z_ptr": f32, "norm_ptr": f32,
+                                            "eps": "fp32"}),
+                      (K.normalize_backward_kernel, {"dz_ptr": f32, "z_ptr": f32,
+                                                     "norm_ptr": f32, "dy_ptr": f32,
+                                                     "eps": "fp32"})):
+        yield Variant(fn, types, dict(BLOCK_M=rbm, BLOCK_P=rbp), rwarps, 3,
+                      launch_alignment(fn, p) if aligned else frozenset())
+
+
+def variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P,
+             aligned: bool = True) -> Iterator[Variant]:
     """Every kernel variant the launchers launch by default at feature width p."""
     round_kind, ptr = DTYPES[dtype]
     f32 = "*fp32"
@@ -161,36 +224,45 @@ def variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P) -> Iterator
     yield Variant(K.project_kernel, {"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "out_ptr": f32,
                                      "norm_ptr": f32, "eps": "fp32"},
                   dict(HAS_BIAS=True, NORMALIZE=p_tiles == 1, BLOCK_M=bm, BLOCK_K=bk,
-                       BLOCK_P=bp, ROUND=round_kind, INTERPRET=False), warps, 3)
-    rbm, rbp, rwarps = ops._rowwise_config(p)
-    yield Variant(K.normalize_kernel, {"y_ptr": ptr, "z_ptr": f32, "norm_ptr": f32, "eps": "fp32"},
-                  dict(BLOCK_M=rbm, BLOCK_P=rbp), rwarps, 3)
-    yield Variant(K.normalize_backward_kernel, {"dz_ptr": f32, "z_ptr": f32, "norm_ptr": f32,
-                                                "dy_ptr": f32, "eps": "fp32"},
-                  dict(BLOCK_M=rbm, BLOCK_P=rbp), rwarps, 3)
+                       BLOCK_P=bp, ROUND=round_kind, INTERPRET=False), warps, 3,
+                  launch_alignment(K.project_kernel, p) if aligned else frozenset())
+    # The normalization reads the user's rows without a projection, and the projection's
+    # float32 output when P is tiled.
+    yield from _rowwise_variants(p, ptr, aligned)
+    if p_tiles > 1 and ptr != f32:
+        yield next(_rowwise_variants(p, f32, aligned))
     bp, k_tiles = ops._feature_block(p, max_block_p)
     for kernel in tuning.SIMILARITY_KERNELS:
         cfg = tuning.default_config(kernel, dtype, bp, k_tiles)
         for fixed in ((True, False) if kernel == "lse_forward" else (True,)):
-            yield similarity_variant(kernel, dtype, bp, k_tiles, cfg, fixed)
+            yield similarity_variant(kernel, dtype, bp, k_tiles, cfg, fixed, p, aligned)
 
 
-def candidate_variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P
-                       ) -> Iterator[Variant]:
-    """Every candidate configuration of the similarity kernels at feature width p."""
+def candidate_variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P,
+                       aligned: bool = True) -> Iterator[Variant]:
+    """Every candidate configuration of the similarity kernels at feature width p (the forward
+    with both log-sum-exp forms: a tuned configuration serves both)."""
     bp, k_tiles = ops._feature_block(p, max_block_p)
     for kernel in tuning.SIMILARITY_KERNELS:
         for cfg in tuning.candidates(kernel, dtype, bp, k_tiles):
-            yield similarity_variant(kernel, dtype, bp, k_tiles, cfg)
+            for fixed in ((True, False) if kernel == "lse_forward" else (True,)):
+                yield similarity_variant(kernel, dtype, bp, k_tiles, cfg, fixed, p, aligned)
 
 
-def grid_configs(kernel: str, dtype: str, block_p: int) -> Iterator[tuning.KernelConfig]:
-    """The grid the candidate lists were taken from (K_TILES == 1).
+def grid_configs(kernel: str, dtype: str, block_p: int,
+                 k_tiles: int = 1) -> Iterator[tuning.KernelConfig]:
+    """The grid the candidate lists and the tiled defaults were taken from.
 
-    Tensor-core kinds: the tile side that is the M of the products (BLOCK_M; BLOCK_N in the
-    column kernel) in 64/128, the other in 32/64/128; float32: both in 32/64; warps 4/8, stages
-    2/3. Left out as known to spill at BLOCK_P = 256: 128 x 128 tiles and 4 warps in the backward.
+    K_TILES == 1, tensor-core kinds: the tile side that is the M of the products (BLOCK_M;
+    BLOCK_N in the column kernel) in 64/128, the other in 32/64/128; float32: both in 32/64;
+    warps 4/8, stages 2/3. Left out as known to spill at BLOCK_P = 256: 128 x 128 tiles and 4
+    warps in the backward. K_TILES > 1 (scores summed over feature tiles): both sides in 32/64,
+    warps 4/8, stages 1/2/3.
     """
+    if k_tiles > 1:
+        for bm, bn, w, st in itertools.product((32, 64), (32, 64), (4, 8), (1, 2, 3)):
+            yield tuning.KernelConfig(bm, bn, w, st)
+        return
     if dtype == "fp32":
         sides = [(m, n) for m in (32, 64) for n in (32, 64)]
     else:
@@ -203,11 +275,11 @@ def grid_configs(kernel: str, dtype: str, block_p: int) -> Iterator[tuning.Kerne
 
 
 def grid_variants(p: int, dtype: str, max_block_p: int = ops.MAX_BLOCK_P,
-                  kernels=tuning.SIMILARITY_KERNELS) -> Iterator[Variant]:
+                  kernels=tuning.SIMILARITY_KERNELS, aligned: bool = True) -> Iterator[Variant]:
     bp, k_tiles = ops._feature_block(p, max_block_p)
     for kernel in kernels:
-        for cfg in grid_configs(kernel, dtype, bp):
-            yield similarity_variant(kernel, dtype, bp, k_tiles, cfg)
+        for cfg in grid_configs(kernel, dtype, bp, k_tiles):
+            yield similarity_variant(kernel, dtype, bp, k_tiles, cfg, True, p, aligned)
 
 
 def check(variant_list: List[Variant], archs, allow_spills: bool = False,
@@ -254,6 +326,9 @@ def main(argv=None) -> int:
                       help="the grid the candidate lists come from (spills reported, not failed)")
     parser.add_argument("--kernel", nargs="+", default=list(tuning.SIMILARITY_KERNELS),
                         choices=tuning.SIMILARITY_KERNELS, help="with --grid: these kernels")
+    parser.add_argument("--unaligned", action="store_true",
+                        help="compile without triton's 16-divisibility hints (a launch on "
+                             "misaligned views); default: the specialization launched at each P")
     args = parser.parse_args(argv)
     if ops.INTERPRET:
         print("unset TRITON_INTERPRET: the interpreter cannot compile kernels", file=sys.stderr)
@@ -261,12 +336,14 @@ def main(argv=None) -> int:
     variant_list = []
     for p in args.p:
         for dtype in args.dtype:
+            aligned = not args.unaligned
             if args.grid:
-                variant_list += list(grid_variants(p, dtype, kernels=args.kernel))
+                variant_list += list(grid_variants(p, dtype, kernels=args.kernel,
+                                                   aligned=aligned))
             elif args.candidates:
-                variant_list += list(candidate_variants(p, dtype))
+                variant_list += list(candidate_variants(p, dtype, aligned=aligned))
             else:
-                variant_list += list(variants(p, dtype))
+                variant_list += list(variants(p, dtype, aligned=aligned))
     results = check(variant_list, args.arch, allow_spills=args.grid)
     bad = failed(results, allow_spills=args.grid)
     print(f"{len(results) - bad} ok, {bad} failed", flush=True)

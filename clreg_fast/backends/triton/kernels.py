@@ -6,7 +6,8 @@ Conventions shared by every kernel:
   row offsets are int64, so ``row * stride`` cannot overflow at millions of rows.
 * ``P`` (the feature width) is covered by tiles of ``BLOCK_P`` columns. ``K_TILES`` is the number
   of such tiles: with ``K_TILES == 1`` a block of rows is loaded once and kept in registers; with
-  more, scores are accumulated over the tiles and each output tile is its own program.
+  more, scores are summed over all of P in chunks of ``SCORE_CHUNK`` features and each output
+  tile (of the backward) is its own program.
 * ``ROUND`` is the dtype of the user's inputs (0 float32, 1 bfloat16, 2 float16), or 3 for
   float32 inputs in TF32 mode. On a GPU the operands of the similarity products are rounded to
   it, so bf16/fp16 products run on tensor cores with float32 accumulation; float32 products use
@@ -43,6 +44,9 @@ ROUND_TF32 = 3  # float32 inputs, TF32 tensor-core products (opt-in)
 # probabilities (~1 / number of columns) stay normal fp16 numbers instead of flushing to zero.
 # The per-anchor weights are applied outside the rounded tile for the same reason.
 FP16_PROB_SCALE = tl.constexpr(4096.0)
+
+# Features per step of the score sum when P is tiled (K_TILES > 1).
+SCORE_CHUNK = tl.constexpr(64)
 
 
 @triton.jit
@@ -99,12 +103,15 @@ def _load_tile(ptr, stride, rows64, row_mask, k0, P, BLOCK_P: tl.constexpr, ROUN
 @triton.jit
 def _scores_over_k(a_ptr, stride_a, rows64, row_mask, c_ptr, stride_c, cols64, col_mask, P,
                    BLOCK_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                   K_TILES: tl.constexpr, ROUND: tl.constexpr, INTERPRET: tl.constexpr):
-    """``a[rows] . c[cols]^T`` (float32) summed over ``K_TILES`` column tiles (wide ``P``)."""
+                   ROUND: tl.constexpr, INTERPRET: tl.constexpr):
+    """``a[rows] . c[cols]^T`` (float32) over all of a wide ``P``, in chunks of ``SCORE_CHUNK``
+    features: tiles of ``BLOCK_P`` loaded whole spill registers, and the loop up to ``P`` skips
+    the padding of the last tile."""
+    CHUNK: tl.constexpr = SCORE_CHUNK if BLOCK_P > SCORE_CHUNK else BLOCK_P
     s = tl.zeros([BLOCK_A, BLOCK_C], dtype=tl.float32)
-    for kt in range(K_TILES):
-        a = _load_tile(a_ptr, stride_a, rows64, row_mask, kt * BLOCK_P, P, BLOCK_P, ROUND, INTERPRET)
-        c = _load_tile(c_ptr, stride_c, cols64, col_mask, kt * BLOCK_P, P, BLOCK_P, ROUND, INTERPRET)
+    for k0 in range(0, P, CHUNK):
+        a = _load_tile(a_ptr, stride_a, rows64, row_mask, k0, P, CHUNK, ROUND, INTERPRET)
+        c = _load_tile(c_ptr, stride_c, cols64, col_mask, k0, P, CHUNK, ROUND, INTERPRET)
         s += _dot(a, tl.trans(c), ROUND, INTERPRET)
     return s
 
@@ -247,7 +254,7 @@ def lse_forward_kernel(za_ptr, zc_ptr, lse_ptr, n_rows, n_cols, P, stride_a, str
             s = _dot(a, tl.trans(c), ROUND, INTERPRET)
         else:
             s = _scores_over_k(za_ptr, stride_a, rows64, row_mask, zc_ptr, stride_c, cols64,
-                               col_mask, P, BLOCK_M, BLOCK_N, BLOCK_P, K_TILES, ROUND, INTERPRET)
+                               col_mask, P, BLOCK_M, BLOCK_N, BLOCK_P, ROUND, INTERPRET)
         s = s * scale
         valid = col_mask[None, :] & (cols[None, :] != rows[:, None] + self_offset)
         if FIXED_SHIFT:
@@ -302,7 +309,7 @@ def lse_backward_rows_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, dza_ptr, n_rows, n_
             s = _dot(a, tl.trans(c_out), ROUND, INTERPRET)
         else:
             s = _scores_over_k(za_ptr, stride_a, rows64, row_mask, zc_ptr, stride_c, cols64,
-                               col_mask, P, BLOCK_M, BLOCK_N, BLOCK_P, K_TILES, ROUND, INTERPRET)
+                               col_mask, P, BLOCK_M, BLOCK_N, BLOCK_P, ROUND, INTERPRET)
             c_out = _load_tile(zc_ptr, stride_c, cols64, col_mask, pid_p * BLOCK_P, P, BLOCK_P,
                                ROUND, INTERPRET)
         valid = (row_mask[:, None] & col_mask[None, :]
@@ -350,7 +357,7 @@ def lse_backward_cols_kernel(za_ptr, zc_ptr, lse_ptr, w_ptr, w_max_ptr, dzc_ptr,
             s_t = _dot(c, tl.trans(a_out), ROUND, INTERPRET)  # (columns, anchors)
         else:
             s_t = _scores_over_k(zc_ptr, stride_c, cols64, col_mask, za_ptr, stride_a, rows64,
-                                 row_mask, P, BLOCK_N, BLOCK_M, BLOCK_P, K_TILES, ROUND, INTERPRET)
+                                 row_mask, P, BLOCK_N, BLOCK_M, BLOCK_P, ROUND, INTERPRET)
             a_out = _load_tile(za_ptr, stride_a, rows64, row_mask, pid_p * BLOCK_P, P, BLOCK_P,
                                ROUND, INTERPRET)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)

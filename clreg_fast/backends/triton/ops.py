@@ -40,7 +40,8 @@ _launch = _wrap_triton if _wrap_triton is not None and not INTERPRET else (lambd
 
 # Widest feature tile a program keeps whole. Wider P is split into tiles of this width: the
 # projection then writes y and normalizes in a second pass, the similarity kernels sum scores
-# over the tiles and give each output tile its own program (scores are recomputed per tile).
+# over all of P (in chunks of ``kernels.SCORE_CHUNK`` features) and give each output tile its
+# own program (scores are recomputed per tile).
 MAX_BLOCK_P = 256
 
 # exp(-2 * scale) must stay a normal float32 for the fixed-shift log-sum-exp: scale <= 43.6.
