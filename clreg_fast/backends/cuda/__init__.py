@@ -79,6 +79,7 @@ def _jit_build(import_error: str):
     arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     arch_list = arch_env or ";".join(sorted({
         "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+    requested_arch_list = arch_list
     cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list)
     if not os.path.isfile(os.path.join(sources_dir, build_env.WGMMA_SOURCE)):
         cutlass = None
@@ -91,7 +92,7 @@ def _jit_build(import_error: str):
             sources=build_env.source_paths(sources_dir, with_wgmma=cutlass is not None),
             extra_include_paths=[sources_dir],
             extra_cflags=build_env.cxx_flags(cutlass),
-            extra_cuda_cflags=build_env.nvcc_flags(cutlass),
+            extra_cuda_cflags=build_env.nvcc_flags(cutlass, requested_arch_list),
             build_directory=build_dir,
             verbose=os.environ.get("CLREG_FAST_VERBOSE_BUILD", "0") == "1",
         )
