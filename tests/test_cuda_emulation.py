@@ -635,10 +635,10 @@ def test_emulated_mma_fragments_follow_the_ptx_tables_element_by_element():
 # The wgmma emulation against CuTe itself (host code, no GPU)
 # --------------------------------------------------------------------------------------------
 
-def _wgmma_layout_probe_output():
-    """Output of scripts/wgmma_layout_probe.cu (CuTe's answer for the kernel's layouts and
-    fragment views), compiled once per source version into build/; None when nvcc or the CUTLASS
-    headers are missing."""
+def _wgmma_layout_probe_output(script="wgmma_layout_probe"):
+    """Output of scripts/<script>.cu (CuTe's answer for the kernel's layouts and fragment views,
+    or its descriptors), compiled once per source version into build/; None when nvcc or the
+    CUTLASS headers are missing."""
     import hashlib
     import os
     import subprocess
@@ -650,10 +650,10 @@ def _wgmma_layout_probe_output():
     if cuda_home is None or include is None:
         return None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sources = [os.path.join(root, "scripts", "wgmma_layout_probe.cu"),
+    sources = [os.path.join(root, "scripts", script + ".cu"),
                os.path.join(root, "csrc", "wgmma_layouts.cuh"), os.path.join(root, "csrc", "clreg.h")]
     digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources)).hexdigest()[:16]
-    exe = os.path.join(root, "build", "wgmma_layout_probe", digest, "probe")
+    exe = os.path.join(root, "build", script, digest, "probe")
     if not os.path.isfile(exe):
         os.makedirs(os.path.dirname(exe), exist_ok=True)
         subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "-std=c++17",
@@ -701,3 +701,61 @@ def test_wgmma_emulation_matches_cute_layouts():
             erow, ek = emu.wgmma_a_coords(kb)
             assert (erow[t, i], ek[t, i]) == (row, k), line
     assert seen == {"tile", "ringt_mismatches", "smem", "acc", "view", "a", "acoord"}, seen
+
+
+def _wgmma_descriptors():
+    out = _wgmma_layout_probe_output("wgmma_desc_probe")
+    if out is None:
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass or "
+                    "CLREG_FAST_CUTLASS_INCLUDE)")
+    descs = {}
+    for line in out.splitlines():
+        if not line.startswith("desc "):  # CuTe's host-side "ERROR: cast_smem_ptr_to_uint" lines
+            continue
+        _, operand, *vals = line.split()
+        d, stage, kb, start, lbo, sbo, base_offset, layout_type = map(int, vals)
+        descs[operand, d, stage, kb] = dict(start=start, lbo=lbo, sbo=sbo,
+                                            base_offset=base_offset, layout_type=layout_type)
+    return descs
+
+
+_WGMMA_OPERAND_MAJOR = {"scores_a": "K", "scores_b": "K", "product_b": "MN"}
+
+
+@pytest.mark.slow
+def test_wgmma_descriptors_read_the_emulated_matrices():
+    """The descriptors CuTe builds for every wgmma of the kernel (owned tile and ring for the
+    scores, the MN-major RingT view for the product; every D, stage and k block), decoded with
+    the PTX ISA's canonical layouts, address exactly the elements the emulation multiplies. This
+    is the check that the transposed view became a canonical MN-major SW128 descriptor (LBO
+    between 64-feature blocks, SBO between 8-row groups), not only that CuTe compiled it."""
+    descs = _wgmma_descriptors()
+    for d in (64, 128, 256):
+        stages = emu.wgmma_stages(d)
+        want = ([("scores_a", 0, kb) for kb in range(d // 16)]
+                + [("scores_b", s, kb) for s in range(stages) for kb in range(d // 16)]
+                + [("product_b", s, kb) for s in range(stages) for kb in range(emu.TILE // 16)])
+        assert {(o, s, kb) for (o, dd, s, kb) in descs if dd == d} == set(want), d
+        for operand, stage, kb in want:
+            mn = d if operand == "product_b" else emu.TILE
+            got = emu.gmma_desc_addresses(descs[operand, d, stage, kb],
+                                          _WGMMA_OPERAND_MAJOR[operand], mn)
+            np.testing.assert_array_equal(
+                got, emu.wgmma_operand_addresses(operand, d, stage, kb),
+                err_msg=f"{operand} D={d} stage={stage} k block={kb}: {descs[operand, d, stage, kb]}")
+
+
+@pytest.mark.slow
+def test_wgmma_descriptor_check_is_not_vacuous():
+    """The decoder tells a wrong descriptor from a right one: the product's B read K-major, or
+    with LBO and SBO swapped (D >= 128 uses both), or one stage off, addresses other elements."""
+    descs = _wgmma_descriptors()
+    for d in (128, 256):
+        desc = descs["product_b", d, 1, 2]
+        want = emu.wgmma_operand_addresses("product_b", d, 1, 2)
+        assert (emu.gmma_desc_addresses(desc, "MN", d) == want).all()
+        assert not (emu.gmma_desc_addresses(desc, "K", d) == want).all()
+        swapped = dict(desc, lbo=desc["sbo"], sbo=desc["lbo"])
+        assert not (emu.gmma_desc_addresses(swapped, "MN", d) == want).all()
+        other_stage = descs["product_b", d, 0, 2]
+        assert not (emu.gmma_desc_addresses(other_stage, "MN", d) == want).all()
