@@ -459,6 +459,7 @@ KERNEL_EXPRESSIONS = {
         "kAlignSlack+kTileBytes*(1+kStages)+kVecBytes*kStages;",
         "staticconstexprintkVecBytes=2*kTile*4;",
         "usingAtom=GMMA::Layout_K_SW128_Atom<E>;",
+        "staticconstexprintkAlignSlack=1024;",
         "Stride<Int<kTile>,_1,Int<kTile*D>>{})));",                          # RingT
         "returnmake_layout(layout<0,1>(acc),make_layout(layout<0,0>(acc),layout<0,2>(acc)));",
         "returnmake_layout(make_layout(layout<0,0>(acc),layout<0,1>(acc),layout<0>(blocks)),"
@@ -501,9 +502,18 @@ KERNEL_EXPRESSIONS = {
         "if(col<ld_out)",
         "*reinterpret_cast<float2*>(slice+(own0+row)*ld_out+col)=",
         "make_float2(acc(m,n),acc(m,n+1));",
-        # one committed, waited-for batch per product, operands fenced
-        "warpgroup_fence_operand(c);warpgroup_arrive();",
-        "warpgroup_commit_batch();warpgroup_wait<0>();warpgroup_fence_operand(c);",
+        # one committed, waited-for batch per product, operands fenced: the accumulator and,
+        # for the RS product, the register A operand (P) on both sides of the batch; the
+        # scores start from zero (ScaleOut::Zero on the first k block only), which the
+        # emulation's fresh wgmma_ss result assumes
+        "ifconstexpr(kRegA)warpgroup_fence_operand(a);warpgroup_fence_operand(c);"
+        "warpgroup_arrive();ifconstexpr(kZeroInit)mma.accumulate_=GMMA::ScaleOut::Zero;",
+        "cute::gemm(mma,a(_,_,k),b(_,_,k),c);mma.accumulate_=GMMA::ScaleOut::One;",
+        "warpgroup_commit_batch();warpgroup_wait<0>();warpgroup_fence_operand(c);"
+        "ifconstexpr(kRegA)warpgroup_fence_operand(a);",
+        # 128-byte swizzled tiles on 1024-byte boundaries (descriptor base_offset 0)
+        "(reinterpret_cast<uintptr_t>(smem_raw)+C::kAlignSlack-1)&~uintptr_t(C::kAlignSlack-1));",
+        "E*ring_smem=reinterpret_cast<E*>(smem+C::kTileBytes);",
     ],
 }
 # Statements that must come in this order inside sweep_tc_kernel's main loop.
@@ -576,6 +586,10 @@ def test_kernel_source_check_is_not_vacuous(old, new):
      "__syncthreads();cutlass::arch::fence_view_async_shared();"),  # fence after the barrier
     ("col<n_valid&&col!=diag[m]", "col<=n_valid&&col!=diag[m]"),
     ("warpgroup_commit_batch();warpgroup_wait<0>();", "warpgroup_commit_batch();"),
+    ("ifconstexpr(kRegA)warpgroup_fence_operand(a);warpgroup_fence_operand(c);",
+     "warpgroup_fence_operand(c);"),                                 # P not fenced before arrive
+    ("mma.accumulate_=GMMA::ScaleOut::Zero;", ""),                   # scores accumulate tiles
+    ("&~uintptr_t(C::kAlignSlack-1)", "&~uintptr_t(127)"),         # 128-byte aligned only
 ])
 def test_wgmma_source_check_is_not_vacuous(old, new):
     sources = _kernel_sources()
