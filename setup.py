@@ -76,7 +76,8 @@ def cuda_extension_or_reason():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_env.DEFAULT_ARCH_LIST)
     # With the CUTLASS headers the 9.0 entry becomes 9.0a (the wgmma kernels need sm_90a).
     requested_arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(requested_arch_list)
+    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(requested_arch_list,
+                                                          build_env.nvcc_version(cuda_home))
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     _say(wgmma_note)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension

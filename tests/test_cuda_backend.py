@@ -230,6 +230,16 @@ def test_cutlass_headers_of_an_untested_version_are_not_used(tmp_path, monkeypat
         assert found is None and arch == "8.0;9.0" and "not built" in note
 
 
+def test_wgmma_build_needs_an_nvcc_that_knows_sm_90a(tmp_path, monkeypatch):
+    # sm_90a exists from CUDA 12.0; torch 2.6 also ships CUDA 11.8 builds, whose nvcc would fail
+    # on "9.0a" (and with it the whole extension). The 9.0 entry then stays as it was.
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(_fake_cutlass(tmp_path / "include")))
+    found, arch, note = build_env.wgmma_plan("8.0;9.0", nvcc=(11, 8))
+    assert found is None and arch == "8.0;9.0" and "not built" in note and "11.8" in note
+    found, arch, _ = build_env.wgmma_plan("8.0;9.0", nvcc=(12, 0))
+    assert found is not None and arch == "8.0;9.0a"
+
+
 def test_wgmma_build_keeps_the_portable_ptx_of_a_9_0_ptx_entry(tmp_path, monkeypatch):
     # "9.0+PTX" promises PTX that newer GPUs (sm_100, ...) compile at load time; compute_90a PTX
     # loads on sm_90a only, so the plan builds the sm_90a cubin plus compute_90 PTX.

@@ -80,7 +80,8 @@ def _jit_build(import_error: str):
     arch_list = arch_env or ";".join(sorted({
         "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
     requested_arch_list = arch_list
-    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list)
+    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list,
+                                                          build_env.nvcc_version(cuda_home))
     if not os.path.isfile(os.path.join(sources_dir, build_env.WGMMA_SOURCE)):
         cutlass = None
     logger.warning("clreg_fast: building the CUDA extension with nvcc from %s (first use only, "

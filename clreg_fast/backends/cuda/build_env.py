@@ -228,11 +228,23 @@ def with_sm90a(arch_list: str) -> str:
     return ";".join("9.0a" if e in ("9.0", "9.0+PTX") else e for e in _arch_entries(arch_list))
 
 
-def wgmma_plan(arch_list: str) -> Tuple[Optional[str], str, str]:
-    """``(CUTLASS include or None, arch list to build with, a sentence saying what was decided)``."""
+# The first CUDA release whose nvcc knows the arch-specific sm_90a target.
+SM90A_MIN_NVCC = (12, 0)
+
+
+def wgmma_plan(arch_list: str, nvcc: Optional[Tuple[int, int]] = None
+               ) -> Tuple[Optional[str], str, str]:
+    """``(CUTLASS include or None, arch list to build with, a sentence saying what was decided)``.
+
+    nvcc: the (major, minor) release of the nvcc that will compile, when known.
+    """
     include, how = find_cutlass_include()
     if include is None:
         return None, arch_list, f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: {how}"
+    if nvcc is not None and tuple(nvcc) < SM90A_MIN_NVCC:
+        return None, arch_list, (f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: nvcc "
+                                 f"{nvcc[0]}.{nvcc[1]} has no sm_90a target (CUDA >= "
+                                 f"{SM90A_MIN_NVCC[0]}.{SM90A_MIN_NVCC[1]} needed)")
     sm90a = with_sm90a(arch_list)
     if not any(e.startswith("9.0a") for e in sm90a.split(";")):
         return None, arch_list, (f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: "
