@@ -7,7 +7,8 @@ what each design claims and fails (exit 1) when a claim does not hold:
   - sweep_tc_kernel (csrc/sweep_tc.cu), on every architecture: tensor-core MMAs (HMMA),
     asynchronous global->shared copies (LDGSTS), ldmatrix (LDSM), and no local-memory traffic
     (LDL/STL: spills or stack arrays);
-  - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: warpgroup MMAs (HGMMA),
+  - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: one warpgroup MMA (HGMMA)
+    per k block (D / 16, plus 4 for the backward's product),
     LDGSTS and no local-memory traffic; in other architectures' code (where it only traps) no
     HGMMA; with --expect-wgmma the module must hold the sm_90a kernels;
   - the SIMT float32 kernels: no HMMA at all (float32 products, no TF32).
@@ -106,9 +107,17 @@ def check(counts, expect_wgmma=False):
                 failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
         elif "sweep_wgmma_kernel" in short:
             if arch == "sm_90a":
-                for op in ("HGMMA", "LDGSTS"):
-                    if ops.get(op, 0) == 0:
-                        failures.append(f"{arch} {short}: no {op}")
+                if ops.get("LDGSTS", 0) == 0:
+                    failures.append(f"{arch} {short}: no LDGSTS")
+                # One HGMMA per 16-wide k block (the k loops are unrolled): D / 16 for the
+                # scores, 64 / 16 more for the backward's RS product.
+                m = re.search(r"sweep_wgmma_kernel<[^,]+, (\d+), (\w+)>", short)
+                if m:
+                    want = int(m.group(1)) // 16 + (0 if m.group(2) == "forward" else 4)
+                    if ops.get("HGMMA", 0) != want:
+                        failures.append(f"{arch} {short}: {ops.get('HGMMA', 0)} HGMMA, not {want}")
+                else:
+                    failures.append(f"{arch} {short}: no D and mode in the kernel name")
                 if ops.get("LDL", 0) or ops.get("STL", 0):
                     failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
             elif ops.get("HGMMA", 0):
