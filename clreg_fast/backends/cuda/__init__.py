@@ -83,7 +83,9 @@ def _jit_build(import_error: str):
     cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list,
                                                           build_env.nvcc_version(cuda_home))
     if not os.path.isfile(os.path.join(sources_dir, build_env.WGMMA_SOURCE)):
-        cutlass = None
+        # no wgmma sweep after all: the arch list as requested (a 9.0+PTX keeps its PTX)
+        cutlass, arch_list = None, requested_arch_list
+        wgmma_note = f"wgmma sweep not built: no {build_env.WGMMA_SOURCE} in {sources_dir}"
     logger.warning("clreg_fast: building the CUDA extension with nvcc from %s (first use only, "
                    "a few minutes) in %s; %s", cuda_home, build_dir, wgmma_note)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
