@@ -773,3 +773,37 @@ def test_wgmma_descriptor_check_is_not_vacuous():
         assert not (emu.gmma_desc_addresses(swapped, "MN", d) == want).all()
         other_stage = descs["product_b", d, 0, 2]
         assert not (emu.gmma_desc_addresses(other_stage, "MN", d) == want).all()
+
+
+@pytest.mark.parametrize("mutation", ["k halves of A swapped", "k pairs of A swapped",
+                                      "copy unswizzled"])
+def test_wgmma_emulation_is_not_vacuous(mutation, monkeypatch):
+    """The emulated wgmma sweep fails against dense math when a fragment or shared-memory
+    formula it shares with the kernel is wrong: P given to the RS product with its k halves
+    (value 8 kb + 4 + i for 8 kb + i) or the two halves of a register swapped, or tiles stored
+    unswizzled by the copy but read through the swizzled layout. (The ring's wait counts are
+    mutation-tested with the sm_80 sweep, whose ring model this one shares.)"""
+    za, zc, lse, w, scale, n_grad = _backward_case(70, 150, 128, 0, "all", seed=7)
+    want = emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad)
+    _check_backward(emu.wgmma_lse_backward(za, zc, lse, w, 0, scale, n_grad, False, 132, 2), want)
+    if mutation == "k halves of A swapped":
+        monkeypatch.setattr(emu, "scores_as_a_value", lambda kb, i: (i ^ 4) + 8 * kb)
+    elif mutation == "k pairs of A swapped":
+        monkeypatch.setattr(emu, "scores_as_a_value", lambda kb, i: (i ^ 1) + 8 * kb)
+    else:
+        monkeypatch.setattr(emu, "wgmma_load_tile", _unswizzled_tile)
+    try:
+        got = emu.wgmma_lse_backward(za, zc, lse, w, 0, scale, n_grad, False, 132, 2)
+    except AssertionError:
+        return  # the emulation's own checks (coverage, ring) caught it
+    with pytest.raises(AssertionError):
+        _check_backward(got, want)
+
+
+def _unswizzled_tile(d, src, row0):
+    """wgmma_load_tile with row-major 128-byte rows inside each 8 x 64 atom (no XOR)."""
+    tile = np.full(emu.TILE * d, np.nan)
+    r, k = np.meshgrid(np.arange(emu.TILE), np.arange(d), indexing="ij")
+    off = ((r >> 3) + (emu.TILE // 8) * (k >> 6)) * 512 + (r & 7) * 64 + (k & 63)
+    tile[off] = src[row0 + r, k]
+    return tile
