@@ -8,9 +8,10 @@ what each design claims and fails (exit 1) when a claim does not hold:
     asynchronous global->shared copies (LDGSTS), ldmatrix (LDSM), and no local-memory traffic
     (LDL/STL: spills or stack arrays);
   - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: one warpgroup MMA (HGMMA)
-    per k block (D / 16, plus 4 for the backward's product),
-    LDGSTS and no local-memory traffic; in other architectures' code (where it only traps) no
-    HGMMA; with --expect-wgmma the module must hold the sm_90a kernels;
+    per k block (D / 16, plus 4 for the backward's product), one WARPGROUP.ARRIVE per wgmma
+    batch, the async-proxy fence (FENCE.VIEW.ASYNC.S), LDGSTS and no local-memory traffic;
+    in other architectures' code (where it only traps) no HGMMA; with --expect-wgmma the
+    module must hold the sm_90a kernels;
   - the SIMT float32 kernels: no HMMA at all (float32 products, no TF32).
 Prints a table per (architecture, kernel) and writes it to FILE when given.
 """
@@ -24,7 +25,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
-COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "MUFU.EX2")
+COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "MUFU.EX2",
+           "WARPGROUP.ARRIVE", "FENCE.VIEW.ASYNC.S")
 
 
 def find_cuobjdump(explicit=None):
@@ -116,8 +118,16 @@ def check(counts, expect_wgmma=False):
                     want = int(m.group(1)) // 16 + (0 if m.group(2) == "forward" else 4)
                     if ops.get("HGMMA", 0) != want:
                         failures.append(f"{arch} {short}: {ops.get('HGMMA', 0)} HGMMA, not {want}")
+                    # wgmma.fence (warpgroup_arrive) before each batch: scores, and product
+                    batches = 1 if m.group(2) == "forward" else 2
+                    if ops.get("WARPGROUP.ARRIVE", 0) != batches:
+                        failures.append(f"{arch} {short}: {ops.get('WARPGROUP.ARRIVE', 0)} "
+                                        f"WARPGROUP.ARRIVE, not {batches}")
                 else:
                     failures.append(f"{arch} {short}: no D and mode in the kernel name")
+                # fence.proxy.async between the cp.async writes and the wgmma reads
+                if ops.get("FENCE.VIEW.ASYNC.S", 0) == 0:
+                    failures.append(f"{arch} {short}: no FENCE.VIEW.ASYNC.S (proxy fence)")
                 if ops.get("LDL", 0) or ops.get("STL", 0):
                     failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
             elif ops.get("HGMMA", 0):

@@ -15,10 +15,12 @@ _SWEEP_TC = ("sm_80", "void clreg::(anonymous namespace)::sweep_tc_kernel<__half
                       "(clreg::SweepMode)0>(int)")
 
 
-def _wgmma(d, mode, hgmma):
+def _wgmma(d, mode, hgmma, arrive=None, fence=1):
     name = (f"void clreg::(anonymous namespace)::sweep_wgmma_kernel<__half, {d}, "
             f"(clreg::SweepMode){mode}>(int)")
-    return ("sm_90a", name), {"HGMMA": hgmma, "LDGSTS": 10}
+    arrive = (1 if mode == 0 else 2) if arrive is None else arrive
+    return ("sm_90a", name), {"HGMMA": hgmma, "LDGSTS": 10, "WARPGROUP.ARRIVE": arrive,
+                              "FENCE.VIEW.ASYNC.S": fence}
 
 
 def _failures(*kernels):
@@ -37,3 +39,21 @@ def test_wgmma_kernels_need_every_wgmma_of_a_tile(d):
     for mode, wrong in ((0, d // 16 - 1), (1, d // 16), (2, 0)):
         failures = _failures(_wgmma(d, mode, wrong))
         assert any("HGMMA" in f for f in failures), failures
+
+
+def test_wgmma_kernels_need_their_fences():
+    # one wgmma.fence per batch (scores; scores and product), the async-proxy fence once
+    assert any("WARPGROUP.ARRIVE" in f for f in _failures(_wgmma(64, 1, 8, arrive=1)))
+    assert any("FENCE.VIEW.ASYNC.S" in f for f in _failures(_wgmma(64, 0, 4, fence=0)))
+
+
+def test_sass_opcodes_are_counted():
+    text = """
+        code for sm_90a
+                Function : _Z1kv
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+        /*0030*/                   FENCE.VIEW.ASYNC.S ;
+    """
+    ops = report.parse_sass(text)[("sm_90a", "_Z1kv")]
+    assert (ops["WARPGROUP.ARRIVE"], ops["HGMMA"], ops["FENCE.VIEW.ASYNC.S"]) == (1, 1, 1)
