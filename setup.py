@@ -75,7 +75,9 @@ def cuda_extension_or_reason():
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_env.DEFAULT_ARCH_LIST)
     # With the CUTLASS headers the 9.0 entry becomes 9.0a (the wgmma kernels need sm_90a).
-    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(os.environ["TORCH_CUDA_ARCH_LIST"])
+    requested_arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(requested_arch_list,
+                                                          build_env.nvcc_version(cuda_home))
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     _say(wgmma_note)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
@@ -107,7 +109,7 @@ def cuda_extension_or_reason():
         sources=[os.path.join(CSRC, name) for name in build_env.source_names(cutlass is not None)],
         include_dirs=[os.path.join(HERE, CSRC)],
         extra_compile_args={"cxx": build_env.cxx_flags(cutlass),
-                            "nvcc": build_env.nvcc_flags(cutlass)},
+                            "nvcc": build_env.nvcc_flags(cutlass, requested_arch_list)},
     )
     # Without a forced build a failed compile leaves the pure-Python package installed.
     ext.optional = mode == "auto"

@@ -7,9 +7,11 @@ what each design claims and fails (exit 1) when a claim does not hold:
   - sweep_tc_kernel (csrc/sweep_tc.cu), on every architecture: tensor-core MMAs (HMMA),
     asynchronous global->shared copies (LDGSTS), ldmatrix (LDSM), and no local-memory traffic
     (LDL/STL: spills or stack arrays);
-  - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: warpgroup MMAs (HGMMA),
-    LDGSTS and no local-memory traffic; in other architectures' code (where it only traps) no
-    HGMMA; with --expect-wgmma the module must hold the sm_90a kernels;
+  - sweep_wgmma_kernel (csrc/sweep_wgmma.cu), in its sm_90a code: one warpgroup MMA (HGMMA)
+    per k block (D / 16, plus 4 for the backward's product), one WARPGROUP.ARRIVE per wgmma
+    batch, the async-proxy fence (FENCE.VIEW.ASYNC.S), LDGSTS and no local-memory traffic;
+    in other architectures' code (where it only traps) no HGMMA; with --expect-wgmma the
+    module must hold the sm_90a kernels;
   - sweep_simt_kernel (csrc/sweep_simt.cu), on every architecture: LDGSTS, no HMMA (float32
     FMAs, no TF32), no local-memory traffic, and no global loads besides the row pass's 8 lse
     values (LDG): the workspace is never read back, the backward's accumulators stay in
@@ -27,7 +29,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
-COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "MUFU.EX2", "LDG", "STG")
+COUNTED = ("HMMA", "HGMMA", "LDGSTS", "LDSM", "LDS", "STS", "LDL", "STL", "MUFU.EX2", "LDG", "STG",
+           "WARPGROUP.ARRIVE", "FENCE.VIEW.ASYNC.S")
 
 
 def find_cuobjdump(explicit=None):
@@ -110,9 +113,25 @@ def check(counts, expect_wgmma=False):
                 failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
         elif "sweep_wgmma_kernel" in short:
             if arch == "sm_90a":
-                for op in ("HGMMA", "LDGSTS"):
-                    if ops.get(op, 0) == 0:
-                        failures.append(f"{arch} {short}: no {op}")
+                if ops.get("LDGSTS", 0) == 0:
+                    failures.append(f"{arch} {short}: no LDGSTS")
+                # One HGMMA per 16-wide k block (the k loops are unrolled): D / 16 for the
+                # scores, 64 / 16 more for the backward's RS product.
+                m = re.search(r"sweep_wgmma_kernel<[^,]+, (\d+), (\w+)>", short)
+                if m:
+                    want = int(m.group(1)) // 16 + (0 if m.group(2) == "forward" else 4)
+                    if ops.get("HGMMA", 0) != want:
+                        failures.append(f"{arch} {short}: {ops.get('HGMMA', 0)} HGMMA, not {want}")
+                    # wgmma.fence (warpgroup_arrive) before each batch: scores, and product
+                    batches = 1 if m.group(2) == "forward" else 2
+                    if ops.get("WARPGROUP.ARRIVE", 0) != batches:
+                        failures.append(f"{arch} {short}: {ops.get('WARPGROUP.ARRIVE', 0)} "
+                                        f"WARPGROUP.ARRIVE, not {batches}")
+                else:
+                    failures.append(f"{arch} {short}: no D and mode in the kernel name")
+                # fence.proxy.async between the cp.async writes and the wgmma reads
+                if ops.get("FENCE.VIEW.ASYNC.S", 0) == 0:
+                    failures.append(f"{arch} {short}: no FENCE.VIEW.ASYNC.S (proxy fence)")
                 if ops.get("LDL", 0) or ops.get("STL", 0):
                     failures.append(f"{arch} {short}: local memory traffic (LDL/STL): spills")
             elif ops.get("HGMMA", 0):

@@ -587,6 +587,39 @@ def wgmma_a_coords(kb):
     return row, k
 
 
+def gmma_desc_addresses(desc, major, mn):
+    """Byte addresses in shared memory of the (mn x 16) 16-bit operand that one wgmma reads
+    through a descriptor, decoded with the PTX ISA's canonical 128-byte-swizzle layouts (in
+    16-byte units T): K-major ((8, m), (T, 2)) : ((8T, SBO), (1, T)), MN-major
+    ((T, 8, m), (8, 2)) : ((1, T, LBO), (8T, SBO)); the swizzle XORs address bits [4, 7) with
+    bits [7, 10). desc: dict of start, lbo, sbo (bytes), base_offset, layout_type."""
+    assert desc["layout_type"] == 1, "SWIZZLE_128B (the only layout the kernel uses)"
+    assert desc["base_offset"] == 0, "the tiles are 1024-byte aligned"
+    i, j = np.meshgrid(np.arange(mn), np.arange(16), indexing="ij")  # (mn index, k index)
+    if major == "K":
+        addr = desc["start"] + 128 * (i & 7) + desc["sbo"] * (i >> 3) + 2 * j
+    else:
+        addr = (desc["start"] + 2 * (i & 63) + desc["lbo"] * (i >> 6) + 128 * (j & 7)
+                + desc["sbo"] * (j >> 3))
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+
+def wgmma_operand_addresses(operand, d, stage, kb):
+    """Byte addresses where the kernel's operand tile keeps element (mn, k) of k block kb
+    (the same shape as gmma_desc_addresses): scores_a = owned tile (row, feature), scores_b =
+    ring stage (swept row, feature), product_b = ring stage read as (feature, swept row)."""
+    tile_bytes = TILE * d * 2
+    if operand == "scores_a":
+        i, j = np.meshgrid(np.arange(TILE), 16 * kb + np.arange(16), indexing="ij")
+        return 2 * sw128_offset(d, i, j)
+    if operand == "scores_b":
+        i, j = np.meshgrid(np.arange(TILE), 16 * kb + np.arange(16), indexing="ij")
+        return stage * tile_bytes + 2 * sw128_offset(d, i, j)
+    assert operand == "product_b"
+    i, j = np.meshgrid(np.arange(d), 16 * kb + np.arange(16), indexing="ij")
+    return stage * tile_bytes + 2 * sw128_offset(d, j, i)
+
+
 def wgmma_ss(a_mat, b_mat, n):
     """SS wgmma, 64 x n accumulator (zero-initialised) as fragments (128, n / 2)."""
     row, col = wgmma_acc_coords(n)

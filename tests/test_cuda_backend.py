@@ -164,10 +164,14 @@ def test_toolkit_problems(tmp_path):
     assert build_env.nvcc_version(str(old)) == (12, 4)
 
 
-def _fake_cutlass(root):
+def _fake_cutlass(root, version=(4, 2)):
     for name in ("cute/tensor.hpp", "cutlass/cutlass.h"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("// stand-in\n")
+    if version is not None:
+        (root / "cutlass" / "version.h").write_text(
+            f"#pragma once\n#define CUTLASS_MAJOR {version[0]}\n"
+            f"#define CUTLASS_MINOR {version[1]}\n#define CUTLASS_PATCH 0\n")
     return root
 
 
@@ -194,7 +198,7 @@ def test_cutlass_include_is_found_from_the_variable_or_the_package(tmp_path, mon
 
 def test_wgmma_build_plan(tmp_path, monkeypatch):
     assert build_env.with_sm90a("8.0;9.0") == "8.0;9.0a"
-    assert build_env.with_sm90a("8.0 9.0+PTX") == "8.0;9.0a+PTX"
+    assert build_env.with_sm90a("8.0 9.0+PTX") == "8.0;9.0a"  # PTX: nvcc_flags(..., arch_list)
     assert build_env.with_sm90a("8.0;8.6;9.0a;10.0") == "8.0;8.6;9.0a;10.0"
     include = _fake_cutlass(tmp_path / "include")
     monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
@@ -211,6 +215,52 @@ def test_wgmma_build_plan(tmp_path, monkeypatch):
     assert found is None and arch == "8.0;9.0" and "not built" in note
     assert build_env.WGMMA_SOURCE not in build_env.source_names(False)
     assert build_env.cxx_flags(None) == build_env.CXX_FLAGS
+
+
+@pytest.mark.parametrize("version, usable", [((4, 2), True), ((4, 3), True), ((3, 4), False),
+                                             ((4, 1), False), ((5, 0), False), (None, False)])
+def test_cutlass_headers_of_an_untested_version_are_not_used(tmp_path, monkeypatch, version,
+                                                             usable):
+    # sweep_wgmma.cu is written against the CUTLASS 4.2 API; other headers would fail the
+    # compile of the whole extension (no CUDA kernels at all), so the build goes on without wgmma.
+    include = _fake_cutlass(tmp_path / "include", version)
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
+    found, why = build_env.find_cutlass_include()
+    assert (found == str(include)) == usable, why
+    if not usable:
+        assert "version" in why
+        found, arch, note = build_env.wgmma_plan("8.0;9.0")
+        assert found is None and arch == "8.0;9.0" and "not built" in note
+
+
+def test_wgmma_build_needs_an_nvcc_that_knows_sm_90a(tmp_path, monkeypatch):
+    # sm_90a exists from CUDA 12.0; torch 2.6 also ships CUDA 11.8 builds, whose nvcc would fail
+    # on "9.0a" (and with it the whole extension). The 9.0 entry then stays as it was.
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(_fake_cutlass(tmp_path / "include")))
+    found, arch, note = build_env.wgmma_plan("8.0;9.0", nvcc=(11, 8))
+    assert found is None and arch == "8.0;9.0" and "not built" in note and "11.8" in note
+    found, arch, _ = build_env.wgmma_plan("8.0;9.0", nvcc=(12, 0))
+    assert found is not None and arch == "8.0;9.0a"
+
+
+def test_wgmma_build_keeps_the_portable_ptx_of_a_9_0_ptx_entry(tmp_path, monkeypatch):
+    # "9.0+PTX" promises PTX that newer GPUs (sm_100, ...) compile at load time; compute_90a PTX
+    # loads on sm_90a only, so the plan builds the sm_90a cubin plus compute_90 PTX.
+    include = _fake_cutlass(tmp_path / "include")
+    monkeypatch.setenv(build_env.ENV_CUTLASS, str(include))
+    found, arch, note = build_env.wgmma_plan("8.0;9.0+PTX")
+    assert found == str(include) and arch == "8.0;9.0a"
+    flags = build_env.nvcc_flags(found, "8.0;9.0+PTX")
+    assert "-gencode=arch=compute_90,code=compute_90" in flags
+    assert build_env.nvcc_flags(found, "8.0;9.0") == build_env.nvcc_flags(found)
+    assert not any("compute_90" in f for f in build_env.nvcc_flags(found, "8.0;9.0"))
+    assert build_env.nvcc_flags(None, "8.0;9.0+PTX") == build_env.NVCC_FLAGS
+    # torch's own gencode flags for the planned list: an sm_90a cubin, no sm_90a-only PTX.
+    cpp_extension = pytest.importorskip("torch.utils.cpp_extension")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch)
+    torch_flags = cpp_extension._get_cuda_arch_flags()
+    assert "-gencode=arch=compute_90a,code=sm_90a" in torch_flags
+    assert not any("code=compute_90a" in f for f in torch_flags + flags)
 
 
 # --------------------------------------------------------------------------------------------

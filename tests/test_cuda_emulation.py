@@ -694,6 +694,7 @@ KERNEL_EXPRESSIONS = {
         "kAlignSlack+kTileBytes*(1+kStages)+kVecBytes*kStages;",
         "staticconstexprintkVecBytes=2*kTile*4;",
         "usingAtom=GMMA::Layout_K_SW128_Atom<E>;",
+        "staticconstexprintkAlignSlack=1024;",
         "Stride<Int<kTile>,_1,Int<kTile*D>>{})));",                          # RingT
         "returnmake_layout(layout<0,1>(acc),make_layout(layout<0,0>(acc),layout<0,2>(acc)));",
         "returnmake_layout(make_layout(layout<0,0>(acc),layout<0,1>(acc),layout<0>(blocks)),"
@@ -736,9 +737,18 @@ KERNEL_EXPRESSIONS = {
         "if(col<ld_out)",
         "*reinterpret_cast<float2*>(slice+(own0+row)*ld_out+col)=",
         "make_float2(acc(m,n),acc(m,n+1));",
-        # one committed, waited-for batch per product, operands fenced
-        "warpgroup_fence_operand(c);warpgroup_arrive();",
-        "warpgroup_commit_batch();warpgroup_wait<0>();warpgroup_fence_operand(c);",
+        # one committed, waited-for batch per product, operands fenced: the accumulator and,
+        # for the RS product, the register A operand (P) on both sides of the batch; the
+        # scores start from zero (ScaleOut::Zero on the first k block only), which the
+        # emulation's fresh wgmma_ss result assumes
+        "ifconstexpr(kRegA)warpgroup_fence_operand(a);warpgroup_fence_operand(c);"
+        "warpgroup_arrive();ifconstexpr(kZeroInit)mma.accumulate_=GMMA::ScaleOut::Zero;",
+        "cute::gemm(mma,a(_,_,k),b(_,_,k),c);mma.accumulate_=GMMA::ScaleOut::One;",
+        "warpgroup_commit_batch();warpgroup_wait<0>();warpgroup_fence_operand(c);"
+        "ifconstexpr(kRegA)warpgroup_fence_operand(a);",
+        # 128-byte swizzled tiles on 1024-byte boundaries (descriptor base_offset 0)
+        "(reinterpret_cast<uintptr_t>(smem_raw)+C::kAlignSlack-1)&~uintptr_t(C::kAlignSlack-1));",
+        "E*ring_smem=reinterpret_cast<E*>(smem+C::kTileBytes);",
     ],
 }
 # Statements that must come in this order inside sweep_tc_kernel's main loop.
@@ -823,6 +833,10 @@ def test_kernel_source_check_is_not_vacuous(old, new):
      "__syncthreads();cutlass::arch::fence_view_async_shared();"),  # fence after the barrier
     ("col<n_valid&&col!=diag[m]", "col<=n_valid&&col!=diag[m]"),
     ("warpgroup_commit_batch();warpgroup_wait<0>();", "warpgroup_commit_batch();"),
+    ("ifconstexpr(kRegA)warpgroup_fence_operand(a);warpgroup_fence_operand(c);",
+     "warpgroup_fence_operand(c);"),                                 # P not fenced before arrive
+    ("mma.accumulate_=GMMA::ScaleOut::Zero;", ""),                   # scores accumulate tiles
+    ("&~uintptr_t(C::kAlignSlack-1)", "&~uintptr_t(127)"),         # 128-byte aligned only
 ])
 def test_wgmma_source_check_is_not_vacuous(old, new):
     sources = _kernel_sources()
@@ -895,10 +909,10 @@ def test_emulated_mma_fragments_follow_the_ptx_tables_element_by_element():
 # The wgmma emulation against CuTe itself (host code, no GPU)
 # --------------------------------------------------------------------------------------------
 
-def _wgmma_layout_probe_output():
-    """Output of scripts/wgmma_layout_probe.cu (CuTe's answer for the kernel's layouts and
-    fragment views), compiled once per source version into build/; None when nvcc or the CUTLASS
-    headers are missing."""
+def _wgmma_layout_probe_output(script="wgmma_layout_probe"):
+    """Output of scripts/<script>.cu (CuTe's answer for the kernel's layouts and fragment views,
+    or its descriptors), compiled once per source version into build/; None when nvcc or the
+    CUTLASS headers are missing."""
     import hashlib
     import os
     import subprocess
@@ -910,10 +924,10 @@ def _wgmma_layout_probe_output():
     if cuda_home is None or include is None:
         return None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sources = [os.path.join(root, "scripts", "wgmma_layout_probe.cu"),
+    sources = [os.path.join(root, "scripts", script + ".cu"),
                os.path.join(root, "csrc", "wgmma_layouts.cuh"), os.path.join(root, "csrc", "clreg.h")]
     digest = hashlib.sha256(b"".join(open(p, "rb").read() for p in sources)).hexdigest()[:16]
-    exe = os.path.join(root, "build", "wgmma_layout_probe", digest, "probe")
+    exe = os.path.join(root, "build", script, digest, "probe")
     if not os.path.isfile(exe):
         os.makedirs(os.path.dirname(exe), exist_ok=True)
         subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "-std=c++17",
@@ -961,3 +975,95 @@ def test_wgmma_emulation_matches_cute_layouts():
             erow, ek = emu.wgmma_a_coords(kb)
             assert (erow[t, i], ek[t, i]) == (row, k), line
     assert seen == {"tile", "ringt_mismatches", "smem", "acc", "view", "a", "acoord"}, seen
+
+
+def _wgmma_descriptors():
+    out = _wgmma_layout_probe_output("wgmma_desc_probe")
+    if out is None:
+        pytest.skip("needs nvcc and the CUTLASS headers (nvidia-cutlass or "
+                    "CLREG_FAST_CUTLASS_INCLUDE)")
+    descs = {}
+    for line in out.splitlines():
+        if not line.startswith("desc "):  # CuTe's host-side "ERROR: cast_smem_ptr_to_uint" lines
+            continue
+        _, operand, *vals = line.split()
+        d, stage, kb, start, lbo, sbo, base_offset, layout_type = map(int, vals)
+        descs[operand, d, stage, kb] = dict(start=start, lbo=lbo, sbo=sbo,
+                                            base_offset=base_offset, layout_type=layout_type)
+    return descs
+
+
+_WGMMA_OPERAND_MAJOR = {"scores_a": "K", "scores_b": "K", "product_b": "MN"}
+
+
+@pytest.mark.slow
+def test_wgmma_descriptors_read_the_emulated_matrices():
+    """The descriptors CuTe builds for every wgmma of the kernel (owned tile and ring for the
+    scores, the MN-major RingT view for the product; every D, stage and k block), decoded with
+    the PTX ISA's canonical layouts, address exactly the elements the emulation multiplies. This
+    is the check that the transposed view became a canonical MN-major SW128 descriptor (LBO
+    between 64-feature blocks, SBO between 8-row groups), not only that CuTe compiled it."""
+    descs = _wgmma_descriptors()
+    for d in (64, 128, 256):
+        stages = emu.wgmma_stages(d)
+        want = ([("scores_a", 0, kb) for kb in range(d // 16)]
+                + [("scores_b", s, kb) for s in range(stages) for kb in range(d // 16)]
+                + [("product_b", s, kb) for s in range(stages) for kb in range(emu.TILE // 16)])
+        assert {(o, s, kb) for (o, dd, s, kb) in descs if dd == d} == set(want), d
+        for operand, stage, kb in want:
+            mn = d if operand == "product_b" else emu.TILE
+            got = emu.gmma_desc_addresses(descs[operand, d, stage, kb],
+                                          _WGMMA_OPERAND_MAJOR[operand], mn)
+            np.testing.assert_array_equal(
+                got, emu.wgmma_operand_addresses(operand, d, stage, kb),
+                err_msg=f"{operand} D={d} stage={stage} k block={kb}: {descs[operand, d, stage, kb]}")
+
+
+@pytest.mark.slow
+def test_wgmma_descriptor_check_is_not_vacuous():
+    """The decoder tells a wrong descriptor from a right one: the product's B read K-major, or
+    with LBO and SBO swapped (D >= 128 uses both), or one stage off, addresses other elements."""
+    descs = _wgmma_descriptors()
+    for d in (128, 256):
+        desc = descs["product_b", d, 1, 2]
+        want = emu.wgmma_operand_addresses("product_b", d, 1, 2)
+        assert (emu.gmma_desc_addresses(desc, "MN", d) == want).all()
+        assert not (emu.gmma_desc_addresses(desc, "K", d) == want).all()
+        swapped = dict(desc, lbo=desc["sbo"], sbo=desc["lbo"])
+        assert not (emu.gmma_desc_addresses(swapped, "MN", d) == want).all()
+        other_stage = descs["product_b", d, 0, 2]
+        assert not (emu.gmma_desc_addresses(other_stage, "MN", d) == want).all()
+
+
+@pytest.mark.parametrize("mutation", ["k halves of A swapped", "k pairs of A swapped",
+                                      "copy unswizzled"])
+def test_wgmma_emulation_is_not_vacuous(mutation, monkeypatch):
+    """The emulated wgmma sweep fails against dense math when a fragment or shared-memory
+    formula it shares with the kernel is wrong: P given to the RS product with its k halves
+    (value 8 kb + 4 + i for 8 kb + i) or the two halves of a register swapped, or tiles stored
+    unswizzled by the copy but read through the swizzled layout. (The ring's wait counts are
+    mutation-tested with the sm_80 sweep, whose ring model this one shares.)"""
+    za, zc, lse, w, scale, n_grad = _backward_case(70, 150, 128, 0, "all", seed=7)
+    want = emu.dense_lse_backward(za, zc, lse, w, 0, scale, n_grad)
+    _check_backward(emu.wgmma_lse_backward(za, zc, lse, w, 0, scale, n_grad, False, 132, 2), want)
+    if mutation == "k halves of A swapped":
+        monkeypatch.setattr(emu, "scores_as_a_value", lambda kb, i: (i ^ 4) + 8 * kb)
+    elif mutation == "k pairs of A swapped":
+        monkeypatch.setattr(emu, "scores_as_a_value", lambda kb, i: (i ^ 1) + 8 * kb)
+    else:
+        monkeypatch.setattr(emu, "wgmma_load_tile", _unswizzled_tile)
+    try:
+        got = emu.wgmma_lse_backward(za, zc, lse, w, 0, scale, n_grad, False, 132, 2)
+    except AssertionError:
+        return  # the emulation's own checks (coverage, ring) caught it
+    with pytest.raises(AssertionError):
+        _check_backward(got, want)
+
+
+def _unswizzled_tile(d, src, row0):
+    """wgmma_load_tile with row-major 128-byte rows inside each 8 x 64 atom (no XOR)."""
+    tile = np.full(emu.TILE * d, np.nan)
+    r, k = np.meshgrid(np.arange(emu.TILE), np.arange(d), indexing="ij")
+    off = ((r >> 3) + (emu.TILE // 8) * (k >> 6)) * 512 + (r & 7) * 64 + (k & 63)
+    tile[off] = src[row0 + r, k]
+    return tile

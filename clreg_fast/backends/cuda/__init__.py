@@ -80,9 +80,13 @@ def _jit_build(import_error: str):
     arch_env = os.environ.get("TORCH_CUDA_ARCH_LIST")
     arch_list = arch_env or ";".join(sorted({
         "%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
-    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list)
+    requested_arch_list = arch_list
+    cutlass, arch_list, wgmma_note = build_env.wgmma_plan(arch_list,
+                                                          build_env.nvcc_version(cuda_home))
     if not os.path.isfile(os.path.join(sources_dir, build_env.WGMMA_SOURCE)):
-        cutlass = None
+        # no wgmma sweep after all: the arch list as requested (a 9.0+PTX keeps its PTX)
+        cutlass, arch_list = None, requested_arch_list
+        wgmma_note = f"wgmma sweep not built: no {build_env.WGMMA_SOURCE} in {sources_dir}"
     logger.warning("clreg_fast: building the CUDA extension with nvcc from %s (first use only, "
                    "a few minutes) in %s; %s", cuda_home, build_dir, wgmma_note)
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
@@ -92,7 +96,7 @@ def _jit_build(import_error: str):
             sources=build_env.source_paths(sources_dir, with_wgmma=cutlass is not None),
             extra_include_paths=[sources_dir],
             extra_cflags=build_env.cxx_flags(cutlass),
-            extra_cuda_cflags=build_env.nvcc_flags(cutlass),
+            extra_cuda_cflags=build_env.nvcc_flags(cutlass, requested_arch_list),
             build_directory=build_dir,
             verbose=os.environ.get("CLREG_FAST_VERBOSE_BUILD", "0") == "1",
         )

@@ -131,9 +131,43 @@ def source_paths(csrc_dir: str, with_wgmma: bool = False) -> List[str]:
     return [os.path.join(csrc_dir, name) for name in source_names(with_wgmma)]
 
 
+# sweep_wgmma.cu is written against the CuTe API of CUTLASS 4.2 (the nvidia-cutlass wheel it was
+# built with); headers outside [min, next major) would fail the compile of the whole extension,
+# so they are not used (the build goes on without the wgmma sweep and says why).
+CUTLASS_MIN_VERSION = (4, 2)
+CUTLASS_BELOW_VERSION = (5, 0)
+
+
 def _is_cutlass_include(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "cute", "tensor.hpp")) and os.path.isfile(
         os.path.join(path, "cutlass", "cutlass.h"))
+
+
+def cutlass_version(include: str) -> Optional[Tuple[int, int]]:
+    """(major, minor) from ``cutlass/version.h`` under `include`, None when it does not say."""
+    try:
+        with open(os.path.join(include, "cutlass", "version.h"), errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    major = re.search(r"#define\s+CUTLASS_MAJOR\s+(\d+)", text)
+    minor = re.search(r"#define\s+CUTLASS_MINOR\s+(\d+)", text)
+    if not (major and minor):
+        return None
+    return int(major.group(1)), int(minor.group(1))
+
+
+def _cutlass_version_problem(include: str) -> Optional[str]:
+    version = cutlass_version(include)
+    wanted = (f">= {CUTLASS_MIN_VERSION[0]}.{CUTLASS_MIN_VERSION[1]}, "
+              f"< {CUTLASS_BELOW_VERSION[0]}.{CUTLASS_BELOW_VERSION[1]}")
+    if version is None:
+        return (f"the CUTLASS headers in {include} have no readable cutlass/version.h "
+                f"(version {wanted} needed)")
+    if not CUTLASS_MIN_VERSION <= version < CUTLASS_BELOW_VERSION:
+        return (f"the CUTLASS headers in {include} are version {version[0]}.{version[1]}; "
+                f"the wgmma sweep needs version {wanted}")
+    return None
 
 
 def find_cutlass_include() -> Tuple[Optional[str], str]:
@@ -149,6 +183,9 @@ def find_cutlass_include() -> Tuple[Optional[str], str]:
         if explicit in ("", "0"):
             return None, f"${ENV_CUTLASS}={explicit!r} turns the wgmma sweep off"
         if _is_cutlass_include(explicit):
+            problem = _cutlass_version_problem(explicit)
+            if problem:
+                return None, f"${ENV_CUTLASS}: {problem}"
             return explicit, f"${ENV_CUTLASS}"
         return None, f"${ENV_CUTLASS}={explicit} has no cute/tensor.hpp and cutlass/cutlass.h"
     import importlib.util
@@ -164,28 +201,51 @@ def find_cutlass_include() -> Tuple[Optional[str], str]:
     for location in spec.submodule_search_locations:
         include = os.path.join(location, "source", "include")
         if _is_cutlass_include(include):
+            problem = _cutlass_version_problem(include)
+            if problem:
+                return None, f"the installed nvidia-cutlass package: {problem}"
             return include, "the installed nvidia-cutlass package (cutlass_library)"
     return None, "the installed cutlass_library package has no source/include with CuTe"
 
 
+# PTX of a "9.0+PTX" entry: compute_90 (portable), not compute_90a, see with_sm90a.
+SM90_PORTABLE_PTX_FLAG = "-gencode=arch=compute_90,code=compute_90"
+
+
+def _arch_entries(arch_list: str) -> List[str]:
+    return [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
+
+
 def with_sm90a(arch_list: str) -> str:
-    """TORCH_CUDA_ARCH_LIST with its 9.0 entries built as sm_90a ("9.0" -> "9.0a").
+    """TORCH_CUDA_ARCH_LIST with its 9.0 entries built as sm_90a ("9.0", "9.0+PTX" -> "9.0a").
 
     wgmma exists only in the arch-specific sm_90a target. Replacing (not adding) the entry keeps
     one cubin for compute capability 9.0, so an H100/H200 loads the sm_90a code of every kernel;
-    sm_90a cubins run on 9.0 devices only, which is all a "9.0" entry was for (the CUDA driver
-    never runs them elsewhere). Other entries are kept as they are.
+    sm_90a cubins run on 9.0 devices only, which is all a cubin for 9.0 was for. The PTX of a
+    "9.0+PTX" entry is another matter: it is there for newer GPUs (sm_100, ...) to compile at
+    load time, and compute_90a PTX loads on sm_90a only, so torch must not get "9.0a+PTX";
+    nvcc_flags(include, original list) adds the compute_90 PTX instead. Other entries are kept.
     """
-    entries = [e for e in re.split(r"[;\s]+", arch_list.strip()) if e]
-    return ";".join(e.replace("9.0", "9.0a", 1) if e in ("9.0", "9.0+PTX") else e
-                    for e in entries)
+    return ";".join("9.0a" if e in ("9.0", "9.0+PTX") else e for e in _arch_entries(arch_list))
 
 
-def wgmma_plan(arch_list: str) -> Tuple[Optional[str], str, str]:
-    """``(CUTLASS include or None, arch list to build with, a sentence saying what was decided)``."""
+# The first CUDA release whose nvcc knows the arch-specific sm_90a target.
+SM90A_MIN_NVCC = (12, 0)
+
+
+def wgmma_plan(arch_list: str, nvcc: Optional[Tuple[int, int]] = None
+               ) -> Tuple[Optional[str], str, str]:
+    """``(CUTLASS include or None, arch list to build with, a sentence saying what was decided)``.
+
+    nvcc: the (major, minor) release of the nvcc that will compile, when known.
+    """
     include, how = find_cutlass_include()
     if include is None:
         return None, arch_list, f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: {how}"
+    if nvcc is not None and tuple(nvcc) < SM90A_MIN_NVCC:
+        return None, arch_list, (f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: nvcc "
+                                 f"{nvcc[0]}.{nvcc[1]} has no sm_90a target (CUDA >= "
+                                 f"{SM90A_MIN_NVCC[0]}.{SM90A_MIN_NVCC[1]} needed)")
     sm90a = with_sm90a(arch_list)
     if not any(e.startswith("9.0a") for e in sm90a.split(";")):
         return None, arch_list, (f"wgmma sweep (csrc/{WGMMA_SOURCE}) not built: "
@@ -199,9 +259,13 @@ def cxx_flags(cutlass_include: Optional[str]) -> List[str]:
     return list(CXX_FLAGS) + ([WGMMA_DEFINE] if cutlass_include else [])
 
 
-def nvcc_flags(cutlass_include: Optional[str]) -> List[str]:
+def nvcc_flags(cutlass_include: Optional[str], arch_list: str = "") -> List[str]:
+    """nvcc flags; `arch_list` is the TORCH_CUDA_ARCH_LIST before wgmma_plan rewrote it."""
     if not cutlass_include:
         return list(NVCC_FLAGS)
     # CuTe needs constexpr host functions in device code (torch passes this flag too; repeated
     # here for older releases).
-    return list(NVCC_FLAGS) + [WGMMA_DEFINE, f"-I{cutlass_include}", "--expt-relaxed-constexpr"]
+    flags = list(NVCC_FLAGS) + [WGMMA_DEFINE, f"-I{cutlass_include}", "--expt-relaxed-constexpr"]
+    if "9.0+PTX" in _arch_entries(arch_list):
+        flags.append(SM90_PORTABLE_PTX_FLAG)
+    return flags
