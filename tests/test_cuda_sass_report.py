@@ -13,6 +13,8 @@ _SPEC.loader.exec_module(report)
 
 _SWEEP_TC = ("sm_80", "void clreg::(anonymous namespace)::sweep_tc_kernel<__half, 64, "
                       "(clreg::SweepMode)0>(int)")
+_SWEEP_SIMT = ("sm_80", "void clreg::(anonymous namespace)::sweep_simt_kernel<64, "
+                        "(clreg::SweepMode)0>(int)")
 
 
 def _wgmma(d, mode, hgmma, arrive=None, fence=1):
@@ -24,7 +26,7 @@ def _wgmma(d, mode, hgmma, arrive=None, fence=1):
 
 
 def _failures(*kernels):
-    counts = {_SWEEP_TC: {"HMMA": 8, "LDGSTS": 8, "LDSM": 8}}
+    counts = {_SWEEP_TC: {"HMMA": 8, "LDGSTS": 8, "LDSM": 8}, _SWEEP_SIMT: {"LDGSTS": 8}}
     counts.update(dict(kernels))
     return report.check(counts, expect_wgmma=True)[1]
 
