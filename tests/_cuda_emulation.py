@@ -59,6 +59,23 @@ def _logsumexp0(partial):
     return out
 
 
+def _lane_merge_lse(run_max, run_sum, lanes, masks):
+    """The kernels' closing merge of per-lane running (max, sum) pairs: __shfl_xor_sync over
+    `masks` (lanes indexes axis 0), then m + log(sum), -inf for a row with nothing counted."""
+    m, total = run_max.copy(), run_sum.copy()
+    for mask in masks:
+        om, os_ = m[lanes ^ mask], total[lanes ^ mask]
+        nm = np.maximum(m, om)
+        live = nm != -np.inf
+        with np.errstate(invalid="ignore"):
+            merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
+        total = np.where(live, merged, total)
+        m = np.where(live, nm, m)
+    with np.errstate(divide="ignore"):
+        return np.where((m == -np.inf) | (total == 0), -np.inf,
+                        m + np.log(np.where(total > 0, total, 1.0)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The SIMT / WMMA kernels (lse_forward.cu, lse_backward.cu, tiles.cuh), used for fp32 and for
 # feature sizes above 256.
@@ -425,18 +442,7 @@ def sweep_tc_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pair_
                                     mma_16816(acc[2 * np_ + 1], a, b[2], b[3])
                 if mode == "forward":
                     for h in range(2):
-                        m, total = run_max[h].copy(), run_sum[h].copy()
-                        for mask in (1, 2):
-                            om, os_ = m[LANES ^ mask], total[LANES ^ mask]
-                            nm = np.maximum(m, om)
-                            live = nm != -np.inf
-                            with np.errstate(invalid="ignore"):
-                                merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
-                            total = np.where(live, merged, total)
-                            m = np.where(live, nm, m)
-                        with np.errstate(divide="ignore"):
-                            val = np.where((m == -np.inf) | (total == 0), -np.inf,
-                                           m + np.log(np.where(total > 0, total, 1.0)))
+                        val = _lane_merge_lse(run_max[h], run_sum[h], LANES, (1, 2))
                         write = (Q == 0) & own_ok[h]
                         out[by, own_row[h][write]] = val[write]
                 else:
@@ -710,18 +716,7 @@ def sweep_wgmma_kernel(mode, own, swept, lse, w, out, n_own, n_swept, ld_out, pa
             if mode == "forward":
                 # Lanes 4g..4g+3 of a warp share a row: xor 1 and 2 stay inside the quad.
                 assert (row_s[WG_THREADS ^ 1] == row_s).all() and (row_s[WG_THREADS ^ 2] == row_s).all()
-                m, total = run_max.copy(), run_sum.copy()
-                for mask in (1, 2):
-                    om, os_ = m[WG_THREADS ^ mask], total[WG_THREADS ^ mask]
-                    nm = np.maximum(m, om)
-                    live = nm != -np.inf
-                    with np.errstate(invalid="ignore"):
-                        merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
-                    total = np.where(live, merged, total)
-                    m = np.where(live, nm, m)
-                with np.errstate(divide="ignore"):
-                    val = np.where((m == -np.inf) | (total == 0), -np.inf,
-                                   m + np.log(np.where(total > 0, total, 1.0)))
+                val = _lane_merge_lse(run_max, run_sum, WG_THREADS, (1, 2))
                 write = (WG_Q[:, None] == 0) & own_ok
                 out[by, own_row[write]] = val[write]
             else:
@@ -932,18 +927,8 @@ def sweep_simt_kernel(mode, own, ld_own, swept, ld_swept, dim, lse, w, out, n_ow
                         b = rows[k * ld_smem + TX[:, None] + 16 * np.arange(n_p)[None, :]]
                         acc += pk[:, :, None] * b[:, None, :]
             if mode == "forward":
-                m, total = run_max.copy(), run_sum.copy()
-                for mask in (1, 2, 4, 8):  # __shfl_xor_sync within the half-warp
-                    om, os_ = m[THREAD ^ mask], total[THREAD ^ mask]
-                    nm = np.maximum(m, om)
-                    live = nm != -np.inf
-                    with np.errstate(invalid="ignore"):
-                        merged = total * np.exp(m - nm) + os_ * np.exp(om - nm)
-                    total = np.where(live, merged, total)
-                    m = np.where(live, nm, m)
-                with np.errstate(divide="ignore"):
-                    val = np.where((m == -np.inf) | (total == 0), -np.inf,
-                                   m + np.log(np.where(total > 0, total, 1.0)))
+                # __shfl_xor_sync within the half-warp
+                val = _lane_merge_lse(run_max, run_sum, THREAD, (1, 2, 4, 8))
                 write = (TX[:, None] == 0) & own_ok
                 out[by, own_row[write]] = val[write]
             else:
