@@ -210,12 +210,11 @@ def fused_clreg_loss(
     Returns:
         float32 loss (a scalar, or (Nf,) for ``reduction="none"``); float64 for float64 inputs.
     """
-    if isinstance(forget, torch.Tensor):
-        with _without_autocast(forget.device.type):
-            return _fused_clreg_loss(forget, retain, weight, bias, labels, temperature,
-                                     reduction, backend, extra_negatives, process_group)
-    return _fused_clreg_loss(forget, retain, weight, bias, labels, temperature, reduction,
-                             backend, extra_negatives, process_group)  # fails the checks
+    # (a forget that is not a tensor fails the input checks inside)
+    device_type = forget.device.type if isinstance(forget, torch.Tensor) else "cpu"
+    with _without_autocast(device_type):
+        return _fused_clreg_loss(forget, retain, weight, bias, labels, temperature, reduction,
+                                 backend, extra_negatives, process_group)
 
 
 def _fused_clreg_loss(forget, retain, weight, bias, labels, temperature, reduction, backend,
