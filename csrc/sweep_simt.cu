@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "clreg.h"
+#include "sweep_dispatch.cuh"
 
 namespace clreg {
 namespace {
@@ -334,54 +335,6 @@ cudaError_t launch_one(const float* own, int64_t ld_own, const float* swept, int
   return cudaGetLastError();
 }
 
-template <int D, SweepMode M>
-int resident_one() {
-  using C = SimtConfig<D>;
-  auto kernel = sweep_simt_kernel<D, M>;
-  int n = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) !=
-          cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, C::kSmemBytes) !=
-          cudaSuccess) {
-    cudaGetLastError();  // clear the error of the failed query
-    return 0;
-  }
-  return n;
-}
-
-// Calls F<D, M>::run(args...) for the runtime (dim_pad, mode).
-template <template <int, SweepMode> class F, typename... Args>
-auto dispatch(SweepMode mode, int dim_pad, Args... args) {
-  auto by_mode = [&](auto d) {
-    constexpr int D = decltype(d)::value;
-    switch (mode) {
-      case SweepMode::kForward: return F<D, SweepMode::kForward>::run(args...);
-      case SweepMode::kRows: return F<D, SweepMode::kRows>::run(args...);
-      case SweepMode::kCols:
-      default: return F<D, SweepMode::kCols>::run(args...);
-    }
-  };
-  switch (dim_pad) {
-    case 64: return by_mode(std::integral_constant<int, 64>());
-    case 128: return by_mode(std::integral_constant<int, 128>());
-    case 256:
-    default: return by_mode(std::integral_constant<int, 256>());
-  }
-}
-
-template <int D, SweepMode M>
-struct Launch {
-  template <typename... Args>
-  static cudaError_t run(Args... args) {
-    return launch_one<D, M>(args...);
-  }
-};
-
-template <int D, SweepMode M>
-struct Resident {
-  static int run() { return resident_one<D, M>(); }
-};
-
 }  // namespace
 
 cudaError_t launch_sweep_simt(SweepMode mode, const float* own, int64_t ld_own,
@@ -397,13 +350,18 @@ cudaError_t launch_sweep_simt(SweepMode mode, const float* own, int64_t ld_own,
   if ((dim_pad != 64 && dim_pad != 128 && dim_pad != 256) || dim > dim_pad || dim > ld_own ||
       dim > ld_swept || !aligned || ld_out > dim_pad)
     return cudaErrorInvalidValue;
-  return dispatch<Launch>(mode, dim_pad, own, ld_own, swept, ld_swept, static_cast<int>(dim), lse,
-                          w, out, n_own, n_swept, ld_out, pair_offset, scale, fixed_shift,
-                          n_splits, tiles_per_split, stream);
+  return dispatch_dim_mode(dim_pad, mode, [&](auto d, auto m) {
+    return launch_one<decltype(d)::value, decltype(m)::value>(
+        own, ld_own, swept, ld_swept, static_cast<int>(dim), lse, w, out, n_own, n_swept, ld_out,
+        pair_offset, scale, fixed_shift, n_splits, tiles_per_split, stream);
+  });
 }
 
 int resident_blocks_sweep_simt(SweepMode mode, int dim_pad) {
-  return dispatch<Resident>(mode, dim_pad);
+  return dispatch_dim_mode(dim_pad, mode, [](auto d, auto m) {
+    return resident_blocks_of(sweep_simt_kernel<decltype(d)::value, decltype(m)::value>, kThreads,
+                              SimtConfig<decltype(d)::value>::kSmemBytes);
+  });
 }
 
 }  // namespace clreg

@@ -26,6 +26,7 @@
 
 #include "clreg.h"
 #include "mma_sm80.cuh"
+#include "sweep_dispatch.cuh"
 
 namespace clreg {
 namespace {
@@ -330,59 +331,6 @@ cudaError_t launch_one(const void* own, const void* swept, const float* lse, con
   return cudaGetLastError();
 }
 
-template <typename T, int D, SweepMode M>
-int resident_one() {
-  using C = SweepConfig<D>;
-  auto kernel = sweep_tc_kernel<T, D, M>;
-  int n = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes) !=
-          cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, C::kSmemBytes) !=
-          cudaSuccess) {
-    cudaGetLastError();  // clear the error of the failed query
-    return 0;
-  }
-  return n;
-}
-
-// Calls F<T, D, M>::run(args...) for the runtime (dot, dim_pad, mode).
-template <template <typename, int, SweepMode> class F, typename... Args>
-auto dispatch(SweepMode mode, DotType dot, int dim_pad, Args... args) {
-  auto by_mode = [&](auto t, auto d) {
-    using T = decltype(t);
-    constexpr int D = decltype(d)::value;
-    switch (mode) {
-      case SweepMode::kForward: return F<T, D, SweepMode::kForward>::run(args...);
-      case SweepMode::kRows: return F<T, D, SweepMode::kRows>::run(args...);
-      case SweepMode::kCols:
-      default: return F<T, D, SweepMode::kCols>::run(args...);
-    }
-  };
-  auto by_dim = [&](auto t) {
-    switch (dim_pad) {
-      case 64: return by_mode(t, std::integral_constant<int, 64>());
-      case 128: return by_mode(t, std::integral_constant<int, 128>());
-      case 256:
-      default: return by_mode(t, std::integral_constant<int, 256>());
-    }
-  };
-  if (dot == DotType::kFloat16) return by_dim(__half());
-  return by_dim(__nv_bfloat16());
-}
-
-template <typename T, int D, SweepMode M>
-struct Launch {
-  template <typename... Args>
-  static cudaError_t run(Args... args) {
-    return launch_one<T, D, M>(args...);
-  }
-};
-
-template <typename T, int D, SweepMode M>
-struct Resident {
-  static int run() { return resident_one<T, D, M>(); }
-};
-
 }  // namespace
 
 int sweep_tc_dim(int64_t dim) {
@@ -400,13 +348,19 @@ cudaError_t launch_sweep_tc(SweepMode mode, const void* own, const void* swept, 
   if (dot == DotType::kFloat32 || (dim_pad != 64 && dim_pad != 128 && dim_pad != 256) ||
       ld_out > dim_pad)
     return cudaErrorInvalidValue;
-  return dispatch<Launch>(mode, dot, dim_pad, own, swept, lse, w, out, n_own, n_swept, ld_out,
-                          pair_offset, scale, fixed_shift, n_splits, tiles_per_split, stream);
+  return dispatch_dot_dim_mode(dot, dim_pad, mode, [&](auto t, auto d, auto m) {
+    return launch_one<decltype(t), decltype(d)::value, decltype(m)::value>(
+        own, swept, lse, w, out, n_own, n_swept, ld_out, pair_offset, scale, fixed_shift,
+        n_splits, tiles_per_split, stream);
+  });
 }
 
 int resident_blocks_sweep_tc(SweepMode mode, DotType dot, int dim_pad) {
   if (dot == DotType::kFloat32) return 0;
-  return dispatch<Resident>(mode, dot, dim_pad);
+  return dispatch_dot_dim_mode(dot, dim_pad, mode, [](auto t, auto d, auto m) {
+    return resident_blocks_of(sweep_tc_kernel<decltype(t), decltype(d)::value, decltype(m)::value>,
+                              kThreads, SweepConfig<decltype(d)::value>::kSmemBytes);
+  });
 }
 
 }  // namespace clreg

@@ -38,6 +38,7 @@
 #include <cuda_fp16.h>
 
 #include "clreg.h"
+#include "sweep_dispatch.cuh"
 
 // The headers go into every pass (host and device): the host stubs must see every __global__
 // declaration that the device passes see.
@@ -349,65 +350,20 @@ __global__ void sweep_wgmma_probe_kernel(int* out) {
 }
 
 template <typename T, int D, SweepMode M>
-struct WgmmaLaunch {
-  static cudaError_t run(const void* own, const void* swept, const float* lse, const float* w,
-                         float* out, int64_t n_own, int64_t n_swept, int64_t ld_out,
-                         int64_t pair_offset, float scale, bool fixed_shift, int n_splits,
-                         int tiles_per_split, cudaStream_t stream) {
-    using C = WgmmaConfig<D>;
-    auto kernel = sweep_wgmma_kernel<T, D, M>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>(ceil_div(n_own, kTile)),
-                    static_cast<unsigned>(n_splits));
-    kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(
-        static_cast<const T*>(own), static_cast<const T*>(swept), lse, w, out, n_own, n_swept,
-        ld_out, pair_offset, scale, fixed_shift, tiles_per_split);
-    return cudaGetLastError();
-  }
-};
-
-template <typename T, int D, SweepMode M>
-struct WgmmaResident {
-  static int run() {
-    using C = WgmmaConfig<D>;
-    auto kernel = sweep_wgmma_kernel<T, D, M>;
-    int n = 0;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             C::kSmemBytes) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, C::kSmemBytes) !=
-            cudaSuccess) {
-      cudaGetLastError();  // clear the error of the failed query
-      return 0;
-    }
-    return n;
-  }
-};
-
-// F<T, D, M>::run(args...) for the runtime (dot, dim_pad, mode).
-template <template <typename, int, SweepMode> class F, typename... Args>
-auto dispatch_wgmma(SweepMode mode, DotType dot, int dim_pad, Args... args) {
-  auto by_mode = [&](auto t, auto d) {
-    using T = decltype(t);
-    constexpr int D = decltype(d)::value;
-    switch (mode) {
-      case SweepMode::kForward: return F<T, D, SweepMode::kForward>::run(args...);
-      case SweepMode::kRows: return F<T, D, SweepMode::kRows>::run(args...);
-      case SweepMode::kCols:
-      default: return F<T, D, SweepMode::kCols>::run(args...);
-    }
-  };
-  auto by_dim = [&](auto t) {
-    switch (dim_pad) {
-      case 64: return by_mode(t, std::integral_constant<int, 64>());
-      case 128: return by_mode(t, std::integral_constant<int, 128>());
-      case 256:
-      default: return by_mode(t, std::integral_constant<int, 256>());
-    }
-  };
-  if (dot == DotType::kFloat16) return by_dim(__half());
-  return by_dim(__nv_bfloat16());
+cudaError_t launch_one(const void* own, const void* swept, const float* lse, const float* w,
+                       float* out, int64_t n_own, int64_t n_swept, int64_t ld_out,
+                       int64_t pair_offset, float scale, bool fixed_shift, int n_splits,
+                       int tiles_per_split, cudaStream_t stream) {
+  using C = WgmmaConfig<D>;
+  auto kernel = sweep_wgmma_kernel<T, D, M>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(ceil_div(n_own, kTile)), static_cast<unsigned>(n_splits));
+  kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(
+      static_cast<const T*>(own), static_cast<const T*>(swept), lse, w, out, n_own, n_swept,
+      ld_out, pair_offset, scale, fixed_shift, tiles_per_split);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -436,14 +392,20 @@ cudaError_t launch_sweep_wgmma(SweepMode mode, const void* own, const void* swep
   if (dot == DotType::kFloat32 || (dim_pad != 64 && dim_pad != 128 && dim_pad != 256) ||
       ld_out > dim_pad)
     return cudaErrorInvalidValue;
-  return dispatch_wgmma<WgmmaLaunch>(mode, dot, dim_pad, own, swept, lse, w, out, n_own,
-                                     n_swept, ld_out, pair_offset, scale, fixed_shift, n_splits,
-                                     tiles_per_split, stream);
+  return dispatch_dot_dim_mode(dot, dim_pad, mode, [&](auto t, auto d, auto m) {
+    return launch_one<decltype(t), decltype(d)::value, decltype(m)::value>(
+        own, swept, lse, w, out, n_own, n_swept, ld_out, pair_offset, scale, fixed_shift,
+        n_splits, tiles_per_split, stream);
+  });
 }
 
 int resident_blocks_sweep_wgmma(SweepMode mode, DotType dot, int dim_pad) {
   if (dot == DotType::kFloat32) return 0;
-  return dispatch_wgmma<WgmmaResident>(mode, dot, dim_pad);
+  return dispatch_dot_dim_mode(dot, dim_pad, mode, [](auto t, auto d, auto m) {
+    return resident_blocks_of(
+        sweep_wgmma_kernel<decltype(t), decltype(d)::value, decltype(m)::value>, kThreads,
+        WgmmaConfig<decltype(d)::value>::kSmemBytes);
+  });
 }
 
 }  // namespace clreg

@@ -18,7 +18,8 @@ EXTENSION_NAME = "clreg_fast._C"
 # torch_ops.cpp registers the same functions as torch.ops.clreg_fast.cuda_* (TORCH_LIBRARY).
 SOURCES = ("bindings.cpp", "torch_ops.cpp", "lse_forward.cu", "lse_backward.cu", "sweep_tc.cu",
            "sweep_simt.cu")
-HEADERS = ("clreg.h", "clreg_torch.h", "splits.h", "tiles.cuh", "mma_sm80.cuh", "wgmma_layouts.cuh")
+HEADERS = ("clreg.h", "clreg_torch.h", "splits.h", "tiles.cuh", "mma_sm80.cuh", "sweep_dispatch.cuh",
+           "wgmma_layouts.cuh")
 # The Hopper sweep (CuTe wgmma kernels): compiled only when the CUTLASS headers are found and the
 # arch list has a 9.0 entry; it then gets -DCLREG_WITH_WGMMA (bindings.cpp too).
 WGMMA_SOURCE = "sweep_wgmma.cu"
