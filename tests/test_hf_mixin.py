@@ -340,6 +340,18 @@ def test_eval_mode_and_no_grad_call_the_base_alone(tmp_path):
                                    plain.compute_loss(plain.model, batch), rtol=0, atol=0)
 
 
+def _transformers_resume_broken() -> bool:
+    """transformers < 4.51 cannot resume any Trainer checkpoint on torch >= 2.6: its RNG-state
+    load trips torch.load's new weights_only default (huggingface/transformers#34631)."""
+    import transformers
+    from packaging.version import Version
+
+    return (Version(torch.__version__).release >= (2, 6)
+            and Version(transformers.__version__).release < (4, 51))
+
+
+@pytest.mark.xfail(_transformers_resume_broken(), strict=True,
+                   reason="transformers < 4.51 on torch >= 2.6 cannot resume a Trainer checkpoint")
 def test_head_is_trained_checkpointed_and_restored_on_resume(tmp_path):
     from safetensors import safe_open
 
