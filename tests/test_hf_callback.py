@@ -243,3 +243,27 @@ def test_errors_are_clear(tmp_path):
     trainer.add_callback(make(rows, rows, k=2))
     with pytest.raises(RuntimeError, match="attach"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_gloo_every_rank_logs_the_same_metrics(tmp_path):
+    import subprocess
+
+    out = tmp_path / "ddp.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(SCRIPTS, "hf_callback_worker.py"), "--out", str(out),
+           "--output-dir", str(tmp_path / "run")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if proc.returncode:
+        pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    result = torch.load(out, weights_only=False)
+    assert result["world_size"] == 2
+    rank0, rank1 = result["ranks"]
+    assert rank0["wrapped"] == "DistributedDataParallel"
+    assert [e["step"] for e in rank0["logged"]] == [0, 1, 2]
+    assert rank0["logged"] == rank1["logged"]  # every rank measured, with equal weights
+    last = rank0["logged"][-1]
+    assert {k: last["repr/" + k] for k in rank0["final"]} == pytest.approx(rank0["final"])
+    assert last["repr/retain_drift"] > 0
