@@ -267,3 +267,20 @@ def test_two_process_ddp_gloo_every_rank_logs_the_same_metrics(tmp_path):
     last = rank0["logged"][-1]
     assert {k: last["repr/" + k] for k in rank0["final"]} == pytest.approx(rank0["final"])
     assert last["repr/retain_drift"] > 0
+
+
+def test_an_evaluate_call_outside_training_is_measured_once(tmp_path):
+    trainer = H.PlainGradDiff(model=H.tiny_model(), args=H.training_args(tmp_path, max_steps=1),
+                              train_dataset=H.make_pairs(4), data_collator=H.collate_pairs)
+    forget, retain = probe_rows(3, seed=11, concept=1), probe_rows(4, seed=12)
+    callback = RepresentationMetricsCallback(forget, retain, layer=LAYER, k=2, when="evaluate",
+                                             metrics=("knn_mixing", "retain_drift"))
+    callback.attach(trainer)
+    for _ in range(2):  # what Trainer.evaluate() signals when it ends
+        trainer.callback_handler.on_evaluate(trainer.args, trainer.state, trainer.control,
+                                             metrics={})
+    entries = [{k: v for k, v in e.items() if k != "epoch"}
+               for e in repr_entries(trainer.state.log_history)]
+    f, r = callback.features(trainer.model)
+    # No train begin, so no drift reference: retain_drift is left out.
+    assert entries == [{"repr/knn_mixing": RM.knn_mixing(f, r, k=2), "step": 0}]
