@@ -89,7 +89,8 @@ def expected_metrics(recorder, step, forget, retain, pooling, k, names, referenc
     f = reference_features(recorder.weights[step], forget, pooling)
     r = reference_features(recorder.weights[step], retain, pooling)
     r0 = reference_features(recorder.weights[reference_step], retain, pooling)
-    out = {"entanglement_score": RM.entanglement_score(f, r), "knn_mixing": RM.knn_mixing(f, r, k=k),
+    out = {"entanglement_score": RM.entanglement_score(f, r),
+           "knn_mixing": RM.knn_mixing(f, r, k=k),
            "silhouette": RM.forget_retain_silhouette(f, r),
            "linear_probe_acc": RM.linear_probe_accuracy(f, r),
            "forget_retain_cos": RM.mean_cosine(f, r), "retain_drift": RM.feature_drift(r0, r)}
@@ -100,6 +101,7 @@ def repr_entries(log_history, prefix="repr/"):
     return [e for e in log_history if any(key.startswith(prefix) for key in e)]
 
 
+@pytest.mark.slow  # about 6 s: four steps, three measurements, their float64 references
 def test_metrics_logged_at_logging_steps_with_the_mixin(tmp_path):
     forget, retain = probe_rows(6, seed=1, concept=1), probe_rows(9, seed=2)
     trainer = H.CLRegGradDiff(model=H.tiny_model(),
