@@ -216,6 +216,21 @@ def test_compute_equals_the_metric_functions_on_its_features():
                                        "forget_retain_cos": RM.mean_cosine(f, r)}
 
 
+    class Indexable:  # a row collection that is not a list, as a datasets.Dataset is
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    other = RepresentationMetricsCallback(Indexable(forget), Indexable(retain), layer=-1, k=2)
+    f2, r2 = other.features(model)
+    assert torch.equal(f, f2) and torch.equal(r, r2)
+
+
 def test_errors_are_clear(tmp_path):
     rows = probe_rows(3, seed=10)
     make = RepresentationMetricsCallback

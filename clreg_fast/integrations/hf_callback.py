@@ -66,6 +66,9 @@ def _probe_rows(probe: Probe, name: str) -> List[Tuple[torch.Tensor, torch.Tenso
                  if probe.get(key) is not None} for i in range(ids.shape[0])]
     elif isinstance(probe, Sequence) and not isinstance(probe, (str, bytes)):
         rows = list(probe)
+    elif hasattr(probe, "__len__") and hasattr(probe, "__getitem__") and not isinstance(
+            probe, (str, bytes)):  # indexable row collections, e.g. a datasets.Dataset
+        rows = [probe[i] for i in range(len(probe))]
     else:
         raise TypeError(f"{name} probe must be a batch dict or a list of row dicts, got "
                         f"{type(probe).__name__}")
@@ -133,7 +136,8 @@ class RepresentationMetricsCallback(TrainerCallback):
     Args:
         forget, retain: the probe sets, each either a tokenized batch (a dict of (rows, tokens)
             ``input_ids``, optional ``attention_mask`` and ``labels``; tensors or nested lists)
-            or a list of row dicts with the same keys (1-D each, any lengths). Rows are
+            or a list of row dicts with the same keys (1-D each, any lengths; any indexable
+            collection of such rows, e.g. a ``datasets.Dataset``, works too). Rows are
             forwarded as given, right-padded with ``pad_token_id`` to the micro-batch's longest
             row. With ``labels`` (-100 on prompt tokens, as in training batches) the pooled
             tokens are the answer tokens, otherwise every attended token.
