@@ -8,18 +8,15 @@ float64 on the input's device (on the first input's device when they differ; on 
 Apple's MPS, which has no float64); the linear probe moves the rows to CPU numpy for
 scikit-learn, which is imported only when the probe is called.
 
-Directions (definitions and sources in ``docs/representation_metrics.md``):
+Directions (definitions, cost and sources in ``docs/representation_metrics.md``):
 
-=========================  ==========================  =================================
-metric                     more separated              fully mixed (one distribution)
-=========================  ==========================  =================================
-``entanglement_score``     lower (0: tight clusters)   large (between-set distance -> 0)
-``knn_mixing``             lower (0)                   about 1
-``forget_retain_silhouette``  higher (up to 1)         about 0
-``linear_probe_accuracy``  higher (1)                  about 0.5
-``mean_cosine``            lower                       (no fixed value)
-``feature_drift``          (retain rows only: 0 = unchanged since the reference)
-=========================  ==========================  =================================
+* ``entanglement_score``: lower = more separated (0 for tight distinct clusters; large when
+  both sets come from one distribution);
+* ``knn_mixing``: 0 = separated, about 1 = as mixed as a random draw;
+* ``forget_retain_silhouette``: up to 1 = separated, about 0 = overlapping;
+* ``linear_probe_accuracy``: 1 = linearly separable, about 0.5 = chance;
+* ``mean_cosine``: lower = further apart (no fixed value for "mixed");
+* ``feature_drift``: 0 = the rows kept their directions since the reference.
 """
 from __future__ import annotations
 
