@@ -161,3 +161,23 @@ def test_clreg_loss_projects_as_a_module_only_when_the_projection_is_sharded(mon
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="projection takes 6"):
         loss_fn(torch.randn(4, 5), None)
+
+
+@needs_hf
+def test_clreg_negatives_is_checked_and_global_on_one_process_is_local(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tests", "dist_scripts"))
+    import hf_testing as H
+
+    with pytest.raises(ValueError, match="clreg_negatives"):
+        H.CLRegGradDiff(model=H.tiny_model(), args=H.training_args(tmp_path / "bad"),
+                        train_dataset=H.make_pairs(4), data_collator=H.collate_pairs,
+                        clreg_negatives="all")
+    losses = []
+    for negatives in ("local", "global"):
+        trainer = H.CLRegGradDiff(model=H.tiny_model(), args=H.training_args(tmp_path / negatives),
+                                  train_dataset=H.make_pairs(4), data_collator=H.collate_pairs,
+                                  clreg_proj_dim=8, clreg_negatives=negatives)
+        assert trainer._clreg_process_group() is None  # no process group: this process only
+        trainer.train()
+        losses.append([e["clreg_loss"] for e in trainer.state.log_history if "clreg_loss" in e])
+    assert losses[0] == losses[1] and len(losses[0]) == 1

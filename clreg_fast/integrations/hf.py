@@ -364,6 +364,7 @@ class CLRegMixin:
             with torch.no_grad():
                 retain_hidden = layer_hidden_states(model, retain["input_ids"],
                                                     retain["attention_mask"], layer)
+        self._check_retain_rows_differ(retain)
         clreg = self._clreg_term(forget_hidden, forget, concept_ids, retain_hidden, retain)
         if clreg is not None:
             self._record_clreg(clreg)
@@ -430,6 +431,33 @@ class CLRegMixin:
                                  fallback=self.clreg_fallback, backend=self.clreg_backend,
                                  process_group=self._clreg_process_group())
         return loss
+
+    def _check_retain_rows_differ(self, retain: Optional[Mapping]) -> None:
+        """With global negatives, warns once when every rank got the same retain rows.
+
+        OpenUnlearning's dataset draws the retain rows with the global RNG, seeded alike on every
+        rank (its issue #139): the global batch then holds each retain row world_size times, so
+        each counts world_size times among the negatives. One all-gather of a digest, once.
+        """
+        group = self._clreg_process_group()
+        if group is None or getattr(self, "_clreg_checked_retain", False):
+            return
+        self._clreg_checked_retain = True
+        import hashlib
+
+        import torch.distributed as dist
+
+        digest = None if retain is None else hashlib.sha1(
+            retain["input_ids"].detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        digests = [None] * dist.get_world_size(group)
+        dist.all_gather_object(digests, digest, group=group)
+        if digest is not None and len(set(digests)) == 1:
+            logger.warning(
+                "CLRegMixin: every rank got the same retain rows (OpenUnlearning draws them with "
+                "an RNG seeded alike on every rank, its issue #139): with "
+                "clreg_negatives='global' each retain row counts %d times among the negatives. "
+                "Seed the retain draw per rank, or use clreg_negatives='local'",
+                len(digests))
 
     def _clreg_process_group(self):
         """The default group for ``clreg_negatives="global"`` with several ranks, else None."""
