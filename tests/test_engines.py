@@ -103,10 +103,15 @@ def test_zero2_head_and_global_negatives_make_the_update_independent_of_the_rank
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has("torch.distributed.fsdp"), reason="needs torch.distributed.fsdp")
-def test_fsdp2_clreg_loss_one_unit_and_projection_as_its_own_unit(tmp_path):
+def test_fsdp2_clreg_loss_one_unit_projection_own_unit_and_the_mixin_head(tmp_path):
     results = _launch(tmp_path, "fsdp2")
+    # the mixin's capture and term with its head in the root unit of a fully_shard-ed model
+    # (each decoder layer a unit, as accelerate wraps): the gradients of one process
+    head = results["mixin_head"]
+    assert head["same_names"] and head["head_scale"] > 1e-3
+    assert head["error"] < 1e-6 * max(1.0, head["scale"]) + 1e-7, head
     for name in ("clreg_loss_one_unit", "clreg_loss_own_unit"):
-        case = results[name]
+        case = results[name]  # CLRegLoss owning its projection
         assert case["scale"] > 1e-3
         assert case["error"] < 1e-6 * case["scale"] + 1e-7, (name, case)
         assert case["input_error"] < 1e-6 and case["loss_error"] < 1e-6

@@ -8,7 +8,9 @@
   ``zero3`` also trains a module owning a ``CLRegLoss`` projection with ``deepspeed.initialize``
   and hands ``fused_clreg_loss`` a ZeRO-3 partitioned weight;
 * ``fsdp2``: ``CLRegLoss`` with its projection under ``fully_shard`` (one unit, and the
-  projection a unit of its own), and ``fused_clreg_loss`` handed the DTensor weight.
+  projection a unit of its own), ``fused_clreg_loss`` handed the DTensor weight, and the
+  mixin's capture and term with its head in the root unit of a ``fully_shard``-ed tiny LLaMA
+  (the Trainer's FSDP needs GPUs: accelerate turns it on only on accelerator devices).
 
 Every case is compared on rank 0 with one process's plain-autograd computation on the same rows
 (``capture_layer`` + ``pool_features`` + ``clreg_loss_reference``). Rank 0 writes a dict
@@ -65,8 +67,9 @@ def _recording(cls, concepts_by_rank=None):
 
 def _full_params(module: nn.Module, zero3: bool):
     named = list(module.named_parameters())
-    if not zero3:
-        return {n: p.detach().clone() for n, p in named}
+    if not zero3:  # FSDP2 holds DTensors: their full value
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for n, p in named}
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
@@ -117,14 +120,16 @@ def _expected(model0, head0, batches, negatives, fallback="skip"):
 
 
 def mixin_case(name, output_dir, zero3, proj_dim, negatives="local", concepts_by_rank=None,
-               rows_per_rank=4):
+               rows_per_rank=4, **extra_args):
     import hf_testing as H
 
     model = H.tiny_model()
     model0 = copy.deepcopy(model)
+    # use_cpu=False: DeepSpeed (turned on by the environment) then sets up the ranks itself
+    extra_args = {"use_cpu": False, **extra_args}
     args = H.training_args(os.path.join(output_dir, name), max_steps=1, ddp_backend="gloo",
-                           use_cpu=False, learning_rate=LR,
-                           per_device_train_batch_size=rows_per_rank)
+                           learning_rate=LR, per_device_train_batch_size=rows_per_rank,
+                           **extra_args)
     cls = _recording(H.CLRegSeqMeanGradDiff, concepts_by_rank)
     world = dist.get_world_size()
     trainer = cls(model=model, args=args,
@@ -136,6 +141,12 @@ def mixin_case(name, output_dir, zero3, proj_dim, negatives="local", concepts_by
     head_dtype = None if head0 is None else str(head0.weight.dtype)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
+    from clreg_fast.integrations.hf import _fsdp_version
+
+    sharded = {"fsdp_version": _fsdp_version(trainer),
+               "dtensor_params": sum(hasattr(p, "full_tensor")
+                                     for p in trainer.model.parameters()),
+               "zero3_params": sum(hasattr(p, "ds_id") for p in trainer.model.parameters())}
     after = _full_params(trainer.model, zero3)
     gathered = [None] * world
     dist.all_gather_object(gathered, trainer.first_batches)
@@ -157,6 +168,7 @@ def mixin_case(name, output_dir, zero3, proj_dim, negatives="local", concepts_by
         "expected_loss": loss,
         "dropped": [b["dropped"] for b in batches],
         "head_dtype": head_dtype,
+        **sharded,
     }
 
 
@@ -277,6 +289,59 @@ def clreg_loss_fsdp2(own_unit: bool):
             "shard_error": shard_error}
 
 
+def _mixin_step(model, mixin, batch):
+    """One micro-batch as CLRegMixin.compute_loss computes it (its capture and its term) on a
+    SeqMeanGradDiff-like loss."""
+    import hf_testing as H
+    from clreg_fast.integrations.hf import _ForwardCapture
+
+    f, r = batch["forget"], batch["retain"]
+    with _ForwardCapture(model, LAYER, {"forget": f["input_ids"],
+                                        "retain": r["input_ids"]}) as capture:
+        f_logits = model(input_ids=f["input_ids"], attention_mask=f["attention_mask"]).logits
+        r_logits = model(input_ids=r["input_ids"], attention_mask=r["attention_mask"]).logits
+    base = -H.sequence_mean_nll(f_logits, f["labels"]) + H.sequence_mean_nll(r_logits,
+                                                                             r["labels"])
+    term = mixin._clreg_term(capture.hidden["forget"], f, f["concept_ids"],
+                             capture.hidden["retain"], r)
+    return base + WEIGHT * term
+
+
+def mixin_head_fsdp2():
+    """The mixin's head under FSDP2 as accelerate shards a model (each decoder layer a unit, the
+    root unit holding the rest, the head included), called after the model's forwards.
+    (accelerate turns FSDP on only on accelerator devices, so the Trainer path needs GPUs.)"""
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_testing as H
+
+    model = H.tiny_model().train()
+    mixin = object.__new__(H.CLRegSeqMeanGradDiff)  # its CLReg methods, without a Trainer
+    mixin.__dict__.update(model=model, clreg_proj_dim=8, clreg_pooling="mean",
+                          clreg_temperature=0.1, clreg_fallback="skip", clreg_backend="auto",
+                          clreg_negatives="local", _clreg_head_anchor=None)
+    mixin._add_head(model)
+    model0 = copy.deepcopy(model)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = [H.collate_pairs(H.make_pairs(4, seed=10 + i)) for i in range(world)]
+    _mixin_step(model, mixin, batches[rank]).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank != 0:
+        return None
+    reference = object.__new__(H.CLRegSeqMeanGradDiff)
+    reference.__dict__.update(mixin.__dict__, model=model0)
+    total = sum(_mixin_step(model0, reference, b) for b in batches) / world
+    total.backward()
+    expected = {n: p.grad for n, p in model0.named_parameters()}
+    return {"error": max(float((grads[n] - expected[n]).abs().max()) for n in expected),
+            "scale": max(float(g.abs().max()) for g in expected.values()),
+            "head_scale": float(expected["clreg_head.weight"].abs().max()),
+            "same_names": set(grads) == set(expected)}
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -289,7 +354,8 @@ def main() -> None:
     if opts.engine == "fsdp2":
         dist.init_process_group("gloo")
         cases = {"clreg_loss_one_unit": lambda: clreg_loss_fsdp2(own_unit=False),
-                 "clreg_loss_own_unit": lambda: clreg_loss_fsdp2(own_unit=True)}
+                 "clreg_loss_own_unit": lambda: clreg_loss_fsdp2(own_unit=True),
+                 "mixin_head": mixin_head_fsdp2}
     else:
         zero3 = opts.engine == "zero3"
         out = opts.output_dir
