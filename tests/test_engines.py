@@ -40,7 +40,7 @@ def _launch(tmp_path, engine: str, extra_env=None):
            WORKER, "--engine", engine, "--out", str(out), "--output-dir", str(tmp_path / "run")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(extra_env or {}))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if proc.returncode:
         pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     results = torch.load(out, weights_only=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import os
 import sys
 import traceback
@@ -127,9 +128,10 @@ def mixin_case(name, output_dir, zero3, proj_dim, negatives="local", concepts_by
     model0 = copy.deepcopy(model)
     # use_cpu=False: DeepSpeed (turned on by the environment) then sets up the ranks itself
     extra_args = {"use_cpu": False, **extra_args}
+    # ddp_timeout: a desynchronized collective fails in minutes instead of hanging for 30
     args = H.training_args(os.path.join(output_dir, name), max_steps=1, ddp_backend="gloo",
                            learning_rate=LR, per_device_train_batch_size=rows_per_rank,
-                           **extra_args)
+                           ddp_timeout=180, **extra_args)
     cls = _recording(H.CLRegSeqMeanGradDiff, concepts_by_rank)
     world = dist.get_world_size()
     trainer = cls(model=model, args=args,
@@ -352,7 +354,7 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(1)
     if opts.engine == "fsdp2":
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
         cases = {"clreg_loss_one_unit": lambda: clreg_loss_fsdp2(own_unit=False),
                  "clreg_loss_own_unit": lambda: clreg_loss_fsdp2(own_unit=True),
                  "mixin_head": mixin_head_fsdp2}
