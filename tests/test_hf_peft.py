@@ -188,3 +188,21 @@ def test_the_head_is_saved_beside_the_adapter_and_restored_on_resume(tmp_path):
     p_full, p_resumed = trainable(full.model), trainable(resumed.model)
     for name in p_full:
         torch.testing.assert_close(p_resumed[name], p_full[name], rtol=1e-6, atol=1e-7)
+
+
+def test_the_head_file_comes_from_a_given_gathered_state_dict(tmp_path):
+    """Under ZeRO-3 the head holds a partition and the Trainer hands _save the gathered state
+    dict: the file takes the head from there; a partition alone is not written."""
+    from safetensors.torch import load_file
+
+    trainer = make(CLRegAdapterNPO, tmp_path / "run", clreg_proj_dim=8)
+    full = {f"{hf_mixin.HEAD_NAME}.weight": torch.full((8, 32), 0.25),
+            f"{hf_mixin.HEAD_NAME}.bias": torch.full((8,), -1.0)}
+    state = {**trainer.model.state_dict(), **full}
+    trainer._save(str(tmp_path / "gathered"), state_dict=state)
+    saved = load_file(str(tmp_path / "gathered" / hf_mixin.HEAD_FILE))
+    assert torch.equal(saved["weight"], full[f"{hf_mixin.HEAD_NAME}.weight"])
+    assert torch.equal(saved["bias"], full[f"{hf_mixin.HEAD_NAME}.bias"])
+    partition = {**state, f"{hf_mixin.HEAD_NAME}.weight": torch.empty(0)}
+    trainer._save(str(tmp_path / "partition"), state_dict=partition)
+    assert not (tmp_path / "partition" / hf_mixin.HEAD_FILE).exists()

@@ -295,8 +295,16 @@ class CLRegMixin:
         if head is not None and _is_peft_model(self.model):
             from safetensors.torch import save_file
 
+            # Under ZeRO-3 the head holds only this rank's partition; the Trainer then passes
+            # the gathered state dict, whose copy of the head is the full one.
+            tensors = {name: (state_dict or {}).get(f"{HEAD_NAME}.{name}", value)
+                       for name, value in head.state_dict().items()}
+            if any(t.numel() == 0 for t in tensors.values()):
+                logger.warning("CLRegMixin: the head is partitioned and no gathered copy was "
+                               "given to _save: %s not written", HEAD_FILE)
+                return result
             directory = output_dir if output_dir is not None else self.args.output_dir
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(directory, HEAD_FILE))
         return result
 
