@@ -135,7 +135,9 @@ setup(
     package_data={"clreg_fast.backends.triton": ["tuned/*.json"]},  # measured launch tables
     python_requires=">=3.9",
     entry_points={"console_scripts": ["clreg-unlearn=clreg_fast.unlearn.cli:main"]},
-    install_requires=["torch>=2.6"],
+    # torch 2.4/2.5 (OpenUnlearning pins 2.4.1): reference and torch backends, CLRegMixin, the
+    # cross-rank loss; torch.compile, triton and the CUDA extension need torch >= 2.6.
+    install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.2"],
         "unlearn": ["transformers>=4.45", "safetensors", "tqdm", "matplotlib", "scipy", "gguf",

@@ -64,7 +64,7 @@ class CLRegFunction(torch.autograd.Function):
         zk = zf if anchors is None else zf[anchors[0]]  # forget rows in kernel order
         # Extra negatives (already normalized, no gradient) are columns after the retain rows.
         extra = [] if extra_negatives is None else [extra_negatives.to(zf.dtype)]
-        if retain.shape[0]:
+        if retain.shape[0] != 0:  # not bool(SymInt): torch 2.6 specializes that to the size
             zr, norm_r = kernels.project_normalize(retain, weight, bias)
             z_all = torch.cat([zk, zr] + extra)
         else:

@@ -209,7 +209,9 @@ fi
 echo "== throwaway venv with torch==$CPU_TORCH_VERSION (CPU build)"
 "$PY" -m venv "$TMP/venv"
 VPY="$TMP/venv/bin/python"
-"$VPY" -m pip install -q "torch==$CPU_TORCH_VERSION" setuptools wheel >"$TMP/pip_torch.log" 2>&1 \
+# setuptools and wheel at the lock's versions (the same build tools as every clone).
+LOCKED_BUILD_TOOLS=$(grep -i -E "^(setuptools|wheel)==" "$REPO/requirements-lock.txt")
+"$VPY" -m pip install -q "torch==$CPU_TORCH_VERSION" $LOCKED_BUILD_TOOLS >"$TMP/pip_torch.log" 2>&1 \
   || { cat "$TMP/pip_torch.log"; echo "FAILED: could not install torch==$CPU_TORCH_VERSION" >&2; exit 1; }
 # A copy of the checkout's files (tracked and untracked, not ignored): no stale build/ or .so.
 mkdir -p "$TMP/src"

@@ -115,6 +115,23 @@ def expected_clreg(model0, head0, records, layer, pooling, temperature, use_labe
     return values, grads
 
 
+def layer_output(model, layer, batch):
+    with torch.no_grad(), capture_layer(model, layer) as cap:
+        cap.run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return cap[layer]
+
+
+def assert_same_forward(actual, expected):
+    """Two float32 forwards of the same model on the same batch. A training forward (grad on)
+    and a no-grad one may pick other attention/matmul kernels, whose reduction order differs by
+    library version (transformers 5.25 vs 5.24), so a few float32 ulps of the largest value are
+    allowed: far below what another layer, batch or model gives."""
+    assert actual.dtype == expected.dtype == torch.float32
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=0,
+                               atol=16 * torch.finfo(torch.float32).eps * scale)
+
+
 # ----------------------------------------------------------------------------- import
 
 def test_import_clreg_fast_and_the_mixin_without_transformers():
@@ -149,14 +166,21 @@ def test_captured_features_equal_capture_layer_on_the_same_batch(cls, tmp_path):
     assert len(trainer.records) == 1
     rec = trainer.records[0]
     for side in ("forget", "retain"):
-        batch = rec[side]
-        with torch.no_grad(), capture_layer(model0, 1) as cap:
-            cap.run(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            expected = cap[1]
-        torch.testing.assert_close(rec[f"{side}_hidden"], expected, rtol=0, atol=0)
+        expected = layer_output(model0, 1, rec[side])
+        assert_same_forward(rec[f"{side}_hidden"], expected)
     # the concept ids were taken out of the batch before the base trainer saw it
     assert "concept_ids" not in rec["forget"]
     assert rec["concept_ids"] is not None
+    # The tolerance still tells the features apart from those of another layer, of another
+    # batch (rows in another order) and of the reference model.
+    forget = rec["forget"]
+    wrong = {"layer 0": layer_output(model0, 0, forget),
+             "another batch": layer_output(model0, 1, {k: v.flip(0) for k, v in forget.items()})}
+    if hasattr(trainer, "ref_model"):
+        wrong["reference model"] = layer_output(trainer.ref_model, 1, forget)
+    for what, features in wrong.items():
+        with pytest.raises(AssertionError):  # "DID NOT RAISE": `what` passed as the same forward
+            assert_same_forward(rec["forget_hidden"], features)
 
 
 @pytest.mark.parametrize("plain, mixed", [(H.PlainGradDiff, H.CLRegGradDiff),
@@ -316,6 +340,18 @@ def test_eval_mode_and_no_grad_call_the_base_alone(tmp_path):
                                    plain.compute_loss(plain.model, batch), rtol=0, atol=0)
 
 
+def _transformers_resume_broken() -> bool:
+    """transformers < 4.51 cannot resume any Trainer checkpoint on torch >= 2.6: its RNG-state
+    load trips torch.load's new weights_only default (huggingface/transformers#34631)."""
+    import transformers
+    from packaging.version import Version
+
+    return (Version(torch.__version__).release >= (2, 6)
+            and Version(transformers.__version__).release < (4, 51))
+
+
+@pytest.mark.xfail(_transformers_resume_broken(), strict=True,
+                   reason="transformers < 4.51 on torch >= 2.6 cannot resume a Trainer checkpoint")
 def test_head_is_trained_checkpointed_and_restored_on_resume(tmp_path):
     from safetensors import safe_open
 

@@ -264,7 +264,7 @@ def _make_plan(forget, retain, weight, bias, labels, temperature, reduction, bac
 
 def _project_normalize(kernels, x, weight, bias):
     """The backend's projection + normalization; a rank's empty block never reaches a kernel."""
-    if x.shape[0]:
+    if x.shape[0] != 0:  # not bool(SymInt) (see functional.py)
         return kernels.project_normalize(x, weight, bias)
     width = weight.shape[0] if weight is not None else x.shape[1]
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -60,54 +60,9 @@ def _as_2d_float(x, name: str) -> torch.Tensor:
     return t
 
 
-def knn_mixing(forget, retain, k: int = 5) -> float:
-    """How entangled forget rows are with retain rows, by cosine k-nearest neighbours.
-
-    For each forget row, take its ``k`` nearest rows (cosine similarity) in the pool of all
-    other rows (forget and retain, itself excluded) and count the retain share among them
-    (rows tied at the k-th similarity count in proportion, as a random tie-break would).
-    The mean share is divided by the retain share of that pool, ``Nr / (Nf - 1 + Nr)``: 1 means
-    forget rows are as mixed with retain rows as a random draw, 0 that they are separated.
-    """
-    f, r = _as_2d_float(forget, "forget"), _as_2d_float(retain, "retain")
-    if f.shape[1] != r.shape[1]:
-        raise ValueError(f"forget and retain have {f.shape[1]} and {r.shape[1]} features")
-    nf, nr = f.shape[0], r.shape[0]
-    if nf < 1 or nr < 1:
-        raise ValueError(f"knn_mixing needs forget and retain rows, got {nf} and {nr}")
-    pool = nf - 1 + nr
-    if not 1 <= k <= pool:
-        raise ValueError(f"k must be in [1, {pool}] (the pool size), got {k}")
-    z = torch.nn.functional.normalize(torch.cat([f, r]), dim=1)
-    sim = z[:nf] @ z.T
-    sim[torch.arange(nf), torch.arange(nf)] = -math.inf  # a row is not its own neighbour
-    # Rows tied at the k-th similarity (collapsed features) count as a random tie-break counts
-    # them on average; topk's own choice among ties is arbitrary.
-    kth = sim.topk(k, dim=1).values[:, -1:]
-    is_retain = torch.arange(nf + nr) >= nf
-    above, tied = sim > kth, sim == kth
-    retain_count = ((above & is_retain).sum(1)
-                    + (k - above.sum(1)) * (tied & is_retain).sum(1) / tied.sum(1))
-    retain_share = (retain_count / k).mean().item()
-    return retain_share / (nr / pool)
-
-
-def mean_cosine(a, b) -> float:
-    """Mean cosine similarity over all pairs of rows of ``a`` and ``b``."""
-    a, b = _as_2d_float(a, "a"), _as_2d_float(b, "b")
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        raise ValueError("mean_cosine needs rows in both inputs")
-    za = torch.nn.functional.normalize(a, dim=1)
-    zb = torch.nn.functional.normalize(b, dim=1)
-    return (za.mean(0) @ zb.mean(0)).item()  # mean of all pairwise dots, in O((Na + Nb) D)
-
-
-def feature_drift(before, after) -> float:
-    """Mean ``1 - cos`` between matching rows of ``before`` and ``after`` (0 = unchanged)."""
-    b, a = _as_2d_float(before, "before"), _as_2d_float(after, "after")
-    if a.shape != b.shape:
-        raise ValueError(f"before and after differ in shape: {tuple(b.shape)} vs {tuple(a.shape)}")
-    return (1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).mean().item()
+# The representation metrics live in the public package clreg_fast.metrics (same definitions,
+# chunked kNN); re-exported here under their old names.
+from clreg_fast.metrics.representation import feature_drift, knn_mixing, mean_cosine  # noqa: E402,F401
 
 
 def ks_pvalue(sample, reference) -> float:
@@ -174,64 +129,8 @@ def truth_ratio(paraphrased_logprob: float, perturbed_logprobs: Sequence[float])
     return float(math.exp(float(np.mean(perturbed_logprobs)) - paraphrased_logprob))
 
 
-def _normalized_pair(forget, retain):
-    f, r = _as_2d_float(forget, "forget"), _as_2d_float(retain, "retain")
-    if f.shape[1] != r.shape[1]:
-        raise ValueError(f"forget and retain have {f.shape[1]} and {r.shape[1]} features")
-    if f.shape[0] < 1 or r.shape[0] < 1:
-        raise ValueError(f"needs forget and retain rows, got {f.shape[0]} and {r.shape[0]}")
-    return (torch.nn.functional.normalize(f, dim=1), torch.nn.functional.normalize(r, dim=1))
-
-
-def entanglement_score(forget, retain) -> float:
-    """Entanglement Score of Zhao et al. 2024 ("What makes unlearning hard") on L2-normalized rows:
-
-    ``ES = (mean_r ||z_r - mu_R||^2 + mean_f ||z_f - mu_F||^2)
-    / (0.5 (||mu_R - mu||^2 + ||mu_F - mu||^2))``, ``mu`` the mean of all rows.
-
-    Within-set spread over between-set distance: lower = better separated (0 for two tight,
-    distinct clusters; large when both sets come from one distribution).
-    """
-    zf, zr = _normalized_pair(forget, retain)
-    mu_f, mu_r = zf.mean(0), zr.mean(0)
-    mu = torch.cat([zf, zr]).mean(0)
-    within = ((zr - mu_r) ** 2).sum(1).mean() + ((zf - mu_f) ** 2).sum(1).mean()
-    between = 0.5 * (((mu_r - mu) ** 2).sum() + ((mu_f - mu) ** 2).sum())
-    if between.item() == 0.0:
-        return math.inf if within.item() > 0 else float("nan")
-    return (within / between).item()
-
-
-def forget_retain_silhouette(forget, retain) -> float:
-    """Silhouette score (scikit-learn, cosine distance) of the forget/retain labelling:
-    1 = separated, about 0 = overlapping, negative = rows closer to the other set."""
-    from sklearn.metrics import silhouette_score
-
-    zf, zr = _normalized_pair(forget, retain)
-    if zf.shape[0] + zr.shape[0] < 3:
-        raise ValueError("silhouette needs at least 3 rows")
-    x = torch.cat([zf, zr]).numpy()
-    labels = np.r_[np.zeros(zf.shape[0], int), np.ones(zr.shape[0], int)]
-    return float(silhouette_score(x, labels, metric="cosine"))
-
-
-def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0) -> float:
-    """Cross-validated accuracy of a logistic-regression probe telling forget from retain rows
-    (scikit-learn; stratified folds, at most ``folds`` and at most the smaller set's size;
-    balanced class weights). 1 = linearly separable; its error is ``1 - accuracy``."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-
-    zf, zr = _normalized_pair(forget, retain)
-    n_splits = min(int(folds), zf.shape[0], zr.shape[0])
-    if n_splits < 2:
-        raise ValueError("linear_probe_accuracy needs at least 2 forget and 2 retain rows")
-    x = torch.cat([zf, zr]).numpy()
-    y = np.r_[np.zeros(zf.shape[0], int), np.ones(zr.shape[0], int)]
-    probe = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")
-    cv = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    # Balanced accuracy: with 10% forget rows, plain accuracy would reward "always retain".
-    return float(cross_val_score(probe, x, y, cv=cv, scoring="balanced_accuracy").mean())
+from clreg_fast.metrics.representation import (  # noqa: E402,F401
+    _normalized_pair, entanglement_score, forget_retain_silhouette, linear_probe_accuracy)
 
 
 def rouge_l_recall(prediction: str, reference: str) -> float:

@@ -5,7 +5,8 @@ and ``torch_lse_backward``, so that ``torch.compile`` treats each as one opaque 
 shape-only fake implementation: the Python loop over anchor chunks (whose trip count depends on
 Nf) is then neither unrolled nor specialized, and varying batch sizes do not recompile.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch < 2.7's custom_op evaluates string
+# annotations in its own namespace, where `Tuple` is undefined.
 
 from typing import Tuple
 

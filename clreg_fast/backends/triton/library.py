@@ -10,7 +10,8 @@ what the CPU tests compile.
 ``CompilableTritonKernels`` is the backend the registry hands out: in eager mode it launches
 directly (no op dispatch; see ``backends/base.py``), while tracing it calls the ops.
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: torch < 2.7's custom_op evaluates string
+# annotations in its own namespace, where `Tuple` is undefined.
 
 import contextlib
 import functools
