@@ -35,12 +35,13 @@ _SHARDED_FIX = ("call the projection module on the features and pass its output 
 
 
 def _is_dtensor(t) -> bool:
-    # No DTensor can exist before torch.distributed.tensor is imported: skip the import then.
-    if "torch.distributed.tensor" not in sys.modules:
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    # No DTensor can exist before its module is imported: no import here then. torch < 2.5
+    # keeps the class in torch.distributed._tensor only.
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dtensor = getattr(sys.modules.get(module), "DTensor", None)
+        if dtensor is not None and isinstance(t, dtensor):
+            return True
+    return False
 
 
 def check_not_sharded(name: str, t) -> None:
