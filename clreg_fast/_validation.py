@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -26,6 +27,47 @@ def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype} but forget has {ref.dtype}; use one dtype")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but forget is on {ref.device}")
+
+
+_SHARDED_FIX = ("call the projection module on the features and pass its output with "
+                "weight=None (CLRegLoss and CLRegMixin do so), so that the engine gathers the "
+                "parameter for the call and routes its gradient")
+
+
+def _is_dtensor(t) -> bool:
+    # No DTensor can exist before its module is imported: no import here then. torch < 2.5
+    # keeps the class in torch.distributed._tensor only.
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        dtensor = getattr(sys.modules.get(module), "DTensor", None)
+        if dtensor is not None and isinstance(t, dtensor):
+            return True
+    return False
+
+
+def check_not_sharded(name: str, t) -> None:
+    """Refuses a projection parameter that holds only this rank's shard.
+
+    A fused loss that reads a sharded parameter directly computes with the shard (an empty
+    tensor under ZeRO-3, a slice under FSDP) or with a gathered copy whose gradient the engine
+    never reduces: a wrong number or a crash far from the cause. The fix is the engine's own
+    path: calling the module that owns the parameter.
+    """
+    if not isinstance(t, torch.Tensor):
+        return
+    if _is_dtensor(t):
+        raise TypeError(f"{name} is a DTensor (a parameter sharded by FSDP2 fully_shard or "
+                        f"tensor parallelism), which the fused loss cannot read: {_SHARDED_FIX}")
+    if hasattr(t, "ds_id") or hasattr(t, "ds_status"):
+        raise TypeError(
+            f"{name} is a DeepSpeed ZeRO-3 parameter (ds_status="
+            f"{getattr(t, 'ds_status', '?')}, local numel {t.numel()}, full shape "
+            f"{tuple(getattr(t, 'ds_shape', ()))}): the fused loss would read this rank's "
+            f"partition, or a gathered copy that is re-partitioned before backward: "
+            f"{_SHARDED_FIX}")
+    if t.dim() == 1 and t.numel() == 0 and name == "weight":
+        raise ValueError(
+            "weight is an empty 1-D tensor: a parameter sharded by FSDP1 or DeepSpeed ZeRO-3 "
+            f"read outside its module's forward: {_SHARDED_FIX}")
 
 
 def check_temperature(temperature) -> float:
@@ -53,6 +95,8 @@ def check_features(forget, retain, weight, bias) -> None:
                 f"retain has feature size {retain.shape[1]} but forget has {d}; they must match"
             )
         _check_like("retain", retain, forget)
+    check_not_sharded("weight", weight)
+    check_not_sharded("bias", bias)
     if weight is not None:
         _check_tensor("weight", weight, 2)
         if weight.shape[1] != d:

@@ -543,25 +543,49 @@ def test_data_parallel_is_refused(tmp_path):
         trainer.compute_loss(torch.nn.DataParallel(trainer.model), _one_batch())
 
 
-def test_a_head_under_zero3_is_refused_without_a_head_it_is_allowed(tmp_path, monkeypatch):
-    monkeypatch.setattr(hf_mixin, "_zero3_enabled", lambda: True)
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
-        make_trainer(H.CLRegGradDiff, tmp_path, clreg_proj_dim=8)
-    make_trainer(H.CLRegGradDiff, tmp_path)
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "zero3"])
+def test_the_head_dtype_fits_the_engine(sharded, tmp_path, monkeypatch):
+    """float32 beside a bf16 model, except under ZeRO-3 (and FSDP), whose flat buffers hold one
+    dtype: there the model's. The term is float32 either way."""
+    monkeypatch.setattr(hf_mixin, "_zero3_enabled", lambda: sharded)
+    model = H.tiny_model().to(torch.bfloat16)
+    trainer = make_trainer(H.CLRegGradDiff, tmp_path, model=model, clreg_proj_dim=8)
+    assert trainer.clreg_head.weight.dtype == (torch.bfloat16 if sharded else torch.float32)
+    hidden = torch.randn(4, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = {"labels": torch.full((4, 5), 1)}
+    term = trainer._clreg_term(hidden, labels, None, hidden.detach(), labels)
+    assert term.dtype == torch.float32 and term.requires_grad
 
 
-def test_a_head_under_fsdp_is_refused(tmp_path):
-    class FSDPLike(H.GradDiffLike):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.is_fsdp_enabled = True  # what Trainer sets when accelerate runs FSDP
+class _FSDPLike(H.GradDiffLike):
+    fsdp_version = 1
 
-    class CLRegFSDPLike(hf_mixin.CLRegMixin, FSDPLike):
-        pass
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.is_fsdp_enabled = True  # what Trainer sets when accelerate runs FSDP
+        self.accelerator.state.fsdp_plugin = type("Plugin", (), {
+            "fsdp_version": self.fsdp_version})()
 
-    with pytest.raises(NotImplementedError, match="FSDP"):
-        make_trainer(CLRegFSDPLike, tmp_path, clreg_proj_dim=8)
-    make_trainer(CLRegFSDPLike, tmp_path)
+
+class _CLRegFSDP1(hf_mixin.CLRegMixin, _FSDPLike):
+    pass
+
+
+class _CLRegFSDP2(hf_mixin.CLRegMixin, _FSDPLike):
+    fsdp_version = 2
+
+
+def test_a_head_under_fsdp1_is_refused_naming_what_works(tmp_path):
+    try:
+        with pytest.raises(NotImplementedError, match="FSDP1.*FSDP2.*ZeRO-3.*DDP"):
+            make_trainer(_CLRegFSDP1, tmp_path, clreg_proj_dim=8)
+        make_trainer(_CLRegFSDP1, tmp_path)  # without a head the loss reads only activations
+        trainer = make_trainer(_CLRegFSDP2, tmp_path, clreg_proj_dim=8)
+        assert trainer.clreg_head is not None
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState().fsdp_plugin = None  # a process-wide singleton: leave it as it was
 
 
 def test_a_head_with_find_unused_parameters_is_refused(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from collections.abc import Mapping
 from typing import Dict, Optional
 
@@ -42,7 +43,10 @@ from clreg_fast.unlearn.methods import clreg_term
 logger = logging.getLogger(__name__)
 
 HEAD_NAME = "clreg_head"  # the head is registered on the model under this name
+# A PEFT checkpoint keeps adapter weights only: the head is saved beside it under this name.
+HEAD_FILE = "clreg_head.safetensors"
 FALLBACKS = ("one_concept", "skip")
+NEGATIVES = ("local", "global")
 # Each DataParallel replica forwards a slice of the batch (in its own thread), so no forward is
 # the forget batch's and the hooks would race: refused with what to do instead.
 _DATA_PARALLEL = ("CLRegMixin does not support nn.DataParallel, which the Trainer uses when one "
@@ -74,6 +78,21 @@ def _same_batch(x, ref: Optional[torch.Tensor]) -> bool:
     if x is ref:
         return True
     return x.shape == ref.shape and x.device == ref.device and bool(torch.equal(x, ref))
+
+
+def _is_peft_model(model) -> bool:
+    """A PEFT ``PeftModel`` (its checkpoints hold the adapter weights only)."""
+    model = _unwrap(model)
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _fsdp_version(trainer) -> Optional[int]:
+    """1 or 2 when the Trainer runs FSDP (accelerate's plugin), None otherwise."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None),
+                     "fsdp_plugin", None)
+    return int(getattr(plugin, "fsdp_version", 1) or 1)
 
 
 def _zero3_enabled() -> bool:
@@ -152,30 +171,38 @@ class CLRegMixin:
             ``"token"`` (one row per answer token, labelled by its sequence's concept).
         clreg_proj_dim: ``None`` (no projection) or the output size of a trainable
             ``nn.Linear(hidden_size, clreg_proj_dim)`` head. The head is registered on the model
-            as ``model.clreg_head``, so the Trainer's optimizer, DDP and checkpoints (and resume)
-            include it; ``from_pretrained`` of a saved model ignores the extra key with a warning.
+            as ``model.clreg_head``, so the Trainer's optimizer, DDP/ZeRO/FSDP2 and checkpoints
+            (and resume) include it; ``from_pretrained`` of a saved model ignores the extra key
+            with a warning. A PEFT model's checkpoints keep it in ``clreg_head.safetensors``
+            beside the adapter. It is called as a module (never read by the loss directly), so
+            engines that shard it gather it as any layer. float32, except under ZeRO-3 and FSDP
+            (one dtype per flat buffer): there the model's dtype.
         clreg_backend: ``fused_clreg_loss`` backend (``"auto"``, ``"torch"``, ``"triton"``, ...).
         clreg_concept_key: key of a (B,) integer tensor of concept ids in ``inputs["forget"]``
             (forget rows of one concept are positives); absent from the batch: one concept. The
             key is removed before the base trainer sees the batch.
         clreg_fallback: when no concept repeats in a micro-batch, ``"one_concept"`` treats all
             forget rows as one concept and ``"skip"`` drops the term for that micro-batch.
+        clreg_negatives: ``"local"``: the contrastive batch is this rank's micro-batch;
+            ``"global"``: the micro-batches of every rank together (``fused_clreg_loss`` with
+            ``process_group``, exact gradients; one process: the same as local). Concept ids
+            must then be global (equal ids on two ranks are one concept).
 
     Unsupported: ``nn.DataParallel`` (several GPUs in one process; raises
-    ``NotImplementedError``), a projection head under FSDP or DeepSpeed ZeRO-3 (its parameters
-    would be sharded where the loss reads them; raises ``NotImplementedError``; without a head
-    both work), PEFT models saving the head (PEFT checkpoints keep adapter weights only), and
-    inputs given as ``inputs_embeds``. Gradient checkpointing works, reentrant or not: the hooks
-    are removed before backward, so recomputation neither records nor counts.
+    ``NotImplementedError``), a projection head under FSDP1 (raises ``NotImplementedError``
+    naming FSDP2, ZeRO-3 and DDP, which work), and inputs given as ``inputs_embeds``. Gradient
+    checkpointing works, reentrant or not: the hooks are removed before backward, so
+    recomputation neither records nor counts.
     """
 
     def __init__(self, *args, clreg_weight: float = 1.0, clreg_layer: int = -1,
                  clreg_temperature: float = 0.1, clreg_pooling: str = "mean",
                  clreg_proj_dim: Optional[int] = None, clreg_backend: str = "auto",
                  clreg_concept_key: Optional[str] = "concept_ids",
-                 clreg_fallback: str = "one_concept", **kwargs):
+                 clreg_fallback: str = "one_concept", clreg_negatives: str = "local",
+                 **kwargs):
         _check_args(clreg_weight, clreg_layer, clreg_temperature, clreg_pooling, clreg_proj_dim,
-                    clreg_backend, clreg_concept_key, clreg_fallback)
+                    clreg_backend, clreg_concept_key, clreg_fallback, clreg_negatives)
         self.clreg_weight = float(clreg_weight)
         self.clreg_layer = clreg_layer
         self.clreg_temperature = float(clreg_temperature)
@@ -184,6 +211,8 @@ class CLRegMixin:
         self.clreg_backend = clreg_backend
         self.clreg_concept_key = clreg_concept_key
         self.clreg_fallback = clreg_fallback
+        self.clreg_negatives = clreg_negatives
+        self._clreg_head_anchor: Optional[torch.Tensor] = None
         self._clreg_log_sum: Optional[torch.Tensor] = None
         self._clreg_log_count = 0
         super().__init__(*args, **kwargs)
@@ -208,11 +237,14 @@ class CLRegMixin:
     # ------------------------------------------------------------------------------ the head
 
     def _add_head(self, model: nn.Module) -> None:
-        if getattr(self, "is_fsdp_enabled", False) or _zero3_enabled():
+        fsdp_version = _fsdp_version(self)
+        if fsdp_version == 1:
             raise NotImplementedError(
-                "clreg_proj_dim under FSDP or DeepSpeed ZeRO-3 is not supported: the head's "
-                "parameters would be sharded where the CLReg loss reads them. Use "
-                "clreg_proj_dim=None (the loss then reads only activations) or ZeRO-1/2/DDP")
+                "clreg_proj_dim under FSDP1 is not supported: FSDP1 flattens the head's "
+                "parameters into one shard that only the root's forward gathers. Use FSDP2 "
+                "(fsdp_version: 2 in the accelerate config / fsdp_config), DeepSpeed ZeRO-3 or "
+                "DDP, or clreg_proj_dim=None (the loss then reads only activations)")
+        sharded = fsdp_version is not None or _zero3_enabled()
         args = getattr(self, "args", None)
         if args is not None and hasattr(args, "ddp_find_unused_parameters"):
             # The head is used after the model's forwards, never inside one: DDP's search for
@@ -228,7 +260,8 @@ class CLRegMixin:
             handler.find_unused_parameters = False
         hidden = getattr(getattr(model, "config", None), "hidden_size", None)
         if not isinstance(hidden, int):
-            hidden = _unwrap(model).get_input_embeddings().weight.shape[1]
+            embedding = _unwrap(model).get_input_embeddings().weight
+            hidden = tuple(getattr(embedding, "ds_shape", embedding.shape))[1]  # ZeRO-3: a shard
         if hasattr(model, HEAD_NAME):
             raise ValueError(f"the model already has an attribute {HEAD_NAME!r}")
         # Seeded like nn.Linear's default init, so every rank starts from the same head; the
@@ -241,15 +274,49 @@ class CLRegMixin:
         with torch.no_grad():
             head.weight.uniform_(-bound, bound, generator=generator)
             head.bias.uniform_(-bound, bound, generator=generator)
-        device = next(model.parameters()).device
-        # float32 whatever the model's dtype: features are cast up to it (pooled rows are few).
-        model.add_module(HEAD_NAME, head.to(device=device, dtype=torch.float32))
+        first = next(model.parameters())
+        # float32 whatever the model's dtype (pooled rows are few), except where an engine
+        # flattens the model's parameters into buffers of one dtype (ZeRO-3, FSDP): there the
+        # model's dtype. The projected rows are cast to float32 for the loss either way.
+        dtype = first.dtype if sharded and first.dtype.is_floating_point else torch.float32
+        model.add_module(HEAD_NAME, head.to(device=first.device, dtype=dtype))
 
     @property
     def clreg_head(self) -> Optional[nn.Linear]:
         """The trainable projection head, or None."""
         model = getattr(self, "model", None)
         return getattr(_unwrap(model), HEAD_NAME, None) if model is not None else None
+
+    # ------------------------------------------------------------- PEFT checkpoints
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        result = super()._save(output_dir, state_dict=state_dict)
+        head = self.clreg_head
+        if head is not None and _is_peft_model(self.model):
+            from safetensors.torch import save_file
+
+            # Under ZeRO-3 the head holds only this rank's partition; the Trainer then passes
+            # the gathered state dict, whose copy of the head is the full one.
+            tensors = {name: (state_dict or {}).get(f"{HEAD_NAME}.{name}", value)
+                       for name, value in head.state_dict().items()}
+            if any(t.numel() == 0 for t in tensors.values()):
+                logger.warning("CLRegMixin: the head is partitioned and no gathered copy was "
+                               "given to _save: %s not written", HEAD_FILE)
+                return result
+            directory = output_dir if output_dir is not None else self.args.output_dir
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      os.path.join(directory, HEAD_FILE))
+        return result
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        result = super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        path = os.path.join(resume_from_checkpoint, HEAD_FILE)
+        head = self.clreg_head
+        if head is not None and os.path.isfile(path):
+            from safetensors.torch import load_file
+
+            head.load_state_dict(load_file(path, device=str(head.weight.device)))
+        return result
 
     # --------------------------------------------------------------------------- the loss
 
@@ -305,6 +372,7 @@ class CLRegMixin:
             with torch.no_grad():
                 retain_hidden = layer_hidden_states(model, retain["input_ids"],
                                                     retain["attention_mask"], layer)
+        self._check_retain_rows_differ(retain)
         clreg = self._clreg_term(forget_hidden, forget, concept_ids, retain_hidden, retain)
         if clreg is not None:
             self._record_clreg(clreg)
@@ -312,11 +380,11 @@ class CLRegMixin:
             # With device_map="auto" the term (on the head's device) and the method's loss
             # (on the last layer's) may live on different devices.
             loss = loss + scale * clreg.to(device=loss.device, dtype=loss.dtype)
-        elif self.clreg_head is not None:
-            # A dropped term still keeps the head in the graph, so DDP's reducer sees its
-            # (zero) gradients on every rank.
-            zero = sum(p.sum() for p in self.clreg_head.parameters()) * 0.0
-            loss = loss + zero.to(device=loss.device, dtype=loss.dtype)
+        elif self._clreg_head_anchor is not None:
+            # A dropped term still keeps the head's call in the graph, so its backward (DDP's
+            # reducer, ZeRO-3's and FSDP's gradient reduction) runs on every rank.
+            loss = loss + self._clreg_head_anchor.to(device=loss.device, dtype=loss.dtype)
+        self._clreg_head_anchor = None
         return (loss, outputs) if return_outputs else loss
 
     def clreg_concept_ids(self, forget: Dict) -> Optional[torch.Tensor]:
@@ -341,7 +409,6 @@ class CLRegMixin:
         ``clreg_fallback="skip"``.
         """
         head = self.clreg_head
-        dtype = head.weight.dtype if head is not None else torch.float32
         # The head's device: under device_map="auto" the feature layer may sit elsewhere.
         device = head.weight.device if head is not None else forget_hidden.device
         f_feats, f_labels = pool_features(forget_hidden, answer_mask(forget["labels"]),
@@ -350,17 +417,65 @@ class CLRegMixin:
         if retain_hidden is not None:
             r_feats, _ = pool_features(retain_hidden.detach(), answer_mask(retain["labels"]),
                                        self.clreg_pooling)
-            r_feats = r_feats.to(device=device, dtype=dtype)
-        f_feats = f_feats.to(device=device, dtype=dtype)
+        if head is not None:
+            # The head is called as a module, once, on every rank and every micro-batch, even
+            # when the term is then dropped: ZeRO-3 and FSDP gather its parameters in that call
+            # and reduce their gradient in its backward, collectives every rank must run alike.
+            rows = f_feats if r_feats is None else torch.cat([f_feats, r_feats])
+            projected = head(rows.to(device=device, dtype=head.weight.dtype)).float()
+            self._clreg_head_anchor = projected.sum() * 0.0  # used if the term is dropped
+            f_feats, r_feats = (projected, None) if r_feats is None else (
+                projected[: f_feats.shape[0]], projected[f_feats.shape[0]:])
+        else:
+            f_feats = f_feats.to(device=device, dtype=torch.float32)
+            if r_feats is not None:
+                r_feats = r_feats.to(device=device, dtype=torch.float32)
         if concept_ids is None:
             f_labels = None  # one concept: no label bookkeeping (and no host sync) needed
         else:
             f_labels = f_labels.to(device)
-        weight, bias = (head.weight, head.bias) if head is not None else (None, None)
-        loss, _info = clreg_term(f_feats, f_labels, r_feats, weight, bias,
+        loss, _info = clreg_term(f_feats, f_labels, r_feats, None, None,
                                  temperature=self.clreg_temperature,
-                                 fallback=self.clreg_fallback, backend=self.clreg_backend)
+                                 fallback=self.clreg_fallback, backend=self.clreg_backend,
+                                 process_group=self._clreg_process_group())
         return loss
+
+    def _check_retain_rows_differ(self, retain: Optional[Mapping]) -> None:
+        """With global negatives, warns once when every rank got the same retain rows.
+
+        OpenUnlearning's dataset draws the retain rows with the global RNG, seeded alike on every
+        rank (its issue #139): the global batch then holds each retain row world_size times, so
+        each counts world_size times among the negatives. One all-gather of a digest, once.
+        """
+        group = self._clreg_process_group()
+        if group is None or getattr(self, "_clreg_checked_retain", False):
+            return
+        self._clreg_checked_retain = True
+        import hashlib
+
+        import torch.distributed as dist
+
+        digest = None if retain is None else hashlib.sha1(
+            retain["input_ids"].detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        digests = [None] * dist.get_world_size(group)
+        dist.all_gather_object(digests, digest, group=group)
+        if digest is not None and len(set(digests)) == 1:
+            logger.warning(
+                "CLRegMixin: every rank got the same retain rows (OpenUnlearning draws them with "
+                "an RNG seeded alike on every rank, its issue #139): with "
+                "clreg_negatives='global' each retain row counts %d times among the negatives. "
+                "Seed the retain draw per rank, or use clreg_negatives='local'",
+                len(digests))
+
+    def _clreg_process_group(self):
+        """The default group for ``clreg_negatives="global"`` with several ranks, else None."""
+        if self.clreg_negatives != "global":
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return dist.group.WORLD
 
     def _ga_correction(self, num_items_in_batch) -> float:
         """1, or 1 / accumulation steps when the Trainer will not divide the loss by them.
@@ -409,7 +524,8 @@ class CLRegMixin:
         return super().log(logs, *args, **kwargs)
 
 
-def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_key, fallback):
+def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_key, fallback,
+                negatives):
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
             or not math.isfinite(weight) or weight < 0:
         raise ValueError(f"clreg_weight must be a finite number >= 0, got {weight!r}")
@@ -432,6 +548,8 @@ def _check_args(weight, layer, temperature, pooling, proj_dim, backend, concept_
                         f"{type(concept_key).__name__}")
     if fallback not in FALLBACKS:
         raise ValueError(f"clreg_fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"clreg_negatives must be one of {NEGATIVES}, got {negatives!r}")
 
 
 __all__ = ["CLRegMixin", "HEAD_NAME"]

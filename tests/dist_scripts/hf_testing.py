@@ -137,3 +137,27 @@ class CLRegNPO(CLRegMixin, NPOLike):
 
 class CLRegSelfReference(CLRegMixin, SelfReferenceGradDiff):
     pass
+
+
+def sequence_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean answer-token NLL: a loss whose mean over
+    ranks equals its value on the ranks' rows together (equal rows per rank)."""
+    nll_sum, n_tokens = sequence_nll(logits, labels)
+    return (nll_sum / n_tokens.clamp_min(1)).mean()
+
+
+class SeqMeanGradDiff(Trainer):
+    """``-NLL(forget) + NLL(retain)`` with per-sequence means (``sequence_mean_nll``), so the
+    method's own update does not depend on how a global batch is split over ranks."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget, retain = inputs["forget"], inputs["retain"]
+        forget_out = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"])
+        retain_out = model(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"])
+        loss = (-sequence_mean_nll(forget_out.logits, forget["labels"])
+                + sequence_mean_nll(retain_out.logits, retain["labels"]))
+        return (loss, forget_out) if return_outputs else loss
+
+
+class CLRegSeqMeanGradDiff(CLRegMixin, SeqMeanGradDiff):
+    pass
