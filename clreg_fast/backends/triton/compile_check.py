@@ -112,10 +112,15 @@ def _signature(fn, types, constexprs):
     return sig
 
 
-def _divisibility(fn, aligned) -> dict:
+def _divisibility(fn, aligned):
     """``ASTSource`` attributes marking ``aligned`` arguments as multiples of 16."""
-    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if name in aligned}
+    indices = [i for i, name in enumerate(fn.arg_names) if name in aligned]
+    try:  # triton 3.2 takes an AttrsDescriptor; later versions a dict of attribute lists
+        from triton.backends.compiler import AttrsDescriptor
+    except ImportError:
+        return {(i,): [["tt.divisibility", 16]] for i in indices}
+    return AttrsDescriptor.from_dict({"cls": AttrsDescriptor.__name__,
+                                      "arg_properties": {"tt.divisibility": indices}})
 
 
 def mma_family(ptx: str) -> str:
