@@ -13,7 +13,8 @@ One runner, two configurations (``preset``):
   model is fetched once (see :mod:`clreg_fast.unlearn.models`); English fictitious authors
   (:mod:`clreg_fast.unlearn.english_authors`) are formatted with its chat template; only the
   upper decoder layers are trained (``train_layers``, stated in ``run.json``); GradDiff, NPO
-  and SimNPO, each with and without CLReg; model utility on retain rows and world facts.
+  and SimNPO, each with and without CLReg; model utility (TOFU's 9 parts) on retain rows, real
+  authors and world facts.
 
 Steps: generate the data (and write it as TOFU JSON under ``OUT/data``); fine-tune the model on
 forget + retain authors (the *target*) and on retain authors only (the *oracle*), both cached
