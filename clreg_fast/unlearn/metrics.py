@@ -189,9 +189,9 @@ def min_k_plus_plus_score(token_logprobs, vocab_mean, vocab_var, k: float = 0.4)
     more member-like).
 
     Per token ``z = (log p(y_t) - mu_t) / sqrt(max(var_t, 1e-6))`` with ``mu_t = sum_v p_v log
-    p_v`` and ``var_t = sum_v p_v (log p_v)^2 - mu_t^2`` the mean and variance of the log-probability
-    of a token drawn from the model's own next-token distribution at that position; the score
-    is the mean of the lowest ``max(1, int(k * n))`` values of ``z``.
+    p_v`` and ``var_t = sum_v p_v (log p_v)^2 - mu_t^2`` the mean and variance of the
+    log-probability of a token drawn from the model's own next-token distribution at that
+    position; the score is the mean of the lowest ``max(1, int(k * n))`` values of ``z``.
     """
     lp = np.asarray(token_logprobs, float)
     mu, var = np.asarray(vocab_mean, float), np.asarray(vocab_var, float)
@@ -551,9 +551,9 @@ def evaluate_model(model, splits: Dict[str, Sequence[Dict]], layer: Optional[int
     ``splits``: ``forget`` and ``retain`` (required) and ``holdout`` (optional) example lists.
     ``oracle``: the ``_raw`` entry of the oracle's own result; with it come ``forget_quality``,
     ``privleak`` and ``privleak_mink_pp``. Every key, its definition, the OpenUnlearning metric
-    it mirrors and its direction: ``docs/metrics.md``. ``reference_features``: ``{"retain": tensor}`` of the model before
-    unlearning; with it comes ``retain_drift``. ``layer``: the decoder layer (CLReg's) for the
-    entanglement metrics.
+    it mirrors and its direction: ``docs/metrics.md``. ``reference_features``: ``{"retain":
+    tensor}`` of the model before unlearning; with it comes ``retain_drift``. ``layer``: the
+    decoder layer (CLReg's) for the entanglement metrics.
     """
     for name in ("forget", "retain"):
         if not splits.get(name):
