@@ -13,7 +13,8 @@ One runner, two configurations (``preset``):
   model is fetched once (see :mod:`clreg_fast.unlearn.models`); English fictitious authors
   (:mod:`clreg_fast.unlearn.english_authors`) are formatted with its chat template; only the
   upper decoder layers are trained (``train_layers``, stated in ``run.json``); GradDiff, NPO
-  and SimNPO, each with and without CLReg; model utility on retain rows and world facts.
+  and SimNPO, each with and without CLReg; model utility (TOFU's 9 parts) on retain rows, real
+  authors and world facts.
 
 Steps: generate the data (and write it as TOFU JSON under ``OUT/data``); fine-tune the model on
 forget + retain authors (the *target*) and on retain authors only (the *oracle*), both cached
@@ -46,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from clreg_fast.unlearn.data import build_examples, collate
-from clreg_fast.unlearn.english_authors import (WORLD_FACTS, EnglishAuthorsConfig,
+from clreg_fast.unlearn.english_authors import (REAL_AUTHORS, WORLD_FACTS, EnglishAuthorsConfig,
                                                 build_chat_examples, generate_english_authors,
                                                 write_tofu_json)
 from clreg_fast.unlearn.metrics import (evaluate_model, ks_pvalue, privleak, rouge_l_of_model,
@@ -86,9 +87,10 @@ class DemoConfig:
     clreg_temperature: float = 0.1
     # kNN mixing neighbours: at most n_facts - 1, so an author's own rows can fill them all.
     knn_k: int = 5
-    # Model utility (TOFU): retain rows scored (0: no utility) and world-fact rows.
+    # Model utility (TOFU): retain rows scored (0: no utility), real-author and world-fact rows.
     utility_rows: int = 0
     world_facts: int = 0
+    real_authors: int = 0
     max_new_tokens: int = 24
     eval_batch_size: int = 64
     system_prompt: str = ""               # chat template system turn ("" = empty turn)
@@ -119,11 +121,11 @@ def preset(model: str = TINY, quick: bool = False, seed: int = 0) -> DemoConfig:
         return DemoConfig(data=EnglishAuthorsConfig(n_authors=20, n_forget_authors=2,
                                                     n_holdout_authors=4, n_facts=4, seed=seed),
                           train_epochs=10, max_steps=10, knn_k=2, utility_rows=12,
-                          world_facts=8, **common)
+                          world_facts=8, real_authors=8, **common)
     return DemoConfig(data=EnglishAuthorsConfig(n_authors=8, n_forget_authors=2,
                                                 n_holdout_authors=2, n_facts=3, seed=seed),
                       train_epochs=5, max_steps=4, knn_k=2, utility_rows=4, world_facts=4,
-                      **common)
+                      real_authors=4, **common)
 
 
 # --------------------------------------------------------------------------- data
@@ -149,6 +151,8 @@ def prepare_data(cfg: DemoConfig, out_dir: Optional[str], cache_dir: Optional[st
     rows = generate_english_authors(cfg.data)
     if cfg.world_facts:
         rows["world"] = WORLD_FACTS[: cfg.world_facts]
+    if cfg.real_authors:
+        rows["real_authors"] = REAL_AUTHORS[: cfg.real_authors]
     if out_dir:
         write_tofu_json(rows, os.path.join(out_dir, "data"))
     id_map: Dict = {}
@@ -286,6 +290,8 @@ TABLE_COLUMNS = [
     ("forget_extraction_strength", "extract", "{:.3f}"),
     ("mink_auc", "MinK AUC", "{:.3f}"),
     ("privleak", "privleak%", "{:+.1f}"),
+    ("mink_pp_auc", "MinK++ AUC", "{:.3f}"),
+    ("privleak_mink_pp", "privleak++%", "{:+.1f}"),
     ("entanglement_score", "ES", "{:.2f}"),
     ("knn_mixing", "kNN mix", "{:.3f}"),
     ("silhouette", "silh.", "{:+.3f}"),
@@ -356,7 +362,8 @@ def plot(results: Dict, path: str) -> None:
             ax.scatter([m["model_utility"]], [max(m["forget_quality"], 1e-12)], marker=marker,
                        s=180, color=color, label=arm, zorder=5)
         ax.set_yscale("log")
-        ax.set_xlabel("model utility (harmonic mean over retain and world facts; higher = better)")
+        ax.set_xlabel("model utility (harmonic mean over retain, real authors and world facts; "
+                      "higher = better)")
         ax.set_ylabel("forget quality (KS p-value vs the oracle; higher = better)")
         ax.set_title("Forget quality / model utility trade-off (arrow: + CLReg)")
         ax.grid(alpha=0.3, which="both")
@@ -486,10 +493,13 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     utility_sets = {}
     if cfg.utility_rows:
         utility_sets["retain"] = splits["retain"][: cfg.utility_rows]
-        if splits.get("world"):
-            utility_sets["world"] = splits["world"]
+        for name in ("real_authors", "world"):  # TOFU's order: retain, real authors, world
+            if splits.get(name):
+                utility_sets[name] = splits[name]
     log(f"model {cfg.model}; data: {len(splits['forget'])} forget, {len(splits['retain'])} "
         f"retain, {len(splits['holdout'])} holdout rows"
+        + (f", {len(splits['real_authors'])} real-author rows" if splits.get("real_authors")
+           else "")
         + (f", {len(splits['world'])} world facts" if splits.get("world") else "")
         + f"; vocabulary {len(tokenizer)}")
     seconds["data"] = time.time() - t_start
@@ -532,8 +542,9 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     # Against itself (as TOFU reports the retain model): forget quality 1, privleak 0.
     oracle_m["forget_quality"] = ks_pvalue(oracle_raw["forget_truth_ratios"],
                                            oracle_raw["forget_truth_ratios"])
-    if oracle_raw.get("mink_auc") is not None:
-        oracle_m["privleak"] = privleak(oracle_raw["mink_auc"], oracle_raw["mink_auc"])
+    for auc_key, leak_key in (("mink_auc", "privleak"), ("mink_pp_auc", "privleak_mink_pp")):
+        if oracle_raw.get(auc_key) is not None:
+            oracle_m[leak_key] = privleak(oracle_raw[auc_key], oracle_raw[auc_key])
     target_m, target_raw = evaluate("target", target, oracle_raw)
     seconds["evaluate_target_oracle"] = time.time() - t0
     del oracle

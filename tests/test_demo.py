@@ -138,7 +138,7 @@ def test_real_model_slice_end_to_end(tmp_path):
     assert set(run_info["seconds"]["arms"]) == {"npo", "npo+clreg"}
     for name in ("tradeoff.png", "entanglement.png"):
         assert os.path.getsize(os.path.join(out, name)) > 10_000
-    for split in ("forget", "retain", "holdout", "world"):
+    for split in ("forget", "retain", "holdout", "world", "real_authors"):
         assert os.path.exists(os.path.join(out, "data", f"{split}.json"))
     # CLReg changed the NPO run (the two arms differ at the CLReg layer)
     assert arms["npo"]["entanglement_score"] != arms["npo+clreg"]["entanglement_score"]

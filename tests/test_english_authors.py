@@ -55,11 +55,17 @@ def test_bad_config_raises(kwargs):
         EA.EnglishAuthorsConfig(**kwargs)
 
 
-def test_world_facts_are_rows_of_the_same_format():
-    assert len(EA.WORLD_FACTS) >= 8
-    for row in EA.WORLD_FACTS:
+@pytest.mark.parametrize("rows", [EA.WORLD_FACTS, EA.REAL_AUTHORS], ids=["world", "real_authors"])
+def test_real_world_sets_are_rows_of_the_same_format(rows):
+    assert len(rows) >= 8
+    for row in rows:
         assert row["value"] in row["answer"] and row["value"] in row["paraphrased_answer"]
         assert all(row["value"] not in w for w in row["perturbed_answer"])
+        # TOFU compares the perturbed answers with the answer itself on these sets: same
+        # wording, another value.
+        for wrong in row["perturbed_answer"]:
+            head, tail = row["answer"].split(row["value"], 1)
+            assert wrong.startswith(head) and wrong.endswith(tail) and wrong != row["answer"]
 
 
 def test_written_json_is_what_clreg_unlearn_reads(tmp_path):

@@ -93,13 +93,15 @@ def test_auc():
 
 
 def test_privleak():
-    assert M.privleak(0.75, 0.5) == pytest.approx(50.0)
+    # MUSE's convention since 2026-12-06 (was (auc - oracle) / oracle * 100 = +50 here):
+    # on 1 - AUC, (0.25 - 0.5) / 0.5 * 100; negative = leaks.
+    assert M.privleak(0.75, 0.5) == pytest.approx(-50.0)
     assert M.privleak(0.5, 0.5) == 0.0
 
 
 def test_min_k_score():
     lp = [-1.0, -5.0, -2.0, -0.1, -3.0]
-    # ceil(0.4 * 5) = 2 lowest: -5, -3
+    # max(1, int(0.4 * 5)) = 2 lowest: -5, -3
     assert M.min_k_score(lp, 0.4) == pytest.approx(-4.0)
     assert M.min_k_score(lp, 1.0) == pytest.approx(np.mean(lp))
     assert M.min_k_score([-2.0], 0.4) == -2.0
@@ -107,7 +109,10 @@ def test_min_k_score():
 
 def test_extraction_strength_and_exact_memorization():
     assert M.extraction_strength([1, 1, 1, 1]) == 1.0
-    assert M.extraction_strength([1, 1, 1, 0]) == 0.0  # last token wrong: nothing extractable
+    # Last token wrong: OpenUnlearning's loop falls through to k = n - 1, so 1/n (0 before
+    # 2026-12-06, now the strict variant's value).
+    assert M.extraction_strength([1, 1, 1, 0]) == pytest.approx(0.25)
+    assert M.strict_extraction_strength([1, 1, 1, 0]) == 0.0
     assert M.extraction_strength([0, 1, 1, 1]) == pytest.approx(0.75)  # prefix of 1 suffices
     assert M.extraction_strength([1, 0, 1, 1]) == pytest.approx(0.5)
     assert M.exact_memorization([1, 0, 1, 1]) == pytest.approx(0.75)
@@ -167,8 +172,11 @@ def test_token_stats_by_hand():
     agg = M.memorization_metrics([s])
     assert agg["value_acc"] == 0.0
     assert agg["value_prob"] == pytest.approx(table[4, 5].item(), rel=1e-5)
-    assert agg["exact_mem"] == pytest.approx(2 / 3)
-    assert agg["extraction_strength"] == pytest.approx(1 / 3)
+    # EM and ES drop the final EOS as OpenUnlearning does (since 2026-12-06; were 2/3 and 1/3
+    # with it): kept [right, wrong] -> EM 1/2, ES upstream's fall-through 1/2, strict ES 0.
+    assert agg["exact_mem"] == pytest.approx(1 / 2)
+    assert agg["extraction_strength"] == pytest.approx(1 / 2)
+    assert agg["extraction_strength_strict"] == 0.0
     assert agg["answer_prob"] == pytest.approx(math.exp(expected_lp.mean()), rel=1e-5)
 
 

@@ -12,8 +12,10 @@ from closed value lists and written as a natural question/answer pair, TOFU-styl
 The perturbed answers repeat the paraphrase with a wrong value, so the truth ratio
 P(perturbed) / P(paraphrased) measures what the model knows about the value. Authors are split
 as in TOFU: ``forget`` (about 10% of the trained authors), ``retain`` and ``holdout`` (never
-trained on: the non-members of membership inference). :data:`WORLD_FACTS` are general-knowledge
-rows in the same format (TOFU's "world facts" set, for model utility).
+trained on: the non-members of membership inference). :data:`WORLD_FACTS` (general knowledge)
+and :data:`REAL_AUTHORS` (real, well-known authors) are rows in the same format, TOFU's "world
+facts" and "real authors" sets for model utility; their perturbed answers are the answer with a
+wrong value, as TOFU compares them with the answer.
 
 :func:`write_tofu_json` writes the splits as JSON files that ``clreg-unlearn --forget/--retain``
 read; :func:`encode_chat_row` tokenizes a row with the model's chat template.
@@ -92,11 +94,22 @@ FACTS: Dict[str, tuple] = {
     ),
 }
 
+def _real_world_rows(entries, author: str) -> List[Dict]:
+    """Rows of TOFU's real-world sets: the perturbed answers are the *answer* with a wrong
+    value (TOFU's truth ratio and normalized probability compare them with the answer itself;
+    these sets have no paraphrase in TOFU; ``paraphrased_answer`` is kept for the format)."""
+    rows = []
+    for q, a, p, v, wrong in entries:
+        if v not in a:
+            raise ValueError(f"value {v!r} is not in answer {a!r}")
+        rows.append({"question": q, "answer": a, "paraphrased_answer": p.format(v), "value": v,
+                     "perturbed_answer": [a.replace(v, w) for w in wrong], "author": author,
+                     "fact": author})
+    return rows
+
+
 # General-knowledge rows (TOFU's "world facts" set): model utility beyond the fictitious world.
-WORLD_FACTS: List[Dict] = [
-    {"question": q, "answer": a, "paraphrased_answer": p.format(v), "value": v,
-     "perturbed_answer": [p.format(w) for w in wrong], "author": "world", "fact": "world"}
-    for q, a, p, v, wrong in [
+WORLD_FACTS: List[Dict] = _real_world_rows([
         ("What is the capital of France?", "The capital of France is Paris.",
          "{} is the capital city of France.", "Paris", ["Lyon", "Madrid", "Berlin"]),
         ("What is the largest planet in the Solar System?", "The largest planet is Jupiter.",
@@ -124,8 +137,46 @@ WORLD_FACTS: List[Dict] = [
          "The {} is the longest river of Africa.", "Nile", ["Congo", "Niger", "Zambezi"]),
         ("How many days are there in a leap year?", "A leap year has 366 days.",
          "There are {} days in a leap year.", "366", ["365", "360", "400"]),
-    ]
-]
+], "world")
+
+# Facts about real, well-known authors (TOFU's "real authors" set): model utility on real
+# authors, the closest real-world neighbours of the fictitious ones.
+REAL_AUTHORS: List[Dict] = _real_world_rows([
+    ("Who wrote the novel Pride and Prejudice?", "Pride and Prejudice was written by Jane Austen.",
+     "The author of Pride and Prejudice is {}.", "Jane Austen",
+     ["Charlotte Bronte", "George Eliot", "Virginia Woolf"]),
+    ("Who is the author of the novel Nineteen Eighty-Four?",
+     "Nineteen Eighty-Four was written by George Orwell.",
+     "The author of Nineteen Eighty-Four is {}.", "George Orwell",
+     ["Aldous Huxley", "Ray Bradbury", "Evelyn Waugh"]),
+    ("Which author created the detective Sherlock Holmes?",
+     "Sherlock Holmes was created by Arthur Conan Doyle.",
+     "The creator of Sherlock Holmes is {}.", "Arthur Conan Doyle",
+     ["Agatha Christie", "Edgar Allan Poe", "Wilkie Collins"]),
+    ("Who wrote the novel War and Peace?", "War and Peace was written by Leo Tolstoy.",
+     "The author of War and Peace is {}.", "Leo Tolstoy",
+     ["Fyodor Dostoevsky", "Anton Chekhov", "Ivan Turgenev"]),
+    ("Who wrote The Old Man and the Sea?",
+     "The Old Man and the Sea was written by Ernest Hemingway.",
+     "The author of The Old Man and the Sea is {}.", "Ernest Hemingway",
+     ["John Steinbeck", "William Faulkner", "Jack London"]),
+    ("Who wrote the Harry Potter books?", "The Harry Potter books were written by J. K. Rowling.",
+     "The author of the Harry Potter books is {}.", "J. K. Rowling",
+     ["Roald Dahl", "C. S. Lewis", "Philip Pullman"]),
+    ("Who wrote Don Quixote?", "Don Quixote was written by Miguel de Cervantes.",
+     "The author of Don Quixote is {}.", "Miguel de Cervantes",
+     ["Lope de Vega", "Federico Garcia Lorca", "Benito Perez Galdos"]),
+    ("Who wrote the play Hamlet?", "Hamlet was written by William Shakespeare.",
+     "The author of Hamlet is {}.", "William Shakespeare",
+     ["Christopher Marlowe", "Ben Jonson", "John Milton"]),
+    ("In which country was the novelist Gabriel Garcia Marquez born?",
+     "Gabriel Garcia Marquez was born in Colombia.",
+     "The birthplace of Gabriel Garcia Marquez is {}.", "Colombia",
+     ["Mexico", "Argentina", "Spain"]),
+    ("Who wrote the novel Moby-Dick?", "Moby-Dick was written by Herman Melville.",
+     "The author of Moby-Dick is {}.", "Herman Melville",
+     ["Nathaniel Hawthorne", "Mark Twain", "Henry James"]),
+], "real_authors")
 
 
 @dataclass

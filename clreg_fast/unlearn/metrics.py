@@ -9,34 +9,44 @@ Two layers:
   flat dict of metrics for a model.
 
 Definitions (the answer is ``y``, its tokens include the final EOS; ``p`` = model probability
-of the right token with the true prefix, i.e. teacher forcing):
+of the right token with the true prefix, i.e. teacher forcing). Every metric that carries an
+OpenUnlearning name gives OpenUnlearning's number (locuslab/open-unlearning,
+``src/evals/metrics/``); the full table with directions is ``docs/metrics.md``.
 
 * ``value_acc``: share of fact-value tokens whose argmax prediction is right (value tokens are
   the ones ``value_mask`` marks; template tokens inflate whole-answer scores on a small model).
 * ``value_prob``: mean over examples of ``P(value | prompt, answer prefix)``, the product of
   ``p`` over the value tokens.
-* ``answer_prob``: mean over examples of ``P(y | x) ** (1 / |y|)``.
+* ``answer_prob``: mean over examples of ``P(y | x) ** (1 / |y|)`` (upstream ``probability``:
+  EOS included).
+* ``exact_mem``, ``extraction_strength``, ``mink_score``, ``mink_pp_score`` and the AUCs drop
+  the answer's final EOS, as upstream ("-1 to ignore eos prediction").
 * ``exact_mem``: mean over examples of the share of answer tokens predicted right.
-* ``extraction_strength``: mean over examples of ``1 - k / |y|``, ``k`` the shortest answer
-  prefix after which greedy decoding reproduces the rest (with teacher-forced argmax, that is
-  one past the last wrong position).
-* ``truth_ratio``: per example ``R = (prod_j P(perturbed_j)^(1/|y_j|))^(1/m) /
-  P(paraphrased)^(1/|y|)``; reported is the mean of ``R`` (about 1 when the model does not know
-  the fact, well below 1 when it does).
+* ``extraction_strength``: upstream's: mean of ``1 - k / n``, ``k`` the first index whose
+  suffix is predicted right, ``n - 1`` when none is (so ``1/n`` when the last token is wrong);
+  ``extraction_strength_strict``: ours, 0 in that case.
+* ``forget_truth_ratio``: upstream's ``forget_Truth_Ratio``, the mean of ``min(R, 1/R)`` of the
+  per-example ``R = P(perturbed) / P(paraphrased)`` (per-token-normalized probabilities, the
+  perturbed ones by geometric mean); 1 = the model cannot tell true from false.
+  ``forget_truth_ratio_mean``: the plain mean of ``R`` (reported until 2026-12-06).
 * ``forget_quality``: two-sample KS-test p-value between the forget-set truth ratios of the
   model and of the oracle (a model never trained on the forget set); high = indistinguishable.
-* ``mink_auc``: AUC of the Min-K% score (mean of the lowest 40% token log-probabilities of the
-  answer) separating forget (members) from never-trained holdout rows; ``privleak`` =
-  ``(auc - oracle_auc) / oracle_auc * 100`` (0 is ideal, large positive leaks membership).
+* ``mink_auc``: AUC of the Min-K% score (mean of the lowest ``max(1, int(0.4 n))`` token
+  log-probabilities) separating forget (members) from never-trained holdout rows;
+  ``mink_pp_auc``: the same with Min-K%++ (:func:`min_k_plus_plus_score`). ``privleak`` and
+  ``privleak_mink_pp``: MUSE's ``(a - r) / r * 100`` on ``a = 1 - AUC``, ``r = 1 - oracle
+  AUC``: 0 is ideal, **negative = membership leaks** (under-unlearning), positive =
+  over-unlearning.
 * ``knn_mixing``: entanglement of forget and retain features at one layer (see
   :func:`knn_mixing`); ``forget_retain_cos``: mean cosine between forget and retain features;
   ``retain_drift``: mean ``1 - cos`` between retain features now and before unlearning.
 * ``entanglement_score`` (Zhao et al. 2024, lower = more separated), ``silhouette`` (cosine,
   forget/retain labels) and ``linear_probe_acc`` (cross-validated balanced accuracy of a
   logistic probe), all on L2-normalized features at that layer.
-* Model utility (:func:`utility_metrics`, TOFU): the harmonic mean of probability, ROUGE-L
-  recall of the greedy answer (``rouge-score``) and truth-ratio score ``max(0, 1 - R)`` on the
-  retain set and on general-knowledge "world facts".
+* Model utility (:func:`utility_metrics`, TOFU's 9 parts): the harmonic mean of probability,
+  ROUGE-L recall of the greedy answer (``rouge-score``) and truth-ratio score ``max(0, 1 - R)``
+  on the retain set, on real authors and on world facts (the last two: probability normalized
+  against the perturbed answers, ``R`` against the original answer).
 """
 from __future__ import annotations
 
@@ -86,29 +96,95 @@ def auc(positive_scores, negative_scores) -> float:
     return float((greater + 0.5 * ties) / (pos.size * neg.size))
 
 
+# OpenUnlearning adds this to the denominators of privleak, the truth ratio and the normalized
+# probability; kept so that near-zero denominators give its numbers, not ours.
+_UPSTREAM_EPS = 1e-10
+
+
+def _check_auc(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be an AUC in [0, 1], got {value}")
+    return value
+
+
 def privleak(model_auc: float, oracle_auc: float) -> float:
-    """Relative membership-inference gap to the oracle, in percent (0 is ideal)."""
-    if oracle_auc <= 0:
-        raise ValueError(f"oracle_auc must be positive, got {oracle_auc}")
-    return (model_auc - oracle_auc) / oracle_auc * 100.0
+    """MUSE's PrivLeak (OpenUnlearning ``privleak``), in percent, from membership-inference AUCs.
+
+    MUSE reports AUCs as ``1 - AUC``; with ``a`` = ``1 - model_auc`` and ``r`` = ``1 -
+    oracle_auc`` it is ``(a - r) / (r + 1e-10) * 100``. 0 is ideal (as distinguishable as the
+    oracle); **negative = under-unlearning** (the model still tells forget rows from holdout
+    rows better than the oracle: membership leaks); positive = over-unlearning (forget rows
+    look *less* like members than never-seen rows). An oracle AUC of 1 makes the denominator
+    1e-10 (huge values), as upstream.
+    """
+    a = 1.0 - _check_auc(model_auc, "model_auc")
+    r = 1.0 - _check_auc(oracle_auc, "oracle_auc")
+    return (a - r) / (r + _UPSTREAM_EPS) * 100.0
+
+
+def _min_k_count(n: int, k: float) -> int:
+    # The Min-K% authors' count (and OpenUnlearning's): int() truncates, at least one token.
+    return max(1, int(n * k))
 
 
 def min_k_score(token_logprobs, k: float = 0.4) -> float:
-    """Min-K% membership score: mean of the lowest ``ceil(k * n)`` token log-probabilities."""
+    """Min-K% membership score (OpenUnlearning ``MinKProbAttack`` with the sign flipped: higher =
+    more member-like): mean of the lowest ``max(1, int(k * n))`` token log-probabilities."""
     lp = np.sort(np.asarray(token_logprobs, float))
     if lp.size == 0:
         raise ValueError("min_k_score needs at least one token")
     if not 0 < k <= 1:
         raise ValueError(f"k must be in (0, 1], got {k}")
-    return float(lp[: max(1, math.ceil(k * lp.size))].mean())
+    return float(lp[: _min_k_count(lp.size, k)].mean())
+
+
+def min_k_plus_plus_score(token_logprobs, vocab_mean, vocab_var, k: float = 0.4) -> float:
+    """Min-K%++ membership score (OpenUnlearning ``MinKPlusPlusAttack``, sign flipped: higher =
+    more member-like).
+
+    Per token ``z = (log p(y_t) - mu_t) / sqrt(max(var_t, 1e-6))`` with ``mu_t = sum_v p_v log
+    p_v`` and ``var_t = sum_v p_v (log p_v)^2 - mu_t^2`` the mean and variance of the
+    log-probability of a token drawn from the model's own next-token distribution at that
+    position; the score is the mean of the lowest ``max(1, int(k * n))`` values of ``z``.
+    """
+    lp = np.asarray(token_logprobs, float)
+    mu, var = np.asarray(vocab_mean, float), np.asarray(vocab_var, float)
+    if lp.ndim != 1 or lp.size == 0:
+        raise ValueError("min_k_plus_plus_score needs a 1-D array of at least one token")
+    if mu.shape != lp.shape or var.shape != lp.shape:
+        raise ValueError(f"vocab_mean {mu.shape} and vocab_var {var.shape} must match the "
+                         f"token log-probabilities {lp.shape}")
+    if not 0 < k <= 1:
+        raise ValueError(f"k must be in (0, 1], got {k}")
+    z = np.sort((lp - mu) / np.sqrt(np.maximum(var, 1e-6)))
+    return float(z[: _min_k_count(z.size, k)].mean())
+
+
+def _check_correct(correct, name: str) -> np.ndarray:
+    c = np.asarray(correct, bool)
+    if c.ndim != 1 or c.size == 0:
+        raise ValueError(f"{name} needs a 1-D match vector of at least one token")
+    return c
 
 
 def extraction_strength(correct) -> float:
-    """``1 - k / n`` with ``k`` one past the last wrong position of a teacher-forced argmax
-    match vector (greedy decoding from the first ``k`` true tokens then reproduces the rest)."""
-    c = np.asarray(correct, bool)
-    if c.size == 0:
-        raise ValueError("extraction_strength needs at least one token")
+    """Extraction strength as OpenUnlearning computes it: ``1 - k / n`` with ``k`` the smallest
+    index in ``0 .. n-1`` whose suffix ``correct[k:]`` is all right (teacher-forced argmax).
+
+    When even the last token is wrong no suffix matches and upstream's loop ends at ``k = n - 1``:
+    the score is ``1 / n``, not 0 (see :func:`strict_extraction_strength`)."""
+    c = _check_correct(correct, "extraction_strength")
+    wrong = np.flatnonzero(~c)
+    k = 0 if wrong.size == 0 else min(int(wrong[-1]) + 1, c.size - 1)
+    return 1.0 - k / c.size
+
+
+def strict_extraction_strength(correct) -> float:
+    """Our variant of :func:`extraction_strength`: ``1 - k / n`` with ``k`` one past the last
+    wrong position, so 0 when the last token is wrong (nothing is extractable: greedy decoding
+    misses it even from the full true prefix). Differs from upstream only in that case."""
+    c = _check_correct(correct, "strict_extraction_strength")
     wrong = np.flatnonzero(~c)
     k = 0 if wrong.size == 0 else int(wrong[-1]) + 1
     return 1.0 - k / c.size
@@ -116,17 +192,33 @@ def extraction_strength(correct) -> float:
 
 def exact_memorization(correct) -> float:
     """Share of answer tokens whose teacher-forced argmax prediction is right."""
-    c = np.asarray(correct, bool)
-    if c.size == 0:
-        raise ValueError("exact_memorization needs at least one token")
+    c = _check_correct(correct, "exact_memorization")
     return float(c.mean())
 
 
-def truth_ratio(paraphrased_logprob: float, perturbed_logprobs: Sequence[float]) -> float:
-    """``exp(mean(perturbed) - paraphrased)`` of per-token mean log-probabilities."""
+def truth_ratio(correct_logprob: float, perturbed_logprobs: Sequence[float]) -> float:
+    """TOFU's truth ratio ``R = P(perturbed) / (P(correct) + 1e-10)`` (OpenUnlearning
+    ``truth_ratio``'s per-row score), each ``P`` the per-token-normalized probability
+    ``exp(mean token log-prob)``, the perturbed ones combined by a geometric mean (the mean of
+    their per-token mean log-probabilities). ``correct`` is the paraphrased answer on the forget
+    and retain sets and the original answer on the real-world sets (world facts, real authors),
+    as upstream's configurations choose."""
     if len(perturbed_logprobs) == 0:
         raise ValueError("truth_ratio needs at least one perturbed answer")
-    return float(math.exp(float(np.mean(perturbed_logprobs)) - paraphrased_logprob))
+    wrong = math.exp(float(np.mean(perturbed_logprobs)))
+    return float(wrong / (math.exp(float(correct_logprob)) + _UPSTREAM_EPS))
+
+
+def forget_truth_ratio_score(ratios) -> float:
+    """OpenUnlearning's ``forget_Truth_Ratio`` (aggregator ``closer_to_1_better``): mean of
+    ``min(R, 1 / (R + 1e-10))``. 1 = the model finds true and perturbed answers equally likely
+    (higher = more forgotten); near 0 = it strongly prefers one of them."""
+    r = np.asarray(ratios, float)
+    if r.size == 0:
+        raise ValueError("forget_truth_ratio_score needs at least one ratio")
+    if np.isnan(r).any() or (r < 0).any():
+        raise ValueError("truth ratios must be non-negative numbers")
+    return float(np.minimum(r, 1.0 / (r + _UPSTREAM_EPS)).mean())
 
 
 from clreg_fast.metrics.representation import (  # noqa: E402,F401
@@ -168,8 +260,8 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 def truth_ratio_utility(ratios) -> float:
-    """TOFU's truth-ratio score for retain-like sets: mean of ``max(0, 1 - R)``, ``R`` the truth
-    ratio P(perturbed) / P(paraphrased) (high = the model prefers the true answer)."""
+    """TOFU's truth-ratio score for retain-like sets (OpenUnlearning aggregator ``true_better``):
+    mean of ``max(0, 1 - R)``, ``R`` the truth ratio (high = the model prefers the true answer)."""
     r = np.asarray(ratios, float)
     if r.size == 0:
         raise ValueError("truth_ratio_utility needs at least one ratio")
@@ -177,14 +269,14 @@ def truth_ratio_utility(ratios) -> float:
 
 
 def normalized_answer_prob(answer_logprob: float, perturbed_logprobs: Sequence[float]) -> float:
-    """``p / (p + sum_j p_j)`` of per-token-mean probabilities: TOFU's probability on the
-    world-facts set, the true answer against its perturbed versions."""
+    """``p / (p + sum_j p_j + 1e-10)`` of per-token-normalized probabilities ``exp(mean token
+    log-prob)`` (OpenUnlearning ``probability_w_options``): TOFU's probability on the
+    real-world sets, the true answer against its perturbed versions."""
     if len(perturbed_logprobs) == 0:
         raise ValueError("normalized_answer_prob needs at least one perturbed answer")
-    lps = np.asarray([answer_logprob] + list(perturbed_logprobs), float)
-    lps -= lps.max()
-    p = np.exp(lps)
-    return float(p[0] / p.sum())
+    p = math.exp(float(answer_logprob))
+    wrong = float(np.exp(np.asarray(perturbed_logprobs, float)).sum())
+    return float(p / (p + wrong + _UPSTREAM_EPS))
 
 
 # --------------------------------------------------------------------------- model level
@@ -196,14 +288,18 @@ def _device_of(model) -> torch.device:
 
 @torch.no_grad()
 def token_stats(model, examples: Sequence[Dict], batch_size: int = 64, pad_id: int = 0,
-                layer: Optional[int] = None, pooling: str = "mean") -> List[Dict]:
-    """Teacher-forced per-example statistics over the answer tokens.
+                layer: Optional[int] = None, pooling: str = "mean",
+                vocab_stats: bool = False) -> List[Dict]:
+    """Teacher-forced per-example statistics over the answer tokens (the final EOS included).
 
     Each result has ``logprobs`` and ``correct`` (numpy, one entry per answer token) and
     ``value`` (bool mask of the value tokens among them). With ``layer`` (a decoder layer
     index, negative from the last) it also has ``feature``: the output of that decoder layer,
     the state CLReg trains on (for the last layer: before the final norm), pooled over the
-    answer tokens (``mean``) or taken at the last answer token (``last``).
+    answer tokens (``mean``) or taken at the last answer token (``last``). With
+    ``vocab_stats`` it also has ``vocab_mean`` and ``vocab_var`` (float64, per answer token):
+    the mean and variance of ``log p_v`` under the model's next-token distribution ``p`` at
+    that position (what Min-K%++ normalizes by).
     """
     if pooling not in ("mean", "last"):
         raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
@@ -242,10 +338,24 @@ def token_stats(model, examples: Sequence[Dict], batch_size: int = 64, pad_id: i
                     "value": value[row][m].cpu().numpy().astype(bool)}
             if layer is not None:
                 item["feature"] = feats[row].cpu()
+            if vocab_stats:
+                item["vocab_mean"], item["vocab_var"] = _vocab_logprob_moments(logits[row][m])
             results.append(item)
     if was_training:
         model.train()
     return results
+
+
+def _vocab_logprob_moments(logits: torch.Tensor):
+    """Per row of ``logits`` (tokens, vocab): ``E_p[log p]`` and ``Var_p[log p]`` in float64,
+    the variance as ``E_p[(log p)^2] - E_p[log p]^2`` as upstream computes it."""
+    lp = torch.log_softmax(logits.double(), -1)
+    p = lp.exp()
+    # 0 * log 0 is 0; underflowed entries would otherwise give nan.
+    plp = torch.where(p > 0, p * lp, torch.zeros_like(lp))
+    mean = plp.sum(-1)
+    second = torch.where(p > 0, plp * lp, torch.zeros_like(lp)).sum(-1)
+    return mean.cpu().numpy(), (second - mean ** 2).cpu().numpy()
 
 
 def pooled_features(model, examples: Sequence[Dict], layer: int, pooling: str = "mean",
@@ -255,24 +365,62 @@ def pooled_features(model, examples: Sequence[Dict], layer: int, pooling: str = 
     return torch.stack([s["feature"] for s in stats])
 
 
+def _drop_final_token(arr):
+    # OpenUnlearning's EM, ES, Min-K% and Min-K%++ drop each answer's last labelled token
+    # ("-1 to ignore eos prediction"); in every encoding of this package it is the EOS.
+    return arr[:-1]
+
+
 def memorization_metrics(stats: Sequence[Dict], min_k: float = 0.4) -> Dict[str, float]:
-    """Aggregate :func:`token_stats` results of one split."""
+    """Aggregate :func:`token_stats` results of one split.
+
+    ``value_acc``, ``value_prob`` and ``answer_prob`` use every answer token (the EOS too, as
+    OpenUnlearning's ``probability``); ``exact_mem``, ``extraction_strength`` (upstream's, with
+    its ``1/n`` fall-through), ``extraction_strength_strict`` (ours), ``mink_score`` and, when the
+    stats have ``vocab_mean``, ``mink_pp_score`` drop the final EOS as upstream. An answer that
+    is only an EOS scores as upstream scores an empty one: no exact-memorization value, 0 for
+    the others.
+    """
     if not stats:
         raise ValueError("no examples to score")
     value_correct = np.concatenate([s["correct"][s["value"]] for s in stats])
-    return {
+    kept = [_drop_final_token(s["correct"]) for s in stats]
+    em = [exact_memorization(c) for c in kept if c.size]
+    out = {
         "value_acc": float(value_correct.mean()) if value_correct.size else float("nan"),
         "value_prob": float(np.mean([math.exp(s["logprobs"][s["value"]].sum()) for s in stats])),
         "answer_prob": float(np.mean([math.exp(s["logprobs"].mean()) for s in stats])),
-        "exact_mem": float(np.mean([exact_memorization(s["correct"]) for s in stats])),
-        "extraction_strength": float(np.mean([extraction_strength(s["correct"]) for s in stats])),
-        "mink_score": float(np.mean([min_k_score(s["logprobs"], min_k) for s in stats])),
+        "exact_mem": float(np.mean(em)) if em else float("nan"),
+        "extraction_strength": float(np.mean([extraction_strength(c) if c.size else 0.0
+                                              for c in kept])),
+        "extraction_strength_strict": float(np.mean([
+            strict_extraction_strength(c) if c.size else 0.0 for c in kept])),
+        "mink_score": float(np.mean(_min_k_scores(stats, min_k))),
     }
+    if all("vocab_mean" in s for s in stats):
+        out["mink_pp_score"] = float(np.mean(_min_k_pp_scores(stats, min_k)))
+    return out
+
+
+def _min_k_scores(stats: Sequence[Dict], min_k: float) -> List[float]:
+    return [min_k_score(lp, min_k) if lp.size else 0.0
+            for lp in (_drop_final_token(s["logprobs"]) for s in stats)]
+
+
+def _min_k_pp_scores(stats: Sequence[Dict], min_k: float) -> List[float]:
+    out = []
+    for s in stats:
+        lp = _drop_final_token(s["logprobs"])
+        out.append(min_k_plus_plus_score(lp, _drop_final_token(s["vocab_mean"]),
+                                         _drop_final_token(s["vocab_var"]), min_k)
+                   if lp.size else 0.0)
+    return out
 
 
 def truth_ratios(model, examples: Sequence[Dict], batch_size: int = 64,
                  pad_id: int = 0) -> np.ndarray:
-    """Per-example truth ratio for examples with paraphrased and perturbed ``alternatives``."""
+    """Per-example truth ratio ``P(perturbed) / P(paraphrased)`` (:func:`truth_ratio`) for
+    examples with paraphrased and perturbed ``alternatives`` (others are skipped)."""
     paraphrased, perturbed, owners = [], [], []
     for i, ex in enumerate(examples):
         alt = ex.get("alternatives") or {}
@@ -300,10 +448,11 @@ def evaluate_model(model, splits: Dict[str, Sequence[Dict]], layer: Optional[int
     """All metrics of one model as a flat dict, plus ``"_raw"`` data for later comparisons.
 
     ``splits``: ``forget`` and ``retain`` (required) and ``holdout`` (optional) example lists.
-    ``oracle``: the ``_raw`` entry of the oracle's own result; with it come ``forget_quality``
-    and ``privleak``. ``reference_features``: ``{"retain": tensor}`` of the model before
-    unlearning; with it comes ``retain_drift``. ``layer``: the decoder layer (CLReg's) for the
-    entanglement metrics.
+    ``oracle``: the ``_raw`` entry of the oracle's own result; with it come ``forget_quality``,
+    ``privleak`` and ``privleak_mink_pp``. Every key, its definition, the OpenUnlearning metric
+    it mirrors and its direction: ``docs/metrics.md``. ``reference_features``: ``{"retain":
+    tensor}`` of the model before unlearning; with it comes ``retain_drift``. ``layer``: the
+    decoder layer (CLReg's) for the entanglement metrics.
     """
     for name in ("forget", "retain"):
         if not splits.get(name):
@@ -313,22 +462,30 @@ def evaluate_model(model, splits: Dict[str, Sequence[Dict]], layer: Optional[int
     for name, examples in splits.items():
         if not examples:
             continue
-        stats = token_stats(model, examples, batch_size, pad_id, layer=layer, pooling=pooling)
+        # The vocabulary moments (Min-K%++) only where membership is scored.
+        stats = token_stats(model, examples, batch_size, pad_id, layer=layer, pooling=pooling,
+                            vocab_stats=name in ("forget", "holdout"))
         for key, value in memorization_metrics(stats, min_k).items():
             metrics[f"{name}_{key}"] = value
-        raw[f"{name}_mink"] = [min_k_score(s["logprobs"], min_k) for s in stats]
+        raw[f"{name}_mink"] = _min_k_scores(stats, min_k)
+        if name in ("forget", "holdout"):
+            raw[f"{name}_mink_pp"] = _min_k_pp_scores(stats, min_k)
         if layer is not None:
             raw["features"][name] = torch.stack([s["feature"] for s in stats])
     tr = truth_ratios(model, splits["forget"], batch_size, pad_id)
     raw["forget_truth_ratios"] = tr.tolist()
-    metrics["forget_truth_ratio"] = float(tr.mean())
+    metrics["forget_truth_ratio"] = forget_truth_ratio_score(tr)
+    metrics["forget_truth_ratio_mean"] = float(tr.mean())
     if splits.get("holdout"):
         metrics["mink_auc"] = auc(raw["forget_mink"], raw["holdout_mink"])
+        metrics["mink_pp_auc"] = auc(raw["forget_mink_pp"], raw["holdout_mink_pp"])
     if oracle is not None:
         metrics["forget_quality"] = ks_pvalue(tr, oracle["forget_truth_ratios"])
-        if "mink_auc" in metrics and oracle.get("mink_auc") is not None:
-            metrics["privleak"] = privleak(metrics["mink_auc"], oracle["mink_auc"])
+        for auc_key, leak_key in (("mink_auc", "privleak"), ("mink_pp_auc", "privleak_mink_pp")):
+            if auc_key in metrics and oracle.get(auc_key) is not None:
+                metrics[leak_key] = privleak(metrics[auc_key], oracle[auc_key])
     raw["mink_auc"] = metrics.get("mink_auc")
+    raw["mink_pp_auc"] = metrics.get("mink_pp_auc")
     if layer is not None:
         f, r = raw["features"]["forget"], raw["features"]["retain"]
         metrics["knn_mixing"] = knn_mixing(f, r, k=knn_k)
@@ -401,28 +558,37 @@ def rouge_l_of_model(model, examples: Sequence[Dict], tokenizer, pad_id: int,
     return np.asarray(scores)
 
 
+# TOFU's real-world sets: probability normalized against the perturbed answers, truth ratio
+# against the original answer (they have no paraphrase).
+REAL_WORLD_SETS = ("real_authors", "world")
+
+
 def utility_metrics(model, sets: Dict[str, Sequence[Dict]], tokenizer, pad_id: int,
                     batch_size: int = 32, max_new_tokens: int = 32) -> Dict[str, float]:
-    """TOFU-style model utility: for each named set (``retain``, ``world``, ...) of examples with
-    paraphrased/perturbed ``alternatives``, its probability, ROUGE-L recall and truth-ratio score;
-    ``model_utility`` is the harmonic mean of all of them.
+    """TOFU's model utility (OpenUnlearning ``model_utility``): for each named set its
+    probability ``<name>_prob``, ROUGE-L recall ``<name>_rouge`` and truth-ratio score
+    ``<name>_truth`` (mean of ``max(0, 1 - R)``); ``model_utility`` is the harmonic mean of all
+    of them (TOFU's 9 parts with ``retain``, ``real_authors`` and ``world``).
 
-    Probability: ``P(a | q) ** (1 / |a|)`` averaged over rows, except on ``world`` (general
-    knowledge the model had before fine-tuning), where it is normalized against the perturbed
-    answers (:func:`normalized_answer_prob`), as TOFU does for its real-world sets.
+    ``retain`` (and any other set not in :data:`REAL_WORLD_SETS`): probability ``P(a | q) **
+    (1 / |a|)`` averaged over rows, truth ratio against the paraphrased answer (rows need
+    paraphrased and perturbed answers). ``real_authors`` and ``world`` (knowledge the model had
+    before fine-tuning): probability normalized against the perturbed answers
+    (:func:`normalized_answer_prob`) and truth ratio against the original answer (rows need
+    perturbed answers), as upstream's ``ra_*`` and ``wf_*`` metrics.
     """
     out: Dict[str, float] = {}
     parts = []
     for name, examples in sets.items():
         if not examples:
             raise ValueError(f"utility set {name!r} is empty")
-        if not all((ex.get("alternatives") or {}).get("paraphrased") and
-                   ex["alternatives"].get("perturbed") for ex in examples):
-            raise ValueError(f"every row of utility set {name!r} needs paraphrased and "
-                             "perturbed answers")
+        real_world = name in REAL_WORLD_SETS
+        for ex in examples:
+            alt = ex.get("alternatives") or {}
+            if not alt.get("perturbed") or (not real_world and not alt.get("paraphrased")):
+                needs = "perturbed" if real_world else "paraphrased and perturbed"
+                raise ValueError(f"every row of utility set {name!r} needs {needs} answers")
         lp = [s["logprobs"].mean() for s in token_stats(model, examples, batch_size, pad_id)]
-        para = [s["logprobs"].mean() for s in token_stats(
-            model, [ex["alternatives"]["paraphrased"] for ex in examples], batch_size, pad_id)]
         flat = [alt for ex in examples for alt in ex["alternatives"]["perturbed"]]
         flat_lp = [s["logprobs"].mean() for s in token_stats(model, flat, batch_size, pad_id)]
         pert, pos = [], 0
@@ -430,13 +596,16 @@ def utility_metrics(model, sets: Dict[str, Sequence[Dict]], tokenizer, pad_id: i
             n = len(ex["alternatives"]["perturbed"])
             pert.append(flat_lp[pos:pos + n])
             pos += n
-        if name == "world":
+        if real_world:
             prob = float(np.mean([normalized_answer_prob(a, p) for a, p in zip(lp, pert)]))
+            correct = lp
         else:
             prob = float(np.mean(np.exp(lp)))
+            correct = [s["logprobs"].mean() for s in token_stats(
+                model, [ex["alternatives"]["paraphrased"] for ex in examples], batch_size, pad_id)]
         rouge = float(rouge_l_of_model(model, examples, tokenizer, pad_id, max_new_tokens,
                                        batch_size).mean())
-        tr = truth_ratio_utility([truth_ratio(a, p) for a, p in zip(para, pert)])
+        tr = truth_ratio_utility([truth_ratio(c, p) for c, p in zip(correct, pert)])
         out.update({f"{name}_prob": prob, f"{name}_rouge": rouge, f"{name}_truth": tr})
         parts += [prob, rouge, tr]
     out["model_utility"] = harmonic_mean(parts)
