@@ -87,7 +87,7 @@ def knn_one_matrix(f, r, k):
     count = ((above & is_retain).sum(1).double()
              + (k - above.sum(1)).double() * (tied & is_retain).sum(1).double()
              / tied.sum(1).double())
-    return (count / k).mean().item() / (nr / (nf - 1 + nr))
+    return (count.sum().item() / (k * nf)) / (nr / (nf - 1 + nr))
 
 
 def ref_silhouette(f, r):
@@ -173,6 +173,20 @@ def test_chunked_knn_equals_one_matrix_exactly(make):
         assert want == pytest.approx(ref_knn(f, r, k), rel=1e-12)
         for chunk in (1, 2, 5, 22, 23, 1000, None):
             assert RM.knn_mixing(f, r, k=k, chunk_rows=chunk) == want, (k, chunk)
+
+
+def test_knn_mixing_is_the_exact_neighbour_count_ratio():
+    """Without ties the value is (retain neighbours in all) / (k Nf) / pool share, rounded once:
+    a mean of per-row shares would round with the reduction order, so a CUDA run (another
+    order) could differ from the CPU in the last bit."""
+    for seed in range(6):
+        nf, nr, k = 30 + seed, 50 + 2 * seed, 5
+        f, r = _pair(nf, nr, 6, seed=70 + seed)
+        z = torch.nn.functional.normalize(torch.cat([f, r]).double(), dim=1)
+        sim = z[:nf] @ z.T
+        sim[torch.arange(nf), torch.arange(nf)] = -math.inf
+        total = int((sim.topk(k, dim=1).indices >= nf).sum())
+        assert RM.knn_mixing(f, r, k=k) == (total / (k * nf)) / (nr / (nf - 1 + nr)), seed
 
 
 def test_knn_mixing_excludes_each_row_itself():

@@ -192,7 +192,10 @@ def knn_mixing(forget, retain, k: int = 5, *, chunk_rows: Optional[int] = None,
         sim[torch.arange(rows.numel(), device=sim.device), rows] = -math.inf  # not its own
         counts[start:start + rows.numel()] = _retain_counts(sim, nf, k)
         del sim
-    retain_share = (counts / k).mean().item()  # one mean over all rows: chunking cannot change it
+    # Counts are whole numbers unless a tie was split, so their float64 sum is exact in any
+    # order: the value is the same for any chunking and on CPU and GPU (a mean of counts / k
+    # would round differently with each device's reduction order).
+    retain_share = counts.sum().item() / (k * counts.numel())
     return retain_share / (nr / pool_size)
 
 
