@@ -170,22 +170,23 @@ def knn_mixing(forget, retain, k: int = 5, *, chunk_rows: Optional[int] = None,
     """
     zf, zr = _normalized_pair(forget, retain)
     nf, nr = zf.shape[0], zr.shape[0]
+    pool = torch.cat([zf, zr])  # forget rows first: pool index >= nf means a retain row
+    del zf, zr  # keep one copy of the features, not two
     pool_size = nf - 1 + nr
     k = _check_k(k, pool_size)
     if chunk_rows is None:
         chunk_rows = knn_chunk_rows(nf + nr)
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
-    queries = torch.arange(nf, device=zf.device)
+    queries = torch.arange(nf, device=pool.device)
     if max_queries is not None:
         if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
             raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
         if max_queries < nf:
             generator = torch.Generator().manual_seed(int(seed))  # CPU: same rows on any device
             chosen = torch.randperm(nf, generator=generator)[:max_queries].sort().values
-            queries = chosen.to(zf.device)
-    pool = torch.cat([zf, zr])
-    counts = torch.empty(queries.numel(), dtype=torch.float64, device=zf.device)
+            queries = chosen.to(pool.device)
+    counts = torch.empty(queries.numel(), dtype=torch.float64, device=pool.device)
     for start in range(0, queries.numel(), chunk_rows):
         rows = queries[start:start + chunk_rows]
         sim = _similarity_block(pool[rows], pool)
