@@ -35,8 +35,8 @@ def _np(x):
 
 
 def _unit(x):
-    x = _np(x)
-    return np.array([row / np.linalg.norm(row) for row in x])
+    x = _np(x)  # a row of zeros has no direction: it stays zero
+    return np.array([row / np.linalg.norm(row) if np.any(row) else row for row in x])
 
 
 def _cos(u, v):
@@ -281,6 +281,26 @@ def test_silhouette_known_values():
     assert RM.forget_retain_silhouette(e[[0, 0]], e[[1, 1, 1]]) == pytest.approx(1.0)
     # forget {e1, e2}, retain {e1, e2}: own mean distance 1, other 0.5 -> -0.5 for every row.
     assert RM.forget_retain_silhouette(e[[0, 1]], e[[0, 1]]) == pytest.approx(-0.5)
+
+
+def test_zero_rows_have_no_direction():
+    """A row of zeros stays zero: cosine 0 with every row, cosine distance 1 to the others (and
+    0 to itself), as scikit-learn's cosine distance treats it."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    f, r = _pair(6, 9, 4, seed=80, dtype=torch.float64)
+    f[2], r[4], r[7] = 0.0, 0.0, 0.0
+    x = np.concatenate([_np(f), _np(r)])
+    labels = np.r_[np.zeros(6, int), np.ones(9, int)]
+    want = sklearn_metrics.silhouette_score(x, labels, metric="cosine")
+    assert RM.forget_retain_silhouette(f, r) == pytest.approx(want, abs=1e-12)
+    assert RM.entanglement_score(f, r) == pytest.approx(ref_entanglement(f, r), rel=1e-12)
+    for k in (1, 4, 14):
+        assert RM.knn_mixing(f, r, k=k) == pytest.approx(ref_knn(f, r, k), rel=1e-12), k
+    assert RM.mean_cosine(f, r) == pytest.approx(float(np.mean(_unit(f) @ _unit(r).T)), abs=1e-12)
+    assert RM.feature_drift(r, r) == pytest.approx(2 / 9)  # the two zero rows: cosine 0
+    zeros = torch.zeros(3, 4)
+    assert RM.knn_mixing(zeros, zeros, k=2) == pytest.approx(1.0)  # every row tied
+    assert RM.forget_retain_silhouette(zeros, zeros) == pytest.approx(0.0)
 
 
 # ----------------------------------------------------------------------------- probe
