@@ -184,6 +184,21 @@ def test_metrics_at_evaluation_steps_on_a_plain_trainer_with_a_batch_probe(tmp_p
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]
 
 
+def test_epoch_logging_strategy_measures_at_each_epoch_end(tmp_path):
+    # logging_strategy="epoch": DefaultFlowCallback sets should_log in on_epoch_end, not in
+    # on_step_end, so only the callback's on_epoch_end sees it.
+    trainer = H.PlainGradDiff(model=H.tiny_model(),
+                              args=H.training_args(tmp_path, max_steps=-1, num_train_epochs=2,
+                                                   logging_strategy="epoch"),
+                              train_dataset=H.make_pairs(8, seed=3), data_collator=H.collate_pairs)
+    RepresentationMetricsCallback(probe_rows(3, 13, concept=1), probe_rows(3, 14), layer=LAYER,
+                                  k=2, metrics=("knn_mixing",)).attach(trainer)
+    trainer.train()
+    history = trainer.state.log_history
+    assert [e["step"] for e in repr_entries(history)] == [0, 2, 4]
+    assert [e["step"] for e in history if "loss" in e] == [2, 4]
+
+
 def test_the_callback_does_not_change_training(tmp_path):
     def run(with_callback):
         trainer = H.CLRegGradDiff(model=H.tiny_model(),
