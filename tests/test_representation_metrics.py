@@ -332,6 +332,8 @@ def test_linear_probe_separable_chance_and_row_cap():
     assert capped == RM.linear_probe_accuracy(mixed_f, mixed_r, max_rows_per_set=40)
     assert capped != full  # the cap is applied (a seeded 40 + 40 row subsample)
     assert RM.linear_probe_accuracy(mixed_f, mixed_r, max_rows_per_set=150) == full
+    # A cap below `folds` rows: as many folds as the capped sets allow (scikit-learn refused).
+    assert 0.0 <= RM.linear_probe_accuracy(sep_f, sep_r, max_rows_per_set=3) <= 1.0
 
 
 # ----------------------------------------------------------------------------- cosine, drift

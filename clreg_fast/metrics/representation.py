@@ -235,9 +235,9 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
     """Cross-validated balanced accuracy of a logistic-regression probe telling forget from
     retain rows (scikit-learn ``LogisticRegression(C=1, class_weight="balanced",
     max_iter=2000)``; ``StratifiedKFold`` with ``min(folds, Nf, Nr)`` shuffled folds seeded by
-    ``seed``). 1 = linearly separable, about 0.5 = chance; the probe's error is
-    ``1 - accuracy``. Balanced accuracy, so a 10% forget set cannot score 0.9 by "always
-    retain".
+    ``seed``, the set sizes counted after the cap below). 1 = linearly separable, about 0.5 =
+    chance; the probe's error is ``1 - accuracy``. Balanced accuracy, so a 10% forget set
+    cannot score 0.9 by "always retain".
 
     Sets larger than ``max_rows_per_set`` rows are subsampled to that many (seeded by ``seed``,
     without replacement); None uses every row. Cost: ``folds`` fits on up to
@@ -257,8 +257,7 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
                                          or not isinstance(max_rows_per_set, int)
                                          or max_rows_per_set < 2):
         raise ValueError(f"max_rows_per_set must be None or an int >= 2, got {max_rows_per_set!r}")
-    n_splits = min(int(folds), zf.shape[0], zr.shape[0])
-    if n_splits < 2:
+    if min(zf.shape[0], zr.shape[0]) < 2:
         raise ValueError("linear_probe_accuracy needs at least 2 forget and 2 retain rows")
     rng = np.random.default_rng(seed)
 
@@ -269,6 +268,8 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
         return x
 
     xf, xr = capped(zf), capped(zr)
+    # Each fold needs a row of each set: at most as many folds as the smaller (capped) set has.
+    n_splits = min(int(folds), xf.shape[0], xr.shape[0])
     x = np.concatenate([xf, xr])
     y = np.r_[np.zeros(xf.shape[0], int), np.ones(xr.shape[0], int)]
     probe = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")
