@@ -406,6 +406,12 @@ def test_accepts_numpy_lists_and_integer_rows():
     f = [[1, 0], [1, 1]]
     r = np.array([[0.0, 1.0], [-1.0, 0.0], [0.0, -2.0]])
     assert RM.knn_mixing(f, r, k=1) == pytest.approx(ref_knn(f, r, 1))
+    # Sizes computed with numpy are integers too.
+    two = np.int64(2)
+    assert RM.knn_mixing(f, r, k=two, chunk_rows=two, max_queries=two) == RM.knn_mixing(f, r, k=2)
+    assert 0 <= RM.linear_probe_accuracy(r, r, folds=two, max_rows_per_set=two) <= 1
+    with pytest.raises(ValueError, match="chunk_rows"):
+        RM.knn_mixing(f, r, k=1, chunk_rows=np.bool_(True))
     assert RM.entanglement_score(np.float32(f), r) == pytest.approx(ref_entanglement(f, r))
 
 

@@ -82,8 +82,13 @@ def _normalized_pair(forget, retain, min_rows: int = 1):
     return _normalize(f), _normalize(r)
 
 
+def _is_int(x) -> bool:
+    """A Python or numpy integer, not a bool (a size computed with numpy is welcome)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_k(k, pool: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    if not _is_int(k):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= pool:
         raise ValueError(f"k must be in [1, {pool}] (the pool size), got {k}")
@@ -176,11 +181,11 @@ def knn_mixing(forget, retain, k: int = 5, *, chunk_rows: Optional[int] = None,
     k = _check_k(k, pool_size)
     if chunk_rows is None:
         chunk_rows = knn_chunk_rows(nf + nr)
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+    elif not _is_int(chunk_rows) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
     queries = torch.arange(nf, device=pool.device)
     if max_queries is not None:
-        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+        if not _is_int(max_queries) or max_queries < 1:
             raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
         if max_queries < nf:
             generator = torch.Generator().manual_seed(int(seed))  # CPU: same rows on any device
@@ -251,10 +256,9 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
                           "scikit-learn") from None
 
     zf, zr = _normalized_pair(forget, retain)
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+    if not _is_int(folds) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    if max_rows_per_set is not None and (isinstance(max_rows_per_set, bool)
-                                         or not isinstance(max_rows_per_set, int)
+    if max_rows_per_set is not None and (not _is_int(max_rows_per_set)
                                          or max_rows_per_set < 2):
         raise ValueError(f"max_rows_per_set must be None or an int >= 2, got {max_rows_per_set!r}")
     if min(zf.shape[0], zr.shape[0]) < 2:
