@@ -246,6 +246,35 @@ def test_compute_equals_the_metric_functions_on_its_features():
     assert torch.equal(f, f2) and torch.equal(r, r2)
 
 
+def test_a_ragged_batch_dict_is_read_row_by_row():
+    # A tokenizer's output without padding: lists of different lengths under each key.
+    model = H.tiny_model()
+    forget, retain = probe_rows(4, seed=15, concept=1), probe_rows(3, seed=16)
+    ragged = {key: [row[key] for row in forget] for key in ("input_ids", "labels")}
+    make = RepresentationMetricsCallback
+    by_batch = make(ragged, retain, layer=LAYER, k=2).features(model)
+    by_rows = make(forget, retain, layer=LAYER, k=2).features(model)
+    assert all(torch.equal(a, b) for a, b in zip(by_batch, by_rows))
+    with pytest.raises(ValueError, match=r"\(rows, tokens\)"):
+        make({"input_ids": torch.tensor([5, 6])}, retain)
+
+
+def test_train_begin_forwards_the_probe_sets_once(tmp_path):
+    # The drift reference and the first measurement share one forward.
+    trainer = H.PlainGradDiff(model=H.tiny_model(), args=H.training_args(tmp_path, max_steps=1),
+                              train_dataset=H.make_pairs(4), data_collator=H.collate_pairs)
+    callback = RepresentationMetricsCallback(probe_rows(3, seed=17, concept=1),
+                                             probe_rows(3, seed=18), layer=LAYER, k=2,
+                                             metrics=("knn_mixing", "retain_drift"))
+    callback.attach(trainer)
+    forwards, features = [], callback.features
+    callback.features = lambda *args, **kwargs: forwards.append(1) or features(*args, **kwargs)
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    assert len(forwards) == 1
+    assert repr_entries(trainer.state.log_history)[-1]["repr/retain_drift"] == pytest.approx(
+        0.0, abs=1e-12)
+
+
 def test_errors_are_clear(tmp_path):
     rows = probe_rows(3, seed=10)
     make = RepresentationMetricsCallback
