@@ -223,6 +223,8 @@ def test_compute_equals_the_metric_functions_on_its_features():
     forget, retain = probe_rows(5, seed=8, concept=1), probe_rows(6, seed=9)
     callback = RepresentationMetricsCallback(forget, retain, layer=-1, k=2,
                                              metrics=("knn_mixing", "forget_retain_cos"))
+    assert RepresentationMetricsCallback(forget, retain, metrics="knn_mixing").metrics == (
+        "knn_mixing",)  # one name, not its letters
     model.train()
     f, r = callback.features(model)
     assert model.training and all(m.training for m in model.modules())

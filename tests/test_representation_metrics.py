@@ -361,6 +361,7 @@ def test_representation_metrics_bundles_the_functions():
                    "forget_retain_cos": RM.mean_cosine(f, r),
                    "retain_drift": RM.feature_drift(ref, r)}
     assert set(RM.representation_metrics(f, r, names=("knn_mixing",))) == {"knn_mixing"}
+    assert set(RM.representation_metrics(f, r, names="knn_mixing")) == {"knn_mixing"}
     assert "retain_drift" not in RM.representation_metrics(f, r, names=("retain_drift",))
     # Too few rows for the probe: left out, not an error.
     assert "linear_probe_acc" not in RM.representation_metrics(f[:1], r, k=1)

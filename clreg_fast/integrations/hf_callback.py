@@ -185,7 +185,7 @@ class RepresentationMetricsCallback(TrainerCallback):
         when = (when,) if isinstance(when, str) else tuple(when)
         if not when or any(w not in WHEN for w in when):
             raise ValueError(f"when must be 'log', 'evaluate' or both, got {when!r}")
-        metrics = tuple(metrics)
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = sorted(set(metrics) - set(METRIC_NAMES))
         if unknown or not metrics:
             raise ValueError(f"metrics must name some of {METRIC_NAMES}, got {metrics!r}")

@@ -319,6 +319,7 @@ def representation_metrics(forget, retain, reference_retain=None, *, k: int = 5,
     sets are too small for it (``silhouette``: 3 rows in all; ``linear_probe_acc``: 2 rows per
     set) is left out rather than raising; bad input still raises.
     """
+    names = (names,) if isinstance(names, str) else tuple(names)  # not its letters
     unknown = sorted(set(names) - set(METRIC_NAMES))
     if unknown:
         raise ValueError(f"unknown metric name(s) {unknown}; choose from {METRIC_NAMES}")
