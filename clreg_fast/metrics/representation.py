@@ -199,8 +199,8 @@ def knn_mixing(forget, retain, k: int = 5, *, chunk_rows: Optional[int] = None,
         counts[start:start + rows.numel()] = _retain_counts(sim, nf, k)
         del sim
     # Counts are whole numbers unless a tie was split, so their float64 sum is exact in any
-    # order: the value is the same for any chunking and on CPU and GPU (a mean of counts / k
-    # would round differently with each device's reduction order).
+    # order: the same neighbours give the same value for any chunking and on CPU or GPU (a
+    # mean of counts / k would round differently with each device's reduction order).
     retain_share = counts.sum().item() / (k * counts.numel())
     return retain_share / (nr / pool_size)
 
