@@ -184,6 +184,21 @@ def test_metrics_at_evaluation_steps_on_a_plain_trainer_with_a_batch_probe(tmp_p
     assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4]
 
 
+def test_epoch_logging_strategy_measures_at_each_epoch_end(tmp_path):
+    # logging_strategy="epoch": DefaultFlowCallback sets should_log in on_epoch_end, not in
+    # on_step_end, so only the callback's on_epoch_end sees it.
+    trainer = H.PlainGradDiff(model=H.tiny_model(),
+                              args=H.training_args(tmp_path, max_steps=-1, num_train_epochs=2,
+                                                   logging_strategy="epoch"),
+                              train_dataset=H.make_pairs(8, seed=3), data_collator=H.collate_pairs)
+    RepresentationMetricsCallback(probe_rows(3, 13, concept=1), probe_rows(3, 14), layer=LAYER,
+                                  k=2, metrics=("knn_mixing",)).attach(trainer)
+    trainer.train()
+    history = trainer.state.log_history
+    assert [e["step"] for e in repr_entries(history)] == [0, 2, 4]
+    assert [e["step"] for e in history if "loss" in e] == [2, 4]
+
+
 def test_the_callback_does_not_change_training(tmp_path):
     def run(with_callback):
         trainer = H.CLRegGradDiff(model=H.tiny_model(),
@@ -208,6 +223,8 @@ def test_compute_equals_the_metric_functions_on_its_features():
     forget, retain = probe_rows(5, seed=8, concept=1), probe_rows(6, seed=9)
     callback = RepresentationMetricsCallback(forget, retain, layer=-1, k=2,
                                              metrics=("knn_mixing", "forget_retain_cos"))
+    assert RepresentationMetricsCallback(forget, retain, metrics="knn_mixing").metrics == (
+        "knn_mixing",)  # one name, not its letters
     model.train()
     f, r = callback.features(model)
     assert model.training and all(m.training for m in model.modules())
@@ -229,6 +246,35 @@ def test_compute_equals_the_metric_functions_on_its_features():
     other = RepresentationMetricsCallback(Indexable(forget), Indexable(retain), layer=-1, k=2)
     f2, r2 = other.features(model)
     assert torch.equal(f, f2) and torch.equal(r, r2)
+
+
+def test_a_ragged_batch_dict_is_read_row_by_row():
+    # A tokenizer's output without padding: lists of different lengths under each key.
+    model = H.tiny_model()
+    forget, retain = probe_rows(4, seed=15, concept=1), probe_rows(3, seed=16)
+    ragged = {key: [row[key] for row in forget] for key in ("input_ids", "labels")}
+    make = RepresentationMetricsCallback
+    by_batch = make(ragged, retain, layer=LAYER, k=2).features(model)
+    by_rows = make(forget, retain, layer=LAYER, k=2).features(model)
+    assert all(torch.equal(a, b) for a, b in zip(by_batch, by_rows))
+    with pytest.raises(ValueError, match=r"\(rows, tokens\)"):
+        make({"input_ids": torch.tensor([5, 6])}, retain)
+
+
+def test_train_begin_forwards_the_probe_sets_once(tmp_path):
+    # The drift reference and the first measurement share one forward.
+    trainer = H.PlainGradDiff(model=H.tiny_model(), args=H.training_args(tmp_path, max_steps=1),
+                              train_dataset=H.make_pairs(4), data_collator=H.collate_pairs)
+    callback = RepresentationMetricsCallback(probe_rows(3, seed=17, concept=1),
+                                             probe_rows(3, seed=18), layer=LAYER, k=2,
+                                             metrics=("knn_mixing", "retain_drift"))
+    callback.attach(trainer)
+    forwards, features = [], callback.features
+    callback.features = lambda *args, **kwargs: forwards.append(1) or features(*args, **kwargs)
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    assert len(forwards) == 1
+    assert repr_entries(trainer.state.log_history)[-1]["repr/retain_drift"] == pytest.approx(
+        0.0, abs=1e-12)
 
 
 def test_errors_are_clear(tmp_path):

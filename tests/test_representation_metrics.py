@@ -35,8 +35,8 @@ def _np(x):
 
 
 def _unit(x):
-    x = _np(x)
-    return np.array([row / np.linalg.norm(row) for row in x])
+    x = _np(x)  # a row of zeros has no direction: it stays zero
+    return np.array([row / np.linalg.norm(row) if np.any(row) else row for row in x])
 
 
 def _cos(u, v):
@@ -87,7 +87,7 @@ def knn_one_matrix(f, r, k):
     count = ((above & is_retain).sum(1).double()
              + (k - above.sum(1)).double() * (tied & is_retain).sum(1).double()
              / tied.sum(1).double())
-    return (count / k).mean().item() / (nr / (nf - 1 + nr))
+    return (count.sum().item() / (k * nf)) / (nr / (nf - 1 + nr))
 
 
 def ref_silhouette(f, r):
@@ -173,6 +173,20 @@ def test_chunked_knn_equals_one_matrix_exactly(make):
         assert want == pytest.approx(ref_knn(f, r, k), rel=1e-12)
         for chunk in (1, 2, 5, 22, 23, 1000, None):
             assert RM.knn_mixing(f, r, k=k, chunk_rows=chunk) == want, (k, chunk)
+
+
+def test_knn_mixing_is_the_exact_neighbour_count_ratio():
+    """Without ties the value is (retain neighbours in all) / (k Nf) / pool share, rounded once:
+    a mean of per-row shares would round with the reduction order, so a CUDA run (another
+    order) could differ from the CPU in the last bit."""
+    for seed in range(6):
+        nf, nr, k = 30 + seed, 50 + 2 * seed, 5
+        f, r = _pair(nf, nr, 6, seed=70 + seed)
+        z = torch.nn.functional.normalize(torch.cat([f, r]).double(), dim=1)
+        sim = z[:nf] @ z.T
+        sim[torch.arange(nf), torch.arange(nf)] = -math.inf
+        total = int((sim.topk(k, dim=1).indices >= nf).sum())
+        assert RM.knn_mixing(f, r, k=k) == (total / (k * nf)) / (nr / (nf - 1 + nr)), seed
 
 
 def test_knn_mixing_excludes_each_row_itself():
@@ -269,6 +283,26 @@ def test_silhouette_known_values():
     assert RM.forget_retain_silhouette(e[[0, 1]], e[[0, 1]]) == pytest.approx(-0.5)
 
 
+def test_zero_rows_have_no_direction():
+    """A row of zeros stays zero: cosine 0 with every row, cosine distance 1 to the others (and
+    0 to itself), as scikit-learn's cosine distance treats it."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    f, r = _pair(6, 9, 4, seed=80, dtype=torch.float64)
+    f[2], r[4], r[7] = 0.0, 0.0, 0.0
+    x = np.concatenate([_np(f), _np(r)])
+    labels = np.r_[np.zeros(6, int), np.ones(9, int)]
+    want = sklearn_metrics.silhouette_score(x, labels, metric="cosine")
+    assert RM.forget_retain_silhouette(f, r) == pytest.approx(want, abs=1e-12)
+    assert RM.entanglement_score(f, r) == pytest.approx(ref_entanglement(f, r), rel=1e-12)
+    for k in (1, 4, 14):
+        assert RM.knn_mixing(f, r, k=k) == pytest.approx(ref_knn(f, r, k), rel=1e-12), k
+    assert RM.mean_cosine(f, r) == pytest.approx(float(np.mean(_unit(f) @ _unit(r).T)), abs=1e-12)
+    assert RM.feature_drift(r, r) == pytest.approx(2 / 9)  # the two zero rows: cosine 0
+    zeros = torch.zeros(3, 4)
+    assert RM.knn_mixing(zeros, zeros, k=2) == pytest.approx(1.0)  # every row tied
+    assert RM.forget_retain_silhouette(zeros, zeros) == pytest.approx(0.0)
+
+
 # ----------------------------------------------------------------------------- probe
 
 def test_linear_probe_equals_the_direct_scikit_learn_pipeline():
@@ -298,6 +332,8 @@ def test_linear_probe_separable_chance_and_row_cap():
     assert capped == RM.linear_probe_accuracy(mixed_f, mixed_r, max_rows_per_set=40)
     assert capped != full  # the cap is applied (a seeded 40 + 40 row subsample)
     assert RM.linear_probe_accuracy(mixed_f, mixed_r, max_rows_per_set=150) == full
+    # A cap below `folds` rows: as many folds as the capped sets allow (scikit-learn refused).
+    assert 0.0 <= RM.linear_probe_accuracy(sep_f, sep_r, max_rows_per_set=3) <= 1.0
 
 
 # ----------------------------------------------------------------------------- cosine, drift
@@ -325,6 +361,7 @@ def test_representation_metrics_bundles_the_functions():
                    "forget_retain_cos": RM.mean_cosine(f, r),
                    "retain_drift": RM.feature_drift(ref, r)}
     assert set(RM.representation_metrics(f, r, names=("knn_mixing",))) == {"knn_mixing"}
+    assert set(RM.representation_metrics(f, r, names="knn_mixing")) == {"knn_mixing"}
     assert "retain_drift" not in RM.representation_metrics(f, r, names=("retain_drift",))
     # Too few rows for the probe: left out, not an error.
     assert "linear_probe_acc" not in RM.representation_metrics(f[:1], r, k=1)
@@ -370,6 +407,12 @@ def test_accepts_numpy_lists_and_integer_rows():
     f = [[1, 0], [1, 1]]
     r = np.array([[0.0, 1.0], [-1.0, 0.0], [0.0, -2.0]])
     assert RM.knn_mixing(f, r, k=1) == pytest.approx(ref_knn(f, r, 1))
+    # Sizes computed with numpy are integers too.
+    two = np.int64(2)
+    assert RM.knn_mixing(f, r, k=two, chunk_rows=two, max_queries=two) == RM.knn_mixing(f, r, k=2)
+    assert 0 <= RM.linear_probe_accuracy(r, r, folds=two, max_rows_per_set=two) <= 1
+    with pytest.raises(ValueError, match="chunk_rows"):
+        RM.knn_mixing(f, r, k=1, chunk_rows=np.bool_(True))
     assert RM.entanglement_score(np.float32(f), r) == pytest.approx(ref_entanglement(f, r))
 
 

@@ -58,12 +58,18 @@ def _probe_rows(probe: Probe, name: str) -> List[Tuple[torch.Tensor, torch.Tenso
     if isinstance(probe, Mapping):
         if "input_ids" not in probe:
             raise ValueError(f"{name} probe: a batch needs 'input_ids'")
-        ids = torch.as_tensor(probe["input_ids"])
-        if ids.dim() != 2:
+        ids = probe["input_ids"]
+        # A padded batch (tensor/array) or a list of rows of any lengths, e.g. a tokenizer's
+        # output without padding; each row's own checks come below.
+        if hasattr(ids, "shape") and len(ids.shape) != 2:
             raise ValueError(f"{name} probe: input_ids must be (rows, tokens), got shape "
                              f"{tuple(ids.shape)}")
+        if not hasattr(ids, "shape") and (not isinstance(ids, Sequence)
+                                          or isinstance(ids, (str, bytes))):
+            raise TypeError(f"{name} probe: input_ids must be a (rows, tokens) tensor or a "
+                            f"list of rows, got {type(ids).__name__}")
         rows = [{key: probe[key][i] for key in ("input_ids", "attention_mask", "labels")
-                 if probe.get(key) is not None} for i in range(ids.shape[0])]
+                 if probe.get(key) is not None} for i in range(len(ids))]
     elif isinstance(probe, Sequence) and not isinstance(probe, (str, bytes)):
         rows = list(probe)
     elif hasattr(probe, "__len__") and hasattr(probe, "__getitem__") and not isinstance(
@@ -135,7 +141,8 @@ class RepresentationMetricsCallback(TrainerCallback):
 
     Args:
         forget, retain: the probe sets, each either a tokenized batch (a dict of (rows, tokens)
-            ``input_ids``, optional ``attention_mask`` and ``labels``; tensors or nested lists)
+            ``input_ids``, optional ``attention_mask`` and ``labels``; tensors or nested lists,
+            whose rows may differ in length as a tokenizer's unpadded output does)
             or a list of row dicts with the same keys (1-D each, any lengths; any indexable
             collection of such rows, e.g. a ``datasets.Dataset``, works too). Rows are
             forwarded as given, right-padded with ``pad_token_id`` to the micro-batch's longest
@@ -178,7 +185,7 @@ class RepresentationMetricsCallback(TrainerCallback):
         when = (when,) if isinstance(when, str) else tuple(when)
         if not when or any(w not in WHEN for w in when):
             raise ValueError(f"when must be 'log', 'evaluate' or both, got {when!r}")
-        metrics = tuple(metrics)
+        metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
         unknown = sorted(set(metrics) - set(METRIC_NAMES))
         if unknown or not metrics:
             raise ValueError(f"metrics must name some of {METRIC_NAMES}, got {metrics!r}")
@@ -249,16 +256,17 @@ class RepresentationMetricsCallback(TrainerCallback):
                 out.append(torch.cat(parts))
         return out[0], out[1]
 
-    def compute(self, model: nn.Module, device=None) -> Dict[str, float]:
-        """The metrics of ``model`` now, keyed by their names (without the prefix)."""
-        forget, retain = self.features(model, device)
+    def compute(self, model: nn.Module, device=None, features=None) -> Dict[str, float]:
+        """The metrics of ``model`` now, keyed by their names (without the prefix);
+        ``features``: its (forget, retain) features if already computed."""
+        forget, retain = self.features(model, device) if features is None else features
         return representation_metrics(forget, retain, self.reference_retain, k=self.k,
                                       names=self.metrics, seed=self.seed)
 
-    def _measure_and_log(self, args, state, control, model) -> None:
+    def _measure_and_log(self, args, state, control, model, features=None) -> None:
         trainer = self._trainer()
         model = model if isinstance(model, nn.Module) else trainer.model
-        values = self.compute(model, getattr(args, "device", None))
+        values = self.compute(model, getattr(args, "device", None), features)
         self._measured_step = state.global_step
         should_log = control.should_log
         # Trainer.log appends to log_history and runs every callback's on_log (the reporters
@@ -277,11 +285,15 @@ class RepresentationMetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         trainer = self._trainer()
         model = model if isinstance(model, nn.Module) else trainer.model
-        if "retain_drift" in self.metrics:
-            _, self.reference_retain = self.features(model, getattr(args, "device", None))
         self._measured_step = None
+        features = None
+        if "retain_drift" in self.metrics:
+            # One forward of the probe sets serves as the drift reference and, with
+            # at_train_begin, as the first measurement.
+            features = self.features(model, getattr(args, "device", None))
+            self.reference_retain = features[1]
         if self.at_train_begin:
-            self._measure_and_log(args, state, control, model)
+            self._measure_and_log(args, state, control, model, features)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -82,8 +82,13 @@ def _normalized_pair(forget, retain, min_rows: int = 1):
     return _normalize(f), _normalize(r)
 
 
+def _is_int(x) -> bool:
+    """A Python or numpy integer, not a bool (a size computed with numpy is welcome)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _check_k(k, pool: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    if not _is_int(k):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= pool:
         raise ValueError(f"k must be in [1, {pool}] (the pool size), got {k}")
@@ -170,29 +175,33 @@ def knn_mixing(forget, retain, k: int = 5, *, chunk_rows: Optional[int] = None,
     """
     zf, zr = _normalized_pair(forget, retain)
     nf, nr = zf.shape[0], zr.shape[0]
+    pool = torch.cat([zf, zr])  # forget rows first: pool index >= nf means a retain row
+    del zf, zr  # keep one copy of the features, not two
     pool_size = nf - 1 + nr
     k = _check_k(k, pool_size)
     if chunk_rows is None:
         chunk_rows = knn_chunk_rows(nf + nr)
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+    elif not _is_int(chunk_rows) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be None or an int >= 1, got {chunk_rows!r}")
-    queries = torch.arange(nf, device=zf.device)
+    queries = torch.arange(nf, device=pool.device)
     if max_queries is not None:
-        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+        if not _is_int(max_queries) or max_queries < 1:
             raise ValueError(f"max_queries must be None or an int >= 1, got {max_queries!r}")
         if max_queries < nf:
             generator = torch.Generator().manual_seed(int(seed))  # CPU: same rows on any device
             chosen = torch.randperm(nf, generator=generator)[:max_queries].sort().values
-            queries = chosen.to(zf.device)
-    pool = torch.cat([zf, zr])
-    counts = torch.empty(queries.numel(), dtype=torch.float64, device=zf.device)
+            queries = chosen.to(pool.device)
+    counts = torch.empty(queries.numel(), dtype=torch.float64, device=pool.device)
     for start in range(0, queries.numel(), chunk_rows):
         rows = queries[start:start + chunk_rows]
         sim = _similarity_block(pool[rows], pool)
         sim[torch.arange(rows.numel(), device=sim.device), rows] = -math.inf  # not its own
         counts[start:start + rows.numel()] = _retain_counts(sim, nf, k)
         del sim
-    retain_share = (counts / k).mean().item()  # one mean over all rows: chunking cannot change it
+    # Counts are whole numbers unless a tie was split, so their float64 sum is exact in any
+    # order: the same neighbours give the same value for any chunking and on CPU or GPU (a
+    # mean of counts / k would round differently with each device's reduction order).
+    retain_share = counts.sum().item() / (k * counts.numel())
     return retain_share / (nr / pool_size)
 
 
@@ -231,9 +240,9 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
     """Cross-validated balanced accuracy of a logistic-regression probe telling forget from
     retain rows (scikit-learn ``LogisticRegression(C=1, class_weight="balanced",
     max_iter=2000)``; ``StratifiedKFold`` with ``min(folds, Nf, Nr)`` shuffled folds seeded by
-    ``seed``). 1 = linearly separable, about 0.5 = chance; the probe's error is
-    ``1 - accuracy``. Balanced accuracy, so a 10% forget set cannot score 0.9 by "always
-    retain".
+    ``seed``, the set sizes counted after the cap below). 1 = linearly separable, about 0.5 =
+    chance; the probe's error is ``1 - accuracy``. Balanced accuracy, so a 10% forget set
+    cannot score 0.9 by "always retain".
 
     Sets larger than ``max_rows_per_set`` rows are subsampled to that many (seeded by ``seed``,
     without replacement); None uses every row. Cost: ``folds`` fits on up to
@@ -247,14 +256,12 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
                           "scikit-learn") from None
 
     zf, zr = _normalized_pair(forget, retain)
-    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+    if not _is_int(folds) or folds < 2:
         raise ValueError(f"folds must be an int >= 2, got {folds!r}")
-    if max_rows_per_set is not None and (isinstance(max_rows_per_set, bool)
-                                         or not isinstance(max_rows_per_set, int)
+    if max_rows_per_set is not None and (not _is_int(max_rows_per_set)
                                          or max_rows_per_set < 2):
         raise ValueError(f"max_rows_per_set must be None or an int >= 2, got {max_rows_per_set!r}")
-    n_splits = min(int(folds), zf.shape[0], zr.shape[0])
-    if n_splits < 2:
+    if min(zf.shape[0], zr.shape[0]) < 2:
         raise ValueError("linear_probe_accuracy needs at least 2 forget and 2 retain rows")
     rng = np.random.default_rng(seed)
 
@@ -265,6 +272,8 @@ def linear_probe_accuracy(forget, retain, folds: int = 5, seed: int = 0,
         return x
 
     xf, xr = capped(zf), capped(zr)
+    # Each fold needs a row of each set: at most as many folds as the smaller (capped) set has.
+    n_splits = min(int(folds), xf.shape[0], xr.shape[0])
     x = np.concatenate([xf, xr])
     y = np.r_[np.zeros(xf.shape[0], int), np.ones(xr.shape[0], int)]
     probe = LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced")
@@ -310,6 +319,7 @@ def representation_metrics(forget, retain, reference_retain=None, *, k: int = 5,
     sets are too small for it (``silhouette``: 3 rows in all; ``linear_probe_acc``: 2 rows per
     set) is left out rather than raising; bad input still raises.
     """
+    names = (names,) if isinstance(names, str) else tuple(names)  # not its letters
     unknown = sorted(set(names) - set(METRIC_NAMES))
     if unknown:
         raise ValueError(f"unknown metric name(s) {unknown}; choose from {METRIC_NAMES}")

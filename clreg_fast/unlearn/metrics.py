@@ -57,22 +57,15 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+# The representation metrics live in the public package clreg_fast.metrics; imported here for
+# evaluate_model and re-exported under their old names.
+from clreg_fast.metrics.representation import (entanglement_score, feature_drift,  # noqa: F401
+                                               forget_retain_silhouette, knn_mixing,
+                                               linear_probe_accuracy, mean_cosine)
 from clreg_fast.unlearn.data import IGNORE_INDEX, collate
 from clreg_fast.unlearn.features import capture_layer
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def _as_2d_float(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (rows, features), got shape {tuple(t.shape)}")
-    return t
-
-
-# The representation metrics live in the public package clreg_fast.metrics (same definitions,
-# chunked kNN); re-exported here under their old names.
-from clreg_fast.metrics.representation import feature_drift, knn_mixing, mean_cosine  # noqa: E402,F401
 
 
 def ks_pvalue(sample, reference) -> float:
@@ -219,10 +212,6 @@ def forget_truth_ratio_score(ratios) -> float:
     if np.isnan(r).any() or (r < 0).any():
         raise ValueError("truth ratios must be non-negative numbers")
     return float(np.minimum(r, 1.0 / (r + _UPSTREAM_EPS)).mean())
-
-
-from clreg_fast.metrics.representation import (  # noqa: E402,F401
-    _normalized_pair, entanglement_score, forget_retain_silhouette, linear_probe_accuracy)
 
 
 def rouge_l_recall(prediction: str, reference: str) -> float:

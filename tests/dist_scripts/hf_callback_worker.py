@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -57,6 +58,14 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save({"world_size": world, "ranks": per_rank}, opts.out)
     dist.barrier()
+    # Leave together, then tear gloo down (as dist_clreg_worker does): a rank exiting while
+    # its peer still finishes the barrier made that peer abort ("terminate called without an
+    # active exception", SIGABRT) once in four runs here.
+    store = dist.distributed_c10d._get_default_store()
+    store.add("hf_callback_worker_done", 1)
+    while store.add("hf_callback_worker_done", 0) < world:
+        time.sleep(0.01)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
