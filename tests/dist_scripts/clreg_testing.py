@@ -93,3 +93,19 @@ def rel_err(actual: Optional[torch.Tensor], expected: Optional[torch.Tensor]) ->
     scale = expected.abs().max().item() if expected.numel() else 0.0
     diff = (actual - expected).abs().max().item() if expected.numel() else 0.0
     return diff / max(scale, 1e-30)
+
+
+def leave_together(tag: str) -> None:
+    """Every rank waits for all others, then tears the default process group down. A rank that
+    exits while its peer is still inside a final barrier made that peer abort under gloo
+    ("terminate called without an active exception", SIGABRT) once in a few runs."""
+    import time
+
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    store.add(tag, 1)
+    while store.add(tag, 0) < dist.get_world_size():
+        time.sleep(0.01)
+    dist.destroy_process_group()
+

@@ -382,7 +382,9 @@ def main() -> None:
             dist.barrier()
     if dist.get_rank() == 0:
         torch.save(results, opts.out)
-    dist.barrier()
+    from clreg_testing import leave_together
+
+    leave_together("engine_worker_done")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -21,6 +20,7 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, path)
 
 import hf_testing as H  # noqa: E402
+from clreg_testing import leave_together  # noqa: E402
 from clreg_fast.integrations.hf_callback import RepresentationMetricsCallback  # noqa: E402
 
 STEPS = 2
@@ -58,14 +58,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save({"world_size": world, "ranks": per_rank}, opts.out)
     dist.barrier()
-    # Leave together, then tear gloo down (as dist_clreg_worker does): a rank exiting while
-    # its peer still finishes the barrier made that peer abort ("terminate called without an
-    # active exception", SIGABRT) once in four runs here.
-    store = dist.distributed_c10d._get_default_store()
-    store.add("hf_callback_worker_done", 1)
-    while store.add("hf_callback_worker_done", 0) < world:
-        time.sleep(0.01)
-    dist.destroy_process_group()
+    leave_together("hf_callback_worker_done")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import copy  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 import hf_testing as H  # noqa: E402
+from clreg_testing import leave_together  # noqa: E402
 from clreg_fast.reference import clreg_loss_reference  # noqa: E402
 from clreg_fast.unlearn.data import answer_mask  # noqa: E402
 from clreg_fast.unlearn.features import capture_layer, pool_features  # noqa: E402
@@ -143,7 +144,7 @@ def main() -> None:
             "first_step_error": first_step_error,
             "first_step_scale": first_step_scale,
         }, opts.out)
-    dist.barrier()
+    leave_together("hf_mixin_worker_done")
 
 
 if __name__ == "__main__":
