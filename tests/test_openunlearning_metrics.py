@@ -280,3 +280,45 @@ def test_normalized_probability_and_truth_ratio_keep_upstreams_epsilon():
         pytest.approx(0.5 / (1.0 + 1e-10))
     assert M.truth_ratio(-1000.0, [-2.0]) == pytest.approx(math.exp(-2.0) / 1e-10)
     assert M.truth_ratio(math.log(0.5), [math.log(0.25)]) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- ROUGE-L
+
+
+class _LateAnswerLM(torch.nn.Module):
+    """``generate`` writes 40 filler tokens ("d") before the answer "a b c", then EOS: the answer
+    is only reached past 40 new tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # greedy_answers reads the device
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        new = torch.tensor([D] * 40 + [A, B, C, EOS])[:max_new_tokens]
+        return torch.cat([input_ids, new.expand(input_ids.shape[0], -1)], dim=1)
+
+
+class _WordTokenizer:
+    eos_token_id = EOS
+    _words = {A: "alpha", B: "beta", C: "gamma", D: "delta"}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(self._words[int(i)] for i in ids if int(i) in self._words)
+
+
+def test_rouge_generates_as_many_tokens_as_upstream_by_default():
+    """Mirrors utils.eval_text_similarity under configs generation/default.yaml (greedy,
+    ``max_new_tokens: 200``), ``rougeL_recall``: the reference "a b c" is generated after 40
+    filler tokens, so the recall is LCS 3 / 3 = 1 with upstream's budget; a 32-token cap (our
+    default before 2026-12-06) cuts the answer off: recall 0."""
+    pytest.importorskip("rouge_score")
+    rows = [example([A, B, C])]
+    model, tok = _LateAnswerLM(), _WordTokenizer()
+    assert M.rouge_l_of_model(model, rows, tok, PAD).tolist() == [1.0]
+    assert M.rouge_l_of_model(model, rows, tok, PAD, max_new_tokens=32).tolist() == [0.0]
+    # 41 new tokens reach "alpha" only: LCS 1 of 3
+    assert M.rouge_l_of_model(model, rows, tok, PAD, max_new_tokens=41).tolist() == \
+        pytest.approx([1 / 3])
+    # utility_metrics (retain/ra/wf ROUGE) passes the same budget on
+    import inspect
+    assert inspect.signature(M.utility_metrics).parameters["max_new_tokens"].default == 200

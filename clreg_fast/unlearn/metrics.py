@@ -535,9 +535,18 @@ def greedy_answers(model, examples: Sequence[Dict], pad_id: int, eos_id: int,
     return out
 
 
+# OpenUnlearning's generation default for ROUGE (configs/generation/default.yaml: greedy, 200 new
+# tokens). A shorter cap can only lower ROUGE-L recall (the LCS cannot grow when the greedy
+# answer is cut), so it is a lower bound on upstream's number.
+UPSTREAM_MAX_NEW_TOKENS = 200
+
+
 def rouge_l_of_model(model, examples: Sequence[Dict], tokenizer, pad_id: int,
-                     max_new_tokens: int = 32, batch_size: int = 32) -> np.ndarray:
-    """Per-example ROUGE-L recall of the model's greedy answer against the true answer."""
+                     max_new_tokens: int = UPSTREAM_MAX_NEW_TOKENS,
+                     batch_size: int = 32) -> np.ndarray:
+    """Per-example ROUGE-L recall of the model's greedy answer (at most ``max_new_tokens``,
+    upstream's 200 by default) against the true answer (OpenUnlearning ``rouge``,
+    ``rougeL_recall``)."""
     eos = tokenizer.eos_token_id
     generated = greedy_answers(model, examples, pad_id, eos, max_new_tokens, batch_size)
     scores = []
@@ -553,7 +562,8 @@ REAL_WORLD_SETS = ("real_authors", "world")
 
 
 def utility_metrics(model, sets: Dict[str, Sequence[Dict]], tokenizer, pad_id: int,
-                    batch_size: int = 32, max_new_tokens: int = 32) -> Dict[str, float]:
+                    batch_size: int = 32,
+                    max_new_tokens: int = UPSTREAM_MAX_NEW_TOKENS) -> Dict[str, float]:
     """TOFU's model utility (OpenUnlearning ``model_utility``): for each named set its
     probability ``<name>_prob``, ROUGE-L recall ``<name>_rouge`` and truth-ratio score
     ``<name>_truth`` (mean of ``max(0, 1 - R)``); ``model_utility`` is the harmonic mean of all
@@ -564,7 +574,8 @@ def utility_metrics(model, sets: Dict[str, Sequence[Dict]], tokenizer, pad_id: i
     paraphrased and perturbed answers). ``real_authors`` and ``world`` (knowledge the model had
     before fine-tuning): probability normalized against the perturbed answers
     (:func:`normalized_answer_prob`) and truth ratio against the original answer (rows need
-    perturbed answers), as upstream's ``ra_*`` and ``wf_*`` metrics.
+    perturbed answers), as upstream's ``ra_*`` and ``wf_*`` metrics. ROUGE-L: greedy answers
+    of at most ``max_new_tokens`` (upstream's 200 by default; fewer can only lower it).
     """
     out: Dict[str, float] = {}
     parts = []
