@@ -81,8 +81,12 @@ def _same_batch(x, ref: Optional[torch.Tensor]) -> bool:
 
 
 def _is_peft_model(model) -> bool:
-    """A PEFT ``PeftModel`` (its checkpoints hold the adapter weights only)."""
+    """Whether the model's checkpoints hold the adapter weights only: a PEFT ``PeftModel``, or
+    a transformers model given adapters by ``add_adapter``/``load_adapter`` (its
+    ``save_pretrained`` then writes the adapter alone too)."""
     model = _unwrap(model)
+    if getattr(model, "_hf_peft_config_loaded", False) is True:
+        return True
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
