@@ -186,3 +186,55 @@ def test_clreg_negatives_is_checked_and_global_on_one_process_is_local(tmp_path)
         trainer.train()
         losses.append([e["clreg_loss"] for e in trainer.state.log_history if "clreg_loss" in e])
     assert losses[0] == losses[1] and len(losses[0]) == 1
+
+
+def _retain_check_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of ``test_the_identical_retain_rows_warning_*`` (spawned, 2 gloo ranks)."""
+    import datetime
+    import logging
+
+    import torch.distributed as dist
+
+    from clreg_fast.integrations.hf import CLRegMixin
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("clreg_fast.integrations.hf").addHandler(handler)
+
+    def check(retain):
+        trainer = CLRegMixin.__new__(CLRegMixin)  # the check needs no Trainer state
+        trainer.clreg_negatives = "global"
+        before = len(messages)
+        trainer._check_retain_rows_differ(retain)
+        # checked once: a later call runs no collective (rank 1 skips it: would hang if it did)
+        if rank == 0:
+            trainer._check_retain_rows_differ(retain)
+        return len(messages) > before
+
+    same = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 1]])}
+    results = {
+        "same": check(same),
+        "differ": check({"input_ids": same["input_ids"] + rank}),
+        "one_rank_without_retain": check(same if rank == 0 else None),
+    }
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save({"results": results, "messages": messages}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+@needs_hf
+@pytest.mark.slow  # ~9 s: two spawned processes import torch
+def test_the_identical_retain_rows_warning_fires_once_and_keeps_ranks_in_step(tmp_path):
+    """Global negatives with every rank's retain rows equal (OpenUnlearning's issue #139) warn;
+    different rows, or a rank without retain rows, do not; no rank waits on another."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_retain_check_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"{rank}.pt")
+        assert out["results"] == {"same": True, "differ": False,
+                                  "one_rank_without_retain": False}, (rank, out)
+        assert len(out["messages"]) == 1 and "counts 2 times" in out["messages"][0]

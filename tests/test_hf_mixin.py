@@ -543,6 +543,25 @@ def test_data_parallel_is_refused(tmp_path):
         trainer.compute_loss(torch.nn.DataParallel(trainer.model), _one_batch())
 
 
+def test_the_head_file_is_written_for_adapters_added_by_transformers(tmp_path, monkeypatch):
+    """``model.add_adapter`` / ``load_adapter`` (transformers' own PEFT integration, which sets
+    ``_hf_peft_config_loaded``): ``save_pretrained`` writes the adapter alone, as a PeftModel's
+    does, so the head gets its file. (The base save is stubbed: the real one needs peft >= 0.22
+    for these models.)"""
+    import transformers
+    from safetensors.torch import load_file
+
+    trainer = make_trainer(H.CLRegGradDiff, tmp_path, clreg_proj_dim=8)
+    monkeypatch.setattr(transformers.Trainer, "_save",
+                        lambda self, output_dir=None, state_dict=None: None)
+    trainer._save(str(tmp_path))
+    assert not (tmp_path / hf_mixin.HEAD_FILE).exists()  # a full model: the head is inside
+    trainer.model._hf_peft_config_loaded = True
+    trainer._save(str(tmp_path))
+    saved = load_file(str(tmp_path / hf_mixin.HEAD_FILE))
+    assert torch.equal(saved["weight"], trainer.clreg_head.weight.detach())
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["plain", "zero3"])
 def test_the_head_dtype_fits_the_engine(sharded, tmp_path, monkeypatch):
     """float32 beside a bf16 model, except under ZeRO-3 (and FSDP), whose flat buffers hold one

@@ -206,3 +206,15 @@ def test_the_head_file_comes_from_a_given_gathered_state_dict(tmp_path):
     partition = {**state, f"{hf_mixin.HEAD_NAME}.weight": torch.empty(0)}
     trainer._save(str(tmp_path / "partition"), state_dict=partition)
     assert not (tmp_path / "partition" / hf_mixin.HEAD_FILE).exists()
+
+
+def test_only_the_writing_rank_writes_the_head_file(tmp_path, monkeypatch):
+    """transformers 5 calls _save on every rank when it loaded the model sharded (non-writers
+    join its gathers): the head file comes from the rank that saves, never from all at once."""
+    trainer = make(CLRegAdapterNPO, tmp_path / "run", clreg_proj_dim=8)
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: False))
+    monkeypatch.setattr(type(trainer), "is_distributed_loading_by_transformers", True,
+                        raising=False)
+    (tmp_path / "out").mkdir()
+    trainer._save(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / hf_mixin.HEAD_FILE).exists()

@@ -180,9 +180,13 @@ def trainer_package(checkout):
         del sys.modules[name]
 
 
-def _install(checkout):
-    proc = subprocess.run([sys.executable, os.path.join(FOLDER, "install.py"), str(checkout)],
-                          capture_output=True, text=True, timeout=120)
+def _run_install(checkout, *flags):
+    return subprocess.run([sys.executable, os.path.join(FOLDER, "install.py"), str(checkout),
+                           *flags], capture_output=True, text=True, timeout=120)
+
+
+def _install(checkout, *flags):
+    proc = _run_install(checkout, *flags)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
 
@@ -203,12 +207,29 @@ def test_install_copies_the_folder_and_registers_once(checkout):
         assert (checkout / rel).is_file(), rel
         assert str(checkout / rel) in written
     registry = (checkout / "src/trainer/__init__.py").read_text()
-    _install(checkout)  # again: the files are refreshed, the registration is not repeated
+    assert _install(checkout) == []  # again: nothing to write, the registration not repeated
     assert (checkout / "src/trainer/__init__.py").read_text() == registry
     assert registry.count("_register_trainer(CLRegNPO)") == 1
-    bad = subprocess.run([sys.executable, os.path.join(FOLDER, "install.py"),
-                          str(checkout / "configs")], capture_output=True, text=True, timeout=120)
+
+
+def test_install_never_overwrites_an_edited_file_silently(checkout):
+    _install(checkout)
+    edited = checkout / "configs/trainer/CLRegNPO.yaml"
+    edited.write_text(edited.read_text().replace("clreg_weight: 1.0", "clreg_weight: 0.3"))
+    (checkout / "community/methods/CLReg/run.sh").unlink()
+    refused = _run_install(checkout)
+    assert refused.returncode != 0 and str(edited) in refused.stderr and "--force" in refused.stderr
+    assert "clreg_weight: 0.3" in edited.read_text()
+    assert not (checkout / "community/methods/CLReg/run.sh").exists()  # nothing was written
+    assert sorted(_install(checkout, "--force")) == sorted(
+        [str(edited), str(checkout / "community/methods/CLReg/run.sh")])
+    assert edited.read_text() == open(os.path.join(FOLDER, "configs/trainer/CLRegNPO.yaml")).read()
+
+
+def test_install_refuses_a_folder_that_is_not_an_open_unlearning_checkout(checkout):
+    bad = _run_install(checkout / "configs")
     assert bad.returncode != 0 and "OpenUnlearning checkout" in bad.stderr
+    assert not (checkout / "configs/src").exists()  # nothing copied there
 
 
 @pytest.mark.parametrize("method, base_arg", [("CLRegGradDiff", "gamma"), ("CLRegNPO", "beta"),

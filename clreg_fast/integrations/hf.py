@@ -81,8 +81,12 @@ def _same_batch(x, ref: Optional[torch.Tensor]) -> bool:
 
 
 def _is_peft_model(model) -> bool:
-    """A PEFT ``PeftModel`` (its checkpoints hold the adapter weights only)."""
+    """Whether the model's checkpoints hold the adapter weights only: a PEFT ``PeftModel``, or
+    a transformers model given adapters by ``add_adapter``/``load_adapter`` (its
+    ``save_pretrained`` then writes the adapter alone too)."""
     model = _unwrap(model)
+    if getattr(model, "_hf_peft_config_loaded", False) is True:
+        return True
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
@@ -292,7 +296,10 @@ class CLRegMixin:
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         result = super()._save(output_dir, state_dict=state_dict)
         head = self.clreg_head
-        if head is not None and _is_peft_model(self.model):
+        # Some ranks that do not save still run _save (transformers 5, a model loaded sharded:
+        # they join its gathers); only the saving rank writes the file.
+        should_save = getattr(getattr(self, "args", None), "should_save", True)
+        if head is not None and should_save and _is_peft_model(self.model):
             from safetensors.torch import save_file
 
             # Under ZeRO-3 the head holds only this rank's partition; the Trainer then passes
