@@ -475,14 +475,19 @@ class CLRegMixin:
                 len(digests))
 
     def _clreg_process_group(self):
-        """The default group for ``clreg_negatives="global"`` with several ranks, else None."""
+        """For ``clreg_negatives="global"`` with several ranks, a group of every rank of the
+        CLReg term's own, else None. Its own, so that the loss's collectives never interleave
+        with the engine's gradient collectives on the default group (DDP buckets, ZeRO
+        reductions). Made on first use, which every rank reaches at the same step."""
         if self.clreg_negatives != "global":
             return None
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
-        return dist.group.WORLD
+        if getattr(self, "_clreg_group", None) is None:
+            self._clreg_group = dist.new_group()
+        return self._clreg_group
 
     def _ga_correction(self, num_items_in_batch) -> float:
         """1, or 1 / accumulation steps when the Trainer will not divide the loss by them.
