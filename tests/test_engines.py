@@ -9,11 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+from tests._torchrun import run_torchrun
 
 from clreg_fast import fused_clreg_loss
 from clreg_fast.modules import CLRegLoss, projection_is_sharded
@@ -35,15 +36,8 @@ needs_deepspeed = pytest.mark.skipif(not _has("deepspeed"), reason="needs deepsp
 
 
 def _launch(tmp_path, engine: str, extra_env=None):
-    out = tmp_path / f"{engine}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           WORKER, "--engine", engine, "--out", str(out), "--output-dir", str(tmp_path / "run")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(extra_env or {}))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    if proc.returncode:
-        pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    results = torch.load(out, weights_only=False)
+    results = run_torchrun(WORKER, ["--engine", engine, "--output-dir", tmp_path / "run"],
+                           tmp_path / f"{engine}.pt", extra_env)
     failed = {k: v["exception"] for k, v in results.items() if "exception" in v}
     assert not failed, "\n\n".join(f"{k}:\n{v}" for k, v in failed.items())
     return results

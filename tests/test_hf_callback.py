@@ -13,6 +13,8 @@ import sys
 import pytest
 import torch
 
+from tests._torchrun import run_torchrun
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 pytest.importorskip("sklearn")
@@ -33,11 +35,8 @@ LAYER = 1  # of H.N_LAYERS = 3: hidden_states[LAYER + 1] is this decoder layer's
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def probe_rows(n, seed, concept=0):
@@ -310,18 +309,8 @@ def test_errors_are_clear(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_gloo_every_rank_logs_the_same_metrics(tmp_path):
-    import subprocess
-
-    out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(SCRIPTS, "hf_callback_worker.py"), "--out", str(out),
-           "--output-dir", str(tmp_path / "run")]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    if proc.returncode:
-        pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    result = torch.load(out, weights_only=False)
+    result = run_torchrun(os.path.join(SCRIPTS, "hf_callback_worker.py"),
+                          ["--output-dir", tmp_path / "run"], tmp_path / "ddp.pt")
     assert result["world_size"] == 2
     rank0, rank1 = result["ranks"]
     assert rank0["wrapped"] == "DistributedDataParallel"

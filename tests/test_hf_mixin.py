@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from tests._torchrun import run_torchrun
+
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers.Trainer needs it
 
@@ -33,11 +35,8 @@ from clreg_fast.unlearn.features import capture_layer, pool_features  # noqa: E4
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 def recording(cls):
@@ -632,18 +631,8 @@ def test_a_base_that_never_forwards_the_forget_batch_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_gloo_trains(tmp_path):
-    out = tmp_path / "ddp.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(SCRIPTS, "hf_mixin_worker.py"), "--out", str(out),
-           "--output-dir", str(tmp_path / "run")]
-    # Trainers built earlier in this process may have exported accelerate settings (older
-    # transformers set ACCELERATE_MIXED_PRECISION for bf16=True): keep them out of the workers.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    if proc.returncode:
-        pytest.fail(f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    result = torch.load(out, weights_only=False)
+    result = run_torchrun(os.path.join(SCRIPTS, "hf_mixin_worker.py"),
+                          ["--output-dir", tmp_path / "run"], tmp_path / "ddp.pt")
     assert result["world_size"] == 2
     assert result["ranks_agree"], "parameters (head included) differ between the ranks"
     logged = [e["clreg_loss"] for e in result["log_history"] if "clreg_loss" in e]

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from tests._torchrun import run_torchrun
+
 pytest.importorskip("transformers")
 
 from clreg_fast.unlearn.train import UnlearnConfig, unlearn  # noqa: E402
@@ -351,16 +353,8 @@ def test_cli_parses_the_clreg_batch_flags(capsys):
 # ----------------------------------------------------------------------------- torchrun
 
 def _torchrun(parallel, tmp_path, resume=False):
-    out = tmp_path / f"{parallel}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           WORKER_PATH, "--parallel", parallel, "--out", str(out)]
-    if resume:
-        cmd += ["--resume-dir", str(tmp_path / "resume")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    if proc.returncode:
-        pytest.fail(f"torchrun {parallel} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return torch.load(out, weights_only=False)
+    args = ["--parallel", parallel] + (["--resume-dir", tmp_path / "resume"] if resume else [])
+    return run_torchrun(WORKER_PATH, args, tmp_path / f"{parallel}.pt")
 
 
 _FSDP_BF16_NPO = """
