@@ -972,7 +972,10 @@ def main(argv=None) -> int:
     if args.phase == "select":
         if not args.val_seeds:
             parser.error("select needs --val-seeds")
-        protocol = run_select(study, args.out_dir, args.val_seeds, runner)
+        try:
+            protocol = run_select(study, args.out_dir, args.val_seeds, runner)
+        except RuntimeError as err:
+            parser.error(str(err))
         for method, c in protocol["chosen"].items():
             print(f"{method}: lr {c['lr']:g}, CLReg weight {c['clreg_weight']:g}, layer "
                   f"{c['clreg_layer']}, temperature {c['clreg_temperature']:g} (forget quality "
@@ -981,11 +984,14 @@ def main(argv=None) -> int:
     else:
         if not args.seeds:
             parser.error(f"{args.phase} needs --seeds")
-        if args.phase == "test":
-            summary = run_test(study, args.out_dir, args.seeds, runner,
-                               make_plot=not args.no_plot)
-        else:
-            summary = report(study, args.out_dir, args.seeds, make_plot=not args.no_plot)
+        try:
+            if args.phase == "test":
+                summary = run_test(study, args.out_dir, args.seeds, runner,
+                                   make_plot=not args.no_plot)
+            else:
+                summary = report(study, args.out_dir, args.seeds, make_plot=not args.no_plot)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
         for method, by_metric in summary["paired"].items():
             for key in ("forget_quality", study.utility_key, "privleak", "entanglement_score"):
                 d = by_metric.get(key)
