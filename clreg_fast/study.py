@@ -104,6 +104,11 @@ class StudyConfig:
     forget_quality_bar: float = 0.05        # the target must score below it (flagged, not fatal)
     size: str = "full"
     n_boot: int = 10000
+    # Validation (select) splits; None: the primary split only (a third of the cost of all).
+    selection_splits: Optional[Sequence[float]] = None
+    # The test phase's learning-rate sweep (the trade-off curve) on every split, or only on the
+    # primary one (the other splits then run each method at the protocol's lr only).
+    sweep_every_split: bool = False
 
     def __post_init__(self):
         self.splits = [float(p) for p in self.splits]
@@ -120,6 +125,12 @@ class StudyConfig:
         if float(self.primary_split) not in self.splits:
             raise ValueError(f"primary_split {self.primary_split} is not one of {self.splits}")
         self.primary_split = float(self.primary_split)
+        if self.selection_splits is None:
+            self.selection_splits = [self.primary_split]
+        self.selection_splits = [float(p) for p in self.selection_splits]
+        if not self.selection_splits or not set(self.selection_splits) <= set(self.splits):
+            raise ValueError(f"selection_splits {self.selection_splits} must be among the "
+                             f"splits {self.splits}")
         if not 0 <= self.utility_tolerance < 1:
             raise ValueError(f"utility_tolerance must be in [0, 1), got {self.utility_tolerance}")
 
@@ -130,7 +141,8 @@ class StudyConfig:
     def describe(self) -> Dict:
         """What protocol.json records and ``test`` checks against (everything but seeds)."""
         return {"model": self.base.model, "size": self.size, "splits": self.splits,
-                "primary_split": self.primary_split, "methods": list(self.base.methods),
+                "primary_split": self.primary_split, "selection_splits": self.selection_splits,
+                "sweep_every_split": self.sweep_every_split, "methods": list(self.base.methods),
                 "grid": asdict(self.grid), "utility_key": self.utility_key,
                 "utility_tolerance": self.utility_tolerance,
                 "forget_quality_bar": self.forget_quality_bar,
@@ -284,24 +296,24 @@ class Runner:
                 + [os.path.join(cell, "arms", setting_id(m, lr, c) + ".json")
                    for m, lr, c in runs])
 
-    def run_cells(self, phase: str, seeds: Sequence[int],
-                  runs: List[Tuple[str, float, Optional[Dict]]],
+    def run_cells(self, phase: str, seeds: Sequence[int], splits: Sequence[float],
+                  runs_of: Callable[[float], List[Tuple[str, float, Optional[Dict]]]],
                   feature_cell: Optional[Tuple[int, float]] = None,
                   feature_runs: Sequence[str] = ()) -> None:
-        """Every stage of ``phase`` for ``seeds`` x the study's splits. ``runs``: (method, lr,
-        CLReg setting or None). ``feature_cell``/``feature_runs``: where (seed, split) and for
-        which setting ids to keep the features (the entanglement picture)."""
+        """Every stage of ``phase`` for ``seeds`` x ``splits``. ``runs_of(split)``: the (method,
+        lr, CLReg setting or None) runs of a split. ``feature_cell``/``feature_runs``: where
+        (seed, split) and for which setting ids to keep the features (entanglement picture)."""
         from tqdm.auto import tqdm
 
-        total = sum(len(self._cell_stages(phase, s, p, runs))
-                    for s in seeds for p in self.study.splits)
+        total = sum(len(self._cell_stages(phase, s, p, runs_of(p)))
+                    for s in seeds for p in splits)
         self._bar = tqdm(total=total, desc=f"{phase} stages", disable=not self.progress)
         try:
             for seed in seeds:
                 target_state: Dict = {}  # the seed's target model, loaded when first needed
-                for split in self.study.splits:
+                for split in splits:
                     keep = feature_cell == (seed, split)
-                    self._run_cell(phase, seed, split, runs, target_state,
+                    self._run_cell(phase, seed, split, runs_of(split), target_state,
                                    feature_runs if keep else None)
         finally:
             self._bar.close()
@@ -436,7 +448,7 @@ def validation_table(study: StudyConfig, out_dir: str, seeds: Sequence[int]) -> 
     the test seeds' folder is never read here."""
     rows = []
     for seed in seeds:
-        for split in study.splits:
+        for split in study.selection_splits:
             for method, lr, clreg in selection_runs(study):
                 path = os.path.join(cell_dir(out_dir, "select", seed, split), "arms",
                                     setting_id(method, lr, clreg) + ".json")
@@ -519,7 +531,8 @@ def run_select(study: StudyConfig, out_dir: str, val_seeds: Sequence[int], runne
     if _has_test_results(out_dir):
         raise RuntimeError(f"{out_dir} already holds test results: the protocol must be fixed "
                            "before the test seeds run; start a new results folder")
-    runner.run_cells("select", val_seeds, selection_runs(study))
+    runner.run_cells("select", val_seeds, study.selection_splits,
+                     lambda split: selection_runs(study))
     rows = validation_table(study, out_dir, val_seeds)
     chosen = select_protocol(rows, study.base.methods, study.utility_tolerance)
     protocol = {
@@ -557,15 +570,23 @@ def chosen_clreg(protocol: Dict, method: str) -> Dict:
     return {k: c[k] for k in ("clreg_weight", "clreg_layer", "clreg_temperature")}
 
 
-def final_runs(study: StudyConfig, protocol: Dict) -> List[Tuple[str, float, Optional[Dict]]]:
+def final_runs(study: StudyConfig, protocol: Dict,
+               split: float) -> List[Tuple[str, float, Optional[Dict]]]:
     """Every method without and with its protocol CLReg setting at every grid lr (the
-    trade-off curve); the headline arms are those at the protocol's lr."""
+    trade-off curve; on the primary split only unless ``sweep_every_split``); the headline
+    arms are those at the protocol's lr."""
     runs = []
     for method in study.base.methods:
-        for lr in study.grid.lrs:
+        for lr in sweep_lrs(study, protocol, method, split):
             runs.append((method, lr, None))
             runs.append((method, lr, chosen_clreg(protocol, method)))
     return runs
+
+
+def sweep_lrs(study: StudyConfig, protocol: Dict, method: str, split: float) -> List[float]:
+    if study.sweep_every_split or split == study.primary_split:
+        return list(study.grid.lrs)
+    return [protocol["chosen"][method]["lr"]]
 
 
 def run_test(study: StudyConfig, out_dir: str, seeds: Sequence[int], runner: Runner,
@@ -578,9 +599,11 @@ def run_test(study: StudyConfig, out_dir: str, seeds: Sequence[int], runner: Run
     overlap = sorted(set(seeds) & set(protocol["validation_seeds"]))
     if overlap:
         raise ValueError(f"test seeds {overlap} were validation seeds")
-    feature_runs = [setting_id(m, lr, c) for m, lr, c in final_runs(study, protocol)
+    feature_runs = [setting_id(m, lr, c)
+                    for m, lr, c in final_runs(study, protocol, study.primary_split)
                     if lr == protocol["chosen"][m]["lr"]]
-    runner.run_cells("test", seeds, final_runs(study, protocol),
+    runner.run_cells("test", seeds, study.splits,
+                     lambda split: final_runs(study, protocol, split),
                      feature_cell=(seeds[0], study.primary_split), feature_runs=feature_runs)
     return report(study, out_dir, seeds, make_plot=make_plot)
 
@@ -595,7 +618,7 @@ def seed_metrics(study: StudyConfig, out_dir: str, protocol: Dict, seed: int,
     for method in study.base.methods:
         for clreg in (None, chosen_clreg(protocol, method)):
             sweep = []
-            for lr in study.grid.lrs:
+            for lr in sweep_lrs(study, protocol, method, split):
                 path = os.path.join(cell, "arms", setting_id(method, lr, clreg) + ".json")
                 sweep.append(_read_json(path)["metrics"])
             lr = protocol["chosen"][method]["lr"]
@@ -768,6 +791,66 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
     return summaries[study.primary_split]
 
 
+# --------------------------------------------------------------------------- plan
+
+
+def stage_kind(stage: str) -> str:
+    """``oracle``, ``target-model``, ``target`` (its evaluation) or ``run`` (unlearn + evaluate)."""
+    last = stage.rsplit("/", 1)[-1]
+    return last if last in ("oracle", "target-model", "target") else "run"
+
+
+def plan(study: StudyConfig, out_dir: str, val_seeds: Sequence[int],
+         seeds: Sequence[int]) -> Dict[str, Dict]:
+    """Stages of each phase, done (on disk) and pending, and the pending time estimated from
+    the median seconds of each stage kind in ``timings.jsonl`` (None before any timing).
+    Before protocol.json exists, the test phase is counted with a placeholder CLReg setting
+    (same count). Target fine-tunings (one per seed, cached outside the folder) are counted
+    per seed whose stages are not all done."""
+    times: Dict[str, List[float]] = {}
+    path = os.path.join(out_dir, "timings.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                entry = json.loads(line)
+                times.setdefault(stage_kind(entry["stage"]), []).append(entry["seconds"])
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    protocol_path = os.path.join(out_dir, "protocol.json")
+    if os.path.exists(protocol_path):
+        protocol = _read_json(protocol_path)
+    else:
+        setting = study.grid.clreg_settings()[0]
+        protocol = {"chosen": {m: {"lr": study.grid.lrs[0], **setting}
+                               for m in study.base.methods}}
+    phases = {"select": (val_seeds, study.selection_splits, lambda p: selection_runs(study)),
+              "test": (seeds, study.splits, lambda p: final_runs(study, protocol, p))}
+    out = {}
+    runner = Runner(study, out_dir, "", progress=False)
+    for phase, (phase_seeds, splits, runs_of) in phases.items():
+        counts = {"done": 0, "pending": 0, "pending_by_kind": {}, "pending_seconds": 0.0}
+        for seed in phase_seeds or ():
+            seed_pending = False
+            for split in splits:
+                for stage in runner._cell_stages(phase, seed, split, runs_of(split)):
+                    if os.path.exists(stage):
+                        counts["done"] += 1
+                        continue
+                    seed_pending = True
+                    name = os.path.basename(stage)[:-len(".json")]
+                    kind = name if name in ("oracle", "target") else "run"
+                    counts["pending"] += 1
+                    counts["pending_by_kind"][kind] = counts["pending_by_kind"].get(kind, 0) + 1
+                    counts["pending_seconds"] += median.get(kind, 0.0)
+            if seed_pending:
+                counts["pending_by_kind"]["target-model"] = (
+                    counts["pending_by_kind"].get("target-model", 0) + 1)
+                counts["pending_seconds"] += median.get("target-model", 0.0)
+        if not median:
+            counts["pending_seconds"] = None
+        out[phase] = counts
+    return out
+
+
 # --------------------------------------------------------------------------- plots
 
 
@@ -872,7 +955,8 @@ def _record_invocation(out_dir: str, entry: Dict) -> None:
     _write_json(path, info)
 
 
-STUDY_OPTIONS = ("model", "size", "splits", "primary_split", "grid", "tolerance", "methods")
+STUDY_OPTIONS = ("model", "size", "splits", "primary_split", "grid", "tolerance", "methods",
+                 "val_splits", "sweep_every_split")
 
 
 def study_from_protocol(protocol: Dict, device: Optional[str] = None) -> StudyConfig:
@@ -884,6 +968,8 @@ def study_from_protocol(protocol: Dict, device: Optional[str] = None) -> StudyCo
     return dataclasses.replace(study, base=base, splits=d["splits"],
                                primary_split=d["primary_split"], grid=Grid.from_dict(d["grid"]),
                                utility_tolerance=d["utility_tolerance"],
+                               selection_splits=d["selection_splits"],
+                               sweep_every_split=d["sweep_every_split"],
                                forget_quality_bar=d["forget_quality_bar"])
 
 
@@ -905,6 +991,10 @@ def build_study(args) -> StudyConfig:
             changes["grid"] = Grid.from_dict(json.load(f))
     if args.tolerance is not None:
         changes["utility_tolerance"] = args.tolerance
+    if args.val_splits is not None:
+        changes["selection_splits"] = args.val_splits
+    if args.sweep_every_split:
+        changes["sweep_every_split"] = True
     base_changes = {}
     if args.methods:
         base_changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -914,6 +1004,8 @@ def build_study(args) -> StudyConfig:
         changes["base"] = dataclasses.replace(study.base, **base_changes)
     if "primary_split" not in changes and "splits" in changes:
         changes["primary_split"] = None
+    if "selection_splits" not in changes and ("splits" in changes or "primary_split" in changes):
+        changes["selection_splits"] = None
     return dataclasses.replace(study, **changes)
 
 
@@ -922,7 +1014,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m clreg_fast.study",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("select", "test", "report"))
+    parser.add_argument("phase", choices=("select", "test", "report", "plan"),
+                        help="plan: count the stages done and pending (runs nothing)")
     parser.add_argument("--out-dir", required=True, help="the results folder (resumable)")
     parser.add_argument("--model", default=None,
                         help="tiny (default), smollm2-135m or an HF folder; test and report take "
@@ -938,6 +1031,10 @@ def main(argv=None) -> int:
                         help="forget splits in %% of the trained authors (default 1,5,10)")
     parser.add_argument("--primary-split", type=float, default=None,
                         help="summary.json's split (default: the largest)")
+    parser.add_argument("--val-splits", type=_float_list, default=None,
+                        help="the splits select runs (default: the primary split)")
+    parser.add_argument("--sweep-every-split", action="store_true", default=None,
+                        help="test: the lr sweep on every split, not only the primary one")
     parser.add_argument("--grid", default=None,
                         help="JSON file: {lrs, clreg_weights, clreg_layers, clreg_temperatures}")
     parser.add_argument("--tolerance", type=float, default=None,
@@ -969,6 +1066,15 @@ def main(argv=None) -> int:
              "phase": args.phase,
              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
                  timespec="seconds")}
+    if args.phase == "plan":
+        for phase, counts in plan(study, args.out_dir, args.val_seeds or (),
+                                  args.seeds or ()).items():
+            eta = counts["pending_seconds"]
+            print(f"{phase}: {counts['done']} stages done, {counts['pending']} pending "
+                  f"{counts['pending_by_kind']}"
+                  + (f", about {eta / 60:.0f} min at the median stage times so far"
+                     if eta is not None else ""))
+        return 0
     if args.phase == "select":
         if not args.val_seeds:
             parser.error("select needs --val-seeds")

@@ -240,13 +240,14 @@ def micro_run(tmp_path_factory):
 @pytest.mark.slow
 def test_select_writes_the_protocol_from_validation_seeds_only(micro_run):
     cfg, out, _, protocol, calls, _ = micro_run
-    # 2 splits x (2 lrs x (plain + 1 CLReg setting)); one target (seed), one oracle per split
-    assert calls == {"unlearn": 8, "target": 1, "oracle": 2}
+    # the primary split (20%) only: 2 lrs x (plain + 1 CLReg setting); one target, one oracle
+    assert cfg.selection_splits == [20.0]
+    assert calls == {"unlearn": 4, "target": 1, "oracle": 1}
     with open(os.path.join(out, "protocol.json")) as f:
         written = json.load(f)
     assert written["validation_seeds"] == [100] and written["fingerprint"] == cfg.fingerprint()
     assert set(written["chosen"]) == {"graddiff"} and "rule" in written and "written" in written
-    assert {r["seed"] for r in written["validation"]} == {100} and len(written["validation"]) == 8
+    assert {r["seed"] for r in written["validation"]} == {100} and len(written["validation"]) == 4
     assert written["chosen"]["graddiff"]["lr"] in cfg.grid.lrs
     # the protocol is fixed: select refuses once test results exist
     with pytest.raises(RuntimeError, match="already holds test results"):
@@ -278,7 +279,10 @@ def test_micro_study_writes_a_valid_summary(micro_run):
             with open(os.path.join(study.cell_dir(out, "test", seed, split),
                                    "metrics.json")) as f:
                 arms = json.load(f)
-            assert [p["lr"] for p in arms["graddiff+clreg"]["sweep"]] == cfg.grid.lrs
+            # the lr sweep on the primary split; the other split at the protocol's lr only
+            lrs = (cfg.grid.lrs if split == cfg.primary_split
+                   else [protocol["chosen"]["graddiff"]["lr"]])
+            assert [p["lr"] for p in arms["graddiff+clreg"]["sweep"]] == lrs
     assert os.path.exists(os.path.join(out, "summary-split10.json"))
     with open(os.path.join(out, "target_check.json")) as f:
         assert len(json.load(f)["cells"]) == 4
@@ -286,20 +290,21 @@ def test_micro_study_writes_a_valid_summary(micro_run):
         assert os.path.getsize(os.path.join(out, name)) > 5_000, name
     with open(os.path.join(out, "timings.jsonl")) as f:
         stages = [json.loads(line)["stage"] for line in f]
-    assert "select/seed-100/split-10/oracle" in stages and "test/seed-1/target-model" in stages
+    assert "select/seed-100/split-20/oracle" in stages and "test/seed-1/target-model" in stages
 
 
 @pytest.mark.slow
 def test_rerun_skips_done_stages_and_redoes_only_what_is_missing(micro_run):
     cfg, out, cache, *_ = micro_run
     runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
-    runner.run_cells("select", [100], study.selection_runs(cfg))
+    runs_of = lambda split: study.selection_runs(cfg)  # noqa: E731
+    runner.run_cells("select", [100], cfg.selection_splits, runs_of)
     assert runner.calls == {"unlearn": 0, "target": 0, "oracle": 0}
-    assert runner.stages_run == 0 and runner.stages_skipped == 12
+    assert runner.stages_run == 0 and runner.stages_skipped == 6   # oracle, target, 4 runs
     os.remove(os.path.join(study.cell_dir(out, "select", 100, 20.0), "arms",
                            study.setting_id("graddiff", 1e-3, None) + ".json"))
     runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
-    runner.run_cells("select", [100], study.selection_runs(cfg))
+    runner.run_cells("select", [100], cfg.selection_splits, runs_of)
     # the missing run only; the target comes back from the model cache
     assert runner.calls == {"unlearn": 1, "target": 1, "oracle": 0}
     assert runner.stages_run == 1
