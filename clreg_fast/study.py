@@ -146,6 +146,7 @@ class StudyConfig:
                 "grid": asdict(self.grid), "utility_key": self.utility_key,
                 "utility_tolerance": self.utility_tolerance,
                 "forget_quality_bar": self.forget_quality_bar,
+                "measurement_layer": self.base.clreg_layer,
                 # the seed varies; the device changes no result that the protocol depends on
                 "base": demo._jsonable({**asdict(self.base), "seed": None, "device": None})}
 
@@ -262,6 +263,7 @@ class Runner:
         self.log = log or (lambda text: print(text, flush=True))
         self.unlearn_fn = demo.unlearn_copy
         self.train_fn = demo.trained_model
+        self.evaluate_fn = demo.evaluate_arm
         self.stages_run = 0
         self.stages_skipped = 0
         self._bar = None
@@ -333,8 +335,10 @@ class Runner:
         t0 = time.time()
         splits, tokenizer, model_path = demo.prepare_data(cfg, None, None, self.log)
         pad = demo._pad_id(tokenizer)
-        demo.check_clreg_layer(cfg, cfg.num_layers if cfg.model == demo.TINY
-                               else demo._num_layers(model_path))
+        depth = cfg.num_layers if cfg.model == demo.TINY else demo._num_layers(model_path)
+        # The measurement layer (the preset's clreg_layer) and every layer CLReg trains at.
+        for layer in {cfg.clreg_layer} | {c["clreg_layer"] for _, _, c in runs if c}:
+            demo.check_clreg_layer(dataclasses.replace(cfg, clreg_layer=layer), depth)
         label = f"{phase}/seed-{seed}/split-{split:g}"
         features = _load_features(os.path.join(cell, "features.pt"))
 
@@ -354,7 +358,7 @@ class Runner:
             oracle, cached = self.train_fn("oracle", splits["retain"], tokenizer, cfg,
                                            self.cache_dir, self.progress, model_path)
             t_train = time.time() - t0
-            m, raw = demo.evaluate_arm(oracle, cfg, splits, tokenizer, pad)
+            m, raw = self.evaluate_fn(oracle, cfg, splits, tokenizer, pad)
             demo.score_oracle_against_itself(m, raw)
             keep_features("oracle", raw)
             oracle_raw = {"forget_truth_ratios": raw["forget_truth_ratios"],
@@ -388,7 +392,7 @@ class Runner:
             self._tick(label + "/target", False)
         else:
             t0 = time.time()
-            m, raw = demo.evaluate_arm(target_model(), cfg, splits, tokenizer, pad, oracle_raw)
+            m, raw = self.evaluate_fn(target_model(), cfg, splits, tokenizer, pad, oracle_raw)
             keep_features("target", raw)
             _save_tensors(reference_path, raw["features"]["retain"].cpu())
             _write_json(target_path, {"metrics": m})
@@ -404,12 +408,14 @@ class Runner:
                 self._tick(f"{label}/{name}", False)
                 continue
             t0 = time.time()
+            # CLReg trains at its grid layer; every arm is *measured* with ``cfg`` (the
+            # preset's clreg_layer), so with/without pairs, the target's reference features
+            # (retain drift) and the entanglement metrics all compare one layer.
             acfg = dataclasses.replace(cfg, **(clreg or {}))
             model, history = self.unlearn_fn(target_model(), splits, acfg, method,
                                               clreg is not None, lr, pad, False)
             t_unlearn = time.time() - t0
-            m, raw = demo.evaluate_arm(model, acfg, splits, tokenizer, pad, oracle_raw,
-                                       reference)
+            m, raw = self.evaluate_fn(model, cfg, splits, tokenizer, pad, oracle_raw, reference)
             del model
             if feature_runs is not None and name in feature_runs:
                 keep_features(name, raw)

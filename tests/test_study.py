@@ -196,7 +196,8 @@ def _micro_study():
     micro = study.study_preset("tiny", "micro")
     return dataclasses.replace(
         micro, base=dataclasses.replace(micro.base, methods=("graddiff",)),
-        grid=study.Grid(lrs=[5e-4, 1e-3], clreg_weights=[1.0], clreg_layers=[1],
+        # CLReg trains at layer 0; every arm is measured at the preset's layer 1
+        grid=study.Grid(lrs=[5e-4, 1e-3], clreg_weights=[1.0], clreg_layers=[0],
                         clreg_temperatures=[0.1]), n_boot=500)
 
 
@@ -206,16 +207,23 @@ class _Counting(study.Runner):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls = {"unlearn": 0, "target": 0, "oracle": 0}
+        self.layers = {"unlearn": set(), "measure": set()}
 
-        def unlearn(*a, **k):
+        def unlearn(target, splits, cfg, method, clreg, *a, **k):
             self.calls["unlearn"] += 1
-            return demo.unlearn_copy(*a, **k)
+            if clreg:
+                self.layers["unlearn"].add(cfg.clreg_layer)
+            return demo.unlearn_copy(target, splits, cfg, method, clreg, *a, **k)
+
+        def evaluate(model, cfg, *a, **k):
+            self.layers["measure"].add(cfg.clreg_layer)
+            return demo.evaluate_arm(model, cfg, *a, **k)
 
         def train(role, *a, **k):
             self.calls[role] += 1
             return demo.trained_model(role, *a, **k)
 
-        self.unlearn_fn, self.train_fn = unlearn, train
+        self.unlearn_fn, self.train_fn, self.evaluate_fn = unlearn, train, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +237,7 @@ def micro_run(tmp_path_factory):
     try:
         runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
         protocol = study.run_select(cfg, out, [100], runner)
-        select_calls = dict(runner.calls)
+        select_calls = dict(runner.calls, layers=runner.layers)
         runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
         summary = study.run_test(cfg, out, [0, 1], runner)
     finally:
@@ -242,7 +250,9 @@ def test_select_writes_the_protocol_from_validation_seeds_only(micro_run):
     cfg, out, _, protocol, calls, _ = micro_run
     # the primary split (20%) only: 2 lrs x (plain + 1 CLReg setting); one target, one oracle
     assert cfg.selection_splits == [20.0]
+    layers = calls.pop("layers")
     assert calls == {"unlearn": 4, "target": 1, "oracle": 1}
+    assert layers == {"unlearn": {0}, "measure": {1}}
     with open(os.path.join(out, "protocol.json")) as f:
         written = json.load(f)
     assert written["validation_seeds"] == [100] and written["fingerprint"] == cfg.fingerprint()
