@@ -619,14 +619,21 @@ def seed_metrics(study: StudyConfig, out_dir: str, protocol: Dict, seed: int,
     """The per-seed ``metrics.json`` of one (seed, split): demo's format (an unlearned arm holds
     its metrics at the protocol's lr and its ``sweep`` over the grid's lrs)."""
     cell = cell_dir(out_dir, "test", seed, split)
-    arms: Dict[str, Dict] = {"target": _read_json(os.path.join(cell, "target.json"))["metrics"],
-                             "oracle": _read_json(os.path.join(cell, "oracle.json"))["metrics"]}
+
+    def stage(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: run the test phase for seed {seed} "
+                                    "first (it resumes where it stopped)")
+        return _read_json(path)["metrics"]
+
+    arms: Dict[str, Dict] = {"target": stage(os.path.join(cell, "target.json")),
+                             "oracle": stage(os.path.join(cell, "oracle.json"))}
     for method in study.base.methods:
         for clreg in (None, chosen_clreg(protocol, method)):
             sweep = []
             for lr in sweep_lrs(study, protocol, method, split):
-                path = os.path.join(cell, "arms", setting_id(method, lr, clreg) + ".json")
-                sweep.append(_read_json(path)["metrics"])
+                sweep.append(stage(os.path.join(cell, "arms",
+                                                setting_id(method, lr, clreg) + ".json")))
             lr = protocol["chosen"][method]["lr"]
             main = next(p for p in sweep if p["lr"] == lr)
             arms[method + ("+clreg" if clreg else "")] = {**main, "sweep": sweep}
@@ -956,8 +963,7 @@ def _float_list(text: str) -> List[float]:
 def _record_invocation(out_dir: str, entry: Dict) -> None:
     path = os.path.join(out_dir, "run.json")
     info = _read_json(path) if os.path.exists(path) else {"invocations": []}
-    info["machine"] = demo._machine()
-    info["invocations"].append(entry)
+    info["invocations"].append({**entry, "machine": demo._machine()})
     _write_json(path, info)
 
 

@@ -329,6 +329,8 @@ def test_test_phase_guards(micro_run):
     other = dataclasses.replace(cfg, utility_tolerance=0.1)
     with pytest.raises(ValueError, match="differs from the one protocol.json"):
         study.run_test(other, out, [0], runner)
+    with pytest.raises(FileNotFoundError, match="run the test phase for seed 2"):
+        study.report(cfg, out, [0, 2], make_plot=False)
     # test and report rebuild the configuration from protocol.json
     with open(os.path.join(out, "protocol.json")) as f:
         rebuilt = study.study_from_protocol(json.load(f))
