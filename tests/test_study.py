@@ -178,6 +178,21 @@ def test_one_target_serves_every_split_and_forget_sets_are_nested():
     assert len(forget[0]) == 1 and len(forget[1]) == 2
 
 
+def test_english_authors_train_the_same_rows_at_every_split():
+    """The SmolLM2 data: forget + retain rows do not depend on the forget author count."""
+    from clreg_fast.unlearn.english_authors import (EnglishAuthorsConfig,
+                                                    generate_english_authors)
+
+    smol = study.study_preset("smollm2-135m")
+    trained = []
+    for split in smol.splits:
+        rows = generate_english_authors(study.seed_config(smol, 5, split).data)
+        trained.append(rows["forget"] + rows["retain"])
+        assert len({r["author"] for r in rows["forget"]}) == study.forget_count(40, split)
+    assert all(t == trained[0] for t in trained)
+    assert isinstance(smol.base.data, EnglishAuthorsConfig) and smol.utility_key == "model_utility"
+
+
 # ----------------------------------------------------------------------------- phases
 
 
