@@ -95,6 +95,9 @@ class DemoConfig:
     eval_batch_size: int = 64
     system_prompt: str = ""               # chat template system turn ("" = empty turn)
     seed: int = 0
+    # None: fine-tuning and evaluation on the CPU, unlearning on CUDA when there is one
+    # (UnlearnConfig's default); "cuda" / "cpu": everything there.
+    device: Optional[str] = None
 
 
 def quick_config(seed: int = 0) -> DemoConfig:
@@ -234,17 +237,19 @@ def trained_model(role: str, examples: List[Dict], tokenizer, cfg: DemoConfig,
     path = os.path.join(cache_dir, _cache_key(cfg, role)) if cache_dir else None
     if path and os.path.exists(os.path.join(path, "config.json")):
         if cfg.model != TINY:
-            return _load_pretrained(path).eval(), True
+            return _load_pretrained(path).to(cfg.device or "cpu").eval(), True
         saved = WordTokenizer.load(os.path.join(path, "tokenizer.json"))
         if saved.vocab == tokenizer.vocab:
             from transformers import LlamaForCausalLM
             model = LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
-            return model.eval(), True
+            return model.to(cfg.device or "cpu").eval(), True
     if cfg.model == TINY:
         model = make_tiny_llama(len(tokenizer), seed=cfg.seed, hidden_size=cfg.hidden_size,
                                 num_layers=cfg.num_layers)
     else:
         model = _load_pretrained(model_path)
+    if cfg.device:
+        model.to(cfg.device)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     set_trainable(model, cfg.train_layers)
     finetune(model, examples, epochs=cfg.train_epochs, lr=cfg.train_lr,
@@ -273,8 +278,72 @@ def make_unlearn_config(cfg: DemoConfig, method: str, clreg: bool, lr: float, pr
     kwargs = dict(method=method, clreg_weight=cfg.clreg_weight if clreg else 0.0,
                   clreg_layer=cfg.clreg_layer, clreg_pooling=cfg.clreg_pooling,
                   clreg_temperature=cfg.clreg_temperature, lr=lr, max_steps=cfg.max_steps,
-                  batch_size=cfg.batch_size, seed=cfg.seed, progress=progress)
+                  batch_size=cfg.batch_size, seed=cfg.seed, progress=progress,
+                  device=cfg.device)
     return UnlearnConfig(**kwargs)
+
+
+def unlearn_copy(target, splits: Dict[str, List[Dict]], cfg: DemoConfig, method: str,
+                 clreg: bool, lr: float, pad_id: int, progress: bool):
+    """Unlearn the forget split from a copy of ``target`` (``target`` is left as it is);
+    returns ``(model, history)``."""
+    from clreg_fast.unlearn.train import unlearn
+
+    model = copy.deepcopy(target)
+    set_trainable(model, cfg.train_layers)
+    ucfg = make_unlearn_config(cfg, method, clreg, lr, progress)
+    history = unlearn(model, splits["forget"], splits["retain"], ucfg, pad_id=pad_id)
+    return model, history
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluation_sets(cfg: DemoConfig, splits: Dict[str, List[Dict]]):
+    """``(eval_splits, utility_sets)``: what :func:`evaluate_model` scores and the TOFU model
+    utility sets (empty when ``cfg.utility_rows`` is 0)."""
+    eval_splits = {k: splits[k] for k in ("forget", "retain", "holdout") if splits.get(k)}
+    utility_sets = {}
+    if cfg.utility_rows:
+        utility_sets["retain"] = splits["retain"][: cfg.utility_rows]
+        for name in ("real_authors", "world"):  # TOFU's order: retain, real authors, world
+            if splits.get(name):
+                utility_sets[name] = splits[name]
+    return eval_splits, utility_sets
+
+
+def feature_pooling_of(cfg: DemoConfig) -> str:
+    """The feature metrics take one row per answer: "token" pooling is scored on answer means."""
+    return "mean" if cfg.clreg_pooling == "token" else cfg.clreg_pooling
+
+
+def evaluate_arm(model, cfg: DemoConfig, splits: Dict[str, List[Dict]], tokenizer, pad_id: int,
+                 oracle_raw: Optional[Dict] = None, reference: Optional[Dict] = None):
+    """Every metric of one model: ``(metrics, raw)`` (``raw``: :func:`evaluate_model`'s
+    ``_raw`` entry: features, truth ratios, membership scores)."""
+    eval_splits, utility_sets = evaluation_sets(cfg, splits)
+    m = evaluate_model(model, eval_splits, layer=cfg.clreg_layer, pooling=feature_pooling_of(cfg),
+                       oracle=oracle_raw, reference_features=reference, knn_k=cfg.knn_k,
+                       batch_size=cfg.eval_batch_size, pad_id=pad_id)
+    raw = m.pop("_raw")
+    m["extraction_strength"] = m["forget_extraction_strength"]
+    if utility_sets:
+        m.update(utility_metrics(model, utility_sets, tokenizer, pad_id, cfg.eval_batch_size,
+                                 cfg.max_new_tokens))
+        m["forget_rouge"] = float(rouge_l_of_model(
+            model, splits["forget"], tokenizer, pad_id, cfg.max_new_tokens,
+            cfg.eval_batch_size).mean())
+    return m, raw
+
+
+def score_oracle_against_itself(oracle_m: Dict, oracle_raw: Dict) -> Dict:
+    """As TOFU reports the retain model: forget quality 1, privleak 0 (in place; returned)."""
+    oracle_m["forget_quality"] = ks_pvalue(oracle_raw["forget_truth_ratios"],
+                                           oracle_raw["forget_truth_ratios"])
+    for auc_key, leak_key in (("mink_auc", "privleak"), ("mink_pp_auc", "privleak_mink_pp")):
+        if oracle_raw.get(auc_key) is not None:
+            oracle_m[leak_key] = privleak(oracle_raw[auc_key], oracle_raw[auc_key])
+    return oracle_m
 
 
 # --------------------------------------------------------------------------- report
@@ -476,8 +545,6 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     (``run.json`` gets the model, configuration, timings and machine)."""
     from tqdm.auto import tqdm
 
-    from clreg_fast.unlearn.train import unlearn
-
     if log is None:
         def log(text):
             print(text, flush=True)
@@ -489,13 +556,6 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     splits, tokenizer, model_path = prepare_data(cfg, out_dir, cache_dir, log)
     check_clreg_layer(cfg, cfg.num_layers if cfg.model == TINY else _num_layers(model_path))
     pad = _pad_id(tokenizer)
-    eval_splits = {k: splits[k] for k in ("forget", "retain", "holdout") if splits.get(k)}
-    utility_sets = {}
-    if cfg.utility_rows:
-        utility_sets["retain"] = splits["retain"][: cfg.utility_rows]
-        for name in ("real_authors", "world"):  # TOFU's order: retain, real authors, world
-            if splits.get(name):
-                utility_sets[name] = splits[name]
     log(f"model {cfg.model}; data: {len(splits['forget'])} forget, {len(splits['retain'])} "
         f"retain, {len(splits['holdout'])} holdout rows"
         + (f", {len(splits['real_authors'])} real-author rows" if splits.get("real_authors")
@@ -518,33 +578,17 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
     trained = set_trainable(copy.deepcopy(target), cfg.train_layers)  # the description only
     features: Dict[str, Dict] = {}
 
-    # The feature metrics take one row per answer: "token" pooling is scored on answer means.
-    feature_pooling = "mean" if cfg.clreg_pooling == "token" else cfg.clreg_pooling
+    feature_pooling = feature_pooling_of(cfg)
 
     def evaluate(arm, model, oracle_raw=None, reference=None):
-        m = evaluate_model(model, eval_splits, layer=cfg.clreg_layer, pooling=feature_pooling,
-                           oracle=oracle_raw, reference_features=reference, knn_k=cfg.knn_k,
-                           batch_size=cfg.eval_batch_size, pad_id=pad)
-        raw = m.pop("_raw")
-        m["extraction_strength"] = m["forget_extraction_strength"]
-        if utility_sets:
-            m.update(utility_metrics(model, utility_sets, tokenizer, pad, cfg.eval_batch_size,
-                                     cfg.max_new_tokens))
-            m["forget_rouge"] = float(rouge_l_of_model(
-                model, splits["forget"], tokenizer, pad, cfg.max_new_tokens,
-                cfg.eval_batch_size).mean())
+        m, raw = evaluate_arm(model, cfg, splits, tokenizer, pad, oracle_raw, reference)
         features[arm] = {"forget": raw["features"]["forget"], "retain": raw["features"]["retain"],
                          "forget_ids": [ex["concept_id"] for ex in splits["forget"]]}
         return m, raw
 
     t0 = time.time()
     oracle_m, oracle_raw = evaluate("oracle", oracle)
-    # Against itself (as TOFU reports the retain model): forget quality 1, privleak 0.
-    oracle_m["forget_quality"] = ks_pvalue(oracle_raw["forget_truth_ratios"],
-                                           oracle_raw["forget_truth_ratios"])
-    for auc_key, leak_key in (("mink_auc", "privleak"), ("mink_pp_auc", "privleak_mink_pp")):
-        if oracle_raw.get(auc_key) is not None:
-            oracle_m[leak_key] = privleak(oracle_raw[auc_key], oracle_raw[auc_key])
+    score_oracle_against_itself(oracle_m, oracle_raw)
     target_m, target_raw = evaluate("target", target, oracle_raw)
     seconds["evaluate_target_oracle"] = time.time() - t0
     del oracle
@@ -561,10 +605,7 @@ def run(cfg: DemoConfig, out_dir: str, cache_dir: Optional[str], progress: bool 
         t_unlearn = t_eval = 0.0
         for lr in cfg.lrs:
             t0 = time.time()
-            model = copy.deepcopy(target)
-            set_trainable(model, cfg.train_layers)
-            ucfg = make_unlearn_config(cfg, method, clreg, lr, progress)
-            history = unlearn(model, splits["forget"], splits["retain"], ucfg, pad_id=pad)
+            model, history = unlearn_copy(target, splits, cfg, method, clreg, lr, pad, progress)
             t_unlearn += time.time() - t0
             t0 = time.time()
             m, _ = evaluate(f"{arm}@{lr:g}", model, oracle_raw, reference)
@@ -649,6 +690,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--seed", type=int, default=0, help="data, model and unlearning seed")
+    parser.add_argument("--device", default=None,
+                        help="'cuda' or 'cpu' for everything (default: fine-tuning and "
+                             "evaluation on the CPU, unlearning on CUDA when there is one)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default: %(default)s; on the busy shared 2-core "
                              "machine one thread was faster than two for both models)")
@@ -676,6 +720,8 @@ def main(argv=None) -> int:
         bad = [m for m in overrides["methods"] if m not in KNOWN_METHODS]
         if bad or not overrides["methods"]:
             parser.error(f"--methods: unknown {bad}; choose from {', '.join(KNOWN_METHODS)}")
+    if args.device:
+        overrides["device"] = args.device
     cfg = dataclasses.replace(cfg, **overrides)
     out_dir = args.out_dir or os.path.join(
         "runs", "demo" if model == TINY else "demo-" + os.path.basename(model.rstrip("/")))
