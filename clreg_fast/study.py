@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from clreg_fast import demo
 from clreg_fast.unlearn.english_authors import EnglishAuthorsConfig
+from clreg_fast.unlearn.methods import METHODS as KNOWN_METHODS
 from clreg_fast.unlearn.synthetic import SyntheticConfig
 
 STUDY_VERSION = 1
@@ -133,6 +134,12 @@ class StudyConfig:
                              f"splits {self.splits}")
         if not 0 <= self.utility_tolerance < 1:
             raise ValueError(f"utility_tolerance must be in [0, 1), got {self.utility_tolerance}")
+        # Fail here, not after the first fine-tunings: an unknown name would reach the
+        # unlearning loop only once a target and an oracle are trained.
+        unknown = [m for m in self.base.methods if m not in KNOWN_METHODS]
+        if unknown or not self.base.methods:
+            raise ValueError(f"methods: unknown {unknown} in {list(self.base.methods)}; choose "
+                             f"one or more of {', '.join(KNOWN_METHODS)}")
 
     @property
     def utility_key(self) -> str:
@@ -152,6 +159,14 @@ class StudyConfig:
 
     def fingerprint(self) -> str:
         blob = json.dumps({"version": STUDY_VERSION, **self.describe()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def stage_fingerprint(self) -> str:
+        """What a stage file's result depends on besides its path (seed, split, method, lr,
+        CLReg setting): the model/data configuration. Grid, splits, methods or the rule may
+        change between runs in one folder (their stages are reused); this may not."""
+        blob = json.dumps({"version": STUDY_VERSION, "base": self.describe()["base"]},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -307,6 +322,7 @@ class Runner:
         (seed, split) and for which setting ids to keep the features (entanglement picture)."""
         from tqdm.auto import tqdm
 
+        self._claim_phase_dir(phase)
         total = sum(len(self._cell_stages(phase, s, p, runs_of(p)))
                     for s in seeds for p in splits)
         self._bar = tqdm(total=total, desc=f"{phase} stages", disable=not self.progress)
@@ -320,6 +336,21 @@ class Runner:
         finally:
             self._bar.close()
             self._bar = None
+
+    def _claim_phase_dir(self, phase: str) -> None:
+        """A stage counts as done when its file exists, so stages of another model/data
+        configuration in the same folder (e.g. ``--size micro`` then ``full``) would be taken
+        for this one's: mark the phase folder with the stage fingerprint and refuse a mismatch."""
+        path = os.path.join(self.out_dir, phase, "stages.json")
+        mine = self.study.stage_fingerprint()
+        if os.path.exists(path):
+            theirs = _read_json(path)["stage_fingerprint"]
+            if theirs != mine:
+                raise ValueError(
+                    f"{os.path.dirname(path)} holds stages of another model/data configuration "
+                    f"(stage fingerprint {theirs}, this one {mine}); use a new results folder")
+        else:
+            _write_json(path, {"stage_fingerprint": mine, "base": self.study.describe()["base"]})
 
     def _run_cell(self, phase, seed, split, runs, target_state, feature_runs) -> None:
         import torch

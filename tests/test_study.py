@@ -350,3 +350,31 @@ def test_test_phase_guards(micro_run):
     with open(os.path.join(out, "protocol.json")) as f:
         rebuilt = study.study_from_protocol(json.load(f))
     assert rebuilt.fingerprint() == cfg.fingerprint()
+
+
+def test_unknown_or_no_methods_fail_before_any_training(tmp_path):
+    micro = study.study_preset("tiny", "micro")
+    for methods in (("graddiff", "gradiff"), ()):
+        with pytest.raises(ValueError, match="methods: unknown"):
+            dataclasses.replace(micro, base=dataclasses.replace(micro.base, methods=methods))
+    with pytest.raises(SystemExit):  # the CLI: a usage error, nothing run
+        study.main(["select", "--val-seeds", "100", "--size", "micro", "--methods", "nop",
+                    "--out-dir", str(tmp_path), "--no-progress"])
+    assert not (tmp_path / "select").exists()
+
+
+def test_stages_of_another_model_configuration_are_not_reused(tmp_path):
+    """A stage is done when its file exists: a folder's stages must come from one model/data
+    configuration (a grid or rule change keeps them; a size change must not)."""
+    micro = _micro_study()
+    out = str(tmp_path)
+    study.Runner(micro, out, "unused", progress=False)._claim_phase_dir("select")
+    wider = dataclasses.replace(micro, grid=study.Grid(lrs=[1e-3, 2e-3], clreg_weights=[1.0],
+                                                       clreg_layers=[0], clreg_temperatures=[0.1]))
+    study.Runner(wider, out, "unused", progress=False)._claim_phase_dir("select")  # same base
+    bigger = dataclasses.replace(micro, base=dataclasses.replace(micro.base, max_steps=3))
+    with pytest.raises(ValueError, match="another model/data configuration"):
+        study.Runner(bigger, out, "unused", progress=False).run_cells(
+            "select", [100], bigger.selection_splits, lambda split: study.selection_runs(bigger))
+    on_device = dataclasses.replace(micro, base=dataclasses.replace(micro.base, device="cpu"))
+    study.Runner(on_device, out, "unused", progress=False)._claim_phase_dir("select")
