@@ -546,8 +546,9 @@ def select_protocol(rows: Sequence[Dict], methods: Sequence[str],
             best = max(eligible, key=lambda c: (c["forget_quality"], c["utility"], -c["_order"]))
             best = {**best, "fallback": False}
         else:
-            best = max(candidates,
-                       key=lambda c: (c["utility"] - c["plain_utility"], -c["_order"]))
+            # The least *relative* utility loss, the measure eligibility uses: the setting
+            # that the smallest tolerance would have admitted.
+            best = max(candidates, key=lambda c: (_utility_ratio(c), -c["_order"]))
             best = {**best, "fallback": True}
         best.pop("_order")
         best.pop("eligible")
@@ -556,11 +557,18 @@ def select_protocol(rows: Sequence[Dict], methods: Sequence[str],
     return chosen
 
 
+def _utility_ratio(candidate: Dict) -> float:
+    """Utility with CLReg over utility without (a plain utility <= 0: the difference)."""
+    base = candidate["plain_utility"]
+    return candidate["utility"] / base if base > 0 else candidate["utility"] - base
+
+
 RULE_TEXT = ("per method, mean over validation seeds and splits; among CLReg settings "
              "(lr, weight, layer, temperature) whose mean {utility} is at least (1 - {tol:g}) "
              "times that of the method without CLReg at the same lr, the highest mean forget "
              "quality (ties: higher utility, then grid order); none eligible: the smallest "
-             "utility loss, marked fallback. The method without CLReg runs at the chosen lr.")
+             "relative utility loss, marked fallback. The method without CLReg runs at the "
+             "chosen lr.")
 
 
 def run_select(study: StudyConfig, out_dir: str, val_seeds: Sequence[int], runner: Runner,

@@ -142,7 +142,9 @@ def test_protocol_rule_falls_back_to_the_smallest_utility_loss():
     rows = [dict(r, utility=r["utility"] - 0.2) if r["clreg"] else r for r in rows]
     chosen = study.select_protocol(rows, ["npo"], tolerance=0.02)["npo"]
     assert chosen["fallback"] and chosen["n_eligible"] == 0
-    assert (chosen["lr"], chosen["clreg_weight"]) == (2e-4, 1.0)   # -0.2 / 0.40 beats -0.22
+    # Relative, as eligibility is: 0.28 / 0.50 = 0.56 of the plain utility beats
+    # 0.199 / 0.40 = 0.4975 (an absolute loss would pick the other: -0.201 beats -0.22).
+    assert (chosen["lr"], chosen["clreg_weight"]) == (1e-4, 3.0)
 
 
 # ----------------------------------------------------------------------------- configuration
