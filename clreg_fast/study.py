@@ -739,6 +739,16 @@ def paired_difference(with_clreg: Sequence[Optional[float]],
     return out
 
 
+def paired_line(method: str, key: str, d: Dict) -> str:
+    """One paired difference for the console; an interval that cannot be computed (fewer than
+    2 seeds with both values) reads "n/a", never a bare number that looks like a result."""
+    if d["mean_diff"] is None:
+        return f"{method}: +CLReg - without, {key}: n/a (no seed has both values)"
+    ci = (f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]" if d["ci_low"] is not None
+          else f"n/a (n={d['n']})")
+    return f"{method}: +CLReg - without, {key}: {d['mean_diff']:+.3g}, 95% t interval {ci}"
+
+
 def metric_names(per_seed: Sequence[Dict[str, Dict]]) -> List[str]:
     names = set()
     for arms in per_seed:
@@ -1151,11 +1161,8 @@ def main(argv=None) -> int:
             parser.error(str(err))
         for method, by_metric in summary["paired"].items():
             for key in ("forget_quality", study.utility_key, "privleak", "entanglement_score"):
-                d = by_metric.get(key)
-                if d and d["mean_diff"] is not None:
-                    ci = (f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
-                          if d["ci_low"] is not None else "")
-                    print(f"{method}: +CLReg - without, {key}: {d['mean_diff']:+.3g}{ci}")
+                if by_metric.get(key):
+                    print(paired_line(method, key, by_metric[key]))
     entry.update(seconds=round(time.time() - started, 1), stages_run=runner.stages_run,
                  stages_skipped=runner.stages_skipped, fingerprint=study.fingerprint(),
                  seeds=args.seeds, val_seeds=args.val_seeds)

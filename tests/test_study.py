@@ -380,3 +380,17 @@ def test_stages_of_another_model_configuration_are_not_reused(tmp_path):
             "select", [100], bigger.selection_splits, lambda split: study.selection_runs(bigger))
     on_device = dataclasses.replace(micro, base=dataclasses.replace(micro.base, device="cpu"))
     study.Runner(on_device, out, "unused", progress=False)._claim_phase_dir("select")
+
+
+def test_one_seed_says_n_a_instead_of_an_interval():
+    one = study.paired_difference([0.7], [0.5])
+    assert one["n"] == 1 and one["ci_low"] is None and one["boot_low"] is None
+    assert study.paired_line("npo", "privleak", one).endswith(
+        "+0.2, 95% t interval n/a (n=1)")
+    none = study.paired_difference([None], [0.5])
+    assert none["mean_diff"] is None and "n/a" in study.paired_line("npo", "privleak", none)
+    two = study.paired_difference([1.0, 2.0], [0.0, 0.0], n_boot=200)
+    assert study.paired_line("npo", "privleak", two).endswith("[-4.85, +7.85]")
+    summary = study.aggregate({0: _fixture_seeds()[3]}, ["graddiff"], "tiny", {}, n_boot=100)
+    assert summary["arms"]["graddiff"]["forget_quality"]["std"] is None
+    assert summary["paired"]["graddiff"]["forget_quality"]["ci_high"] is None
