@@ -874,7 +874,10 @@ def plan(study: StudyConfig, out_dir: str, val_seeds: Sequence[int],
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                entry = json.loads(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a run killed mid-append leaves a partial last line
+                    continue
                 times.setdefault(stage_kind(entry["stage"]), []).append(entry["seconds"])
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     protocol_path = os.path.join(out_dir, "protocol.json")

@@ -394,3 +394,17 @@ def test_one_seed_says_n_a_instead_of_an_interval():
     summary = study.aggregate({0: _fixture_seeds()[3]}, ["graddiff"], "tiny", {}, n_boot=100)
     assert summary["arms"]["graddiff"]["forget_quality"]["std"] is None
     assert summary["paired"]["graddiff"]["forget_quality"]["ci_high"] is None
+
+
+def test_plan_counts_pending_stages_and_survives_a_partial_timing_line(tmp_path):
+    micro = _micro_study()
+    (tmp_path / "timings.jsonl").write_text(
+        '{"stage": "select/seed-100/split-20/graddiff-lr0.001", "seconds": 2.0}\n'
+        '{"stage": "select/seed-100/split-20/ora')          # killed while appending
+    counts = study.plan(micro, str(tmp_path), [100], [0])
+    # select: oracle, target, 2 lrs x (plain + 1 CLReg setting); one target fine-tuning
+    assert counts["select"]["pending_by_kind"] == {"oracle": 1, "target": 1, "run": 4,
+                                                   "target-model": 1}
+    assert counts["select"]["pending_seconds"] == 4 * 2.0 and counts["select"]["done"] == 0
+    # test (placeholder protocol): 2 splits x (oracle, target) + lr sweep on the primary split
+    assert counts["test"]["pending_by_kind"]["run"] == 4 + 2
