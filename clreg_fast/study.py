@@ -610,6 +610,22 @@ def load_protocol(out_dir: str) -> Dict:
     return _read_json(path)
 
 
+def load_checked_protocol(study: StudyConfig, out_dir: str, seeds: Sequence[int]) -> Dict:
+    """protocol.json, after checking that ``study`` is the configuration it was selected with
+    and that no test seed was a validation seed (``test`` and ``report`` both: a report under
+    another configuration would aggregate other arms than the protocol's)."""
+    protocol = load_protocol(out_dir)
+    if protocol["fingerprint"] != study.fingerprint():
+        raise ValueError("the study configuration differs from the one protocol.json was "
+                         "selected with (model, size, splits, grid, methods, rule); run test "
+                         "and report with the protocol's settings (give no configuration "
+                         "option) or select again in a new folder")
+    overlap = sorted(set(seeds) & set(protocol["validation_seeds"]))
+    if overlap:
+        raise ValueError(f"test seeds {overlap} were validation seeds")
+    return protocol
+
+
 def chosen_clreg(protocol: Dict, method: str) -> Dict:
     c = protocol["chosen"][method]
     return {k: c[k] for k in ("clreg_weight", "clreg_layer", "clreg_temperature")}
@@ -636,14 +652,7 @@ def sweep_lrs(study: StudyConfig, protocol: Dict, method: str, split: float) -> 
 
 def run_test(study: StudyConfig, out_dir: str, seeds: Sequence[int], runner: Runner,
              make_plot: bool = True) -> Dict:
-    protocol = load_protocol(out_dir)
-    if protocol["fingerprint"] != study.fingerprint():
-        raise ValueError("the study configuration differs from the one protocol.json was "
-                         "selected with (model, size, splits, grid, methods, rule); run test "
-                         "with the protocol's settings or select again in a new folder")
-    overlap = sorted(set(seeds) & set(protocol["validation_seeds"]))
-    if overlap:
-        raise ValueError(f"test seeds {overlap} were validation seeds")
+    protocol = load_checked_protocol(study, out_dir, seeds)
     feature_runs = [setting_id(m, lr, c)
                     for m, lr, c in final_runs(study, protocol, study.primary_split)
                     if lr == protocol["chosen"][m]["lr"]]
@@ -804,7 +813,7 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
     per split, ``summary.json`` (the primary split), ``target_check.json`` and the plots.
     Returns the primary split's summary."""
     log = log or (lambda text: print(text, flush=True))
-    protocol = load_protocol(out_dir)
+    protocol = load_checked_protocol(study, out_dir, seeds)
     light_protocol = {k: v for k, v in protocol.items() if k != "validation"}
     per_split: Dict[float, Dict[int, Dict]] = {}
     summaries = {}

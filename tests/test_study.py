@@ -408,3 +408,15 @@ def test_plan_counts_pending_stages_and_survives_a_partial_timing_line(tmp_path)
     assert counts["select"]["pending_seconds"] == 4 * 2.0 and counts["select"]["done"] == 0
     # test (placeholder protocol): 2 splits x (oracle, target) + lr sweep on the primary split
     assert counts["test"]["pending_by_kind"]["run"] == 4 + 2
+
+
+def test_report_refuses_another_configuration_or_a_validation_seed(tmp_path):
+    micro = _micro_study()
+    (tmp_path / "protocol.json").write_text(json.dumps(
+        {"fingerprint": micro.fingerprint(), "validation_seeds": [100], "chosen": {}}))
+    other = dataclasses.replace(micro, utility_tolerance=0.1)
+    with pytest.raises(ValueError, match="differs from the one protocol.json"):
+        study.report(other, str(tmp_path), [0], make_plot=False)
+    with pytest.raises(ValueError, match="were validation seeds"):
+        study.report(micro, str(tmp_path), [0, 100], make_plot=False)
+    assert not (tmp_path / "summary.json").exists()
