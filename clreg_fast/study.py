@@ -40,7 +40,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from clreg_fast import demo
@@ -363,7 +363,6 @@ class Runner:
                 self._tick(os.path.relpath(p, self.out_dir), False)
             return
         cfg = seed_config(self.study, seed, split)
-        t0 = time.time()
         splits, tokenizer, model_path = demo.prepare_data(cfg, None, None, self.log)
         pad = demo._pad_id(tokenizer)
         depth = cfg.num_layers if cfg.model == demo.TINY else demo._num_layers(model_path)
