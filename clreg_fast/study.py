@@ -1127,7 +1127,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         study = build_study(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: an unreadable --grid file
         parser.error(str(err))
     os.makedirs(args.out_dir, exist_ok=True)
     runner = Runner(study, args.out_dir, args.cache_dir, force=args.force,
@@ -1152,7 +1152,7 @@ def main(argv=None) -> int:
             parser.error("select needs --val-seeds")
         try:
             protocol = run_select(study, args.out_dir, args.val_seeds, runner)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             parser.error(str(err))
         for method, c in protocol["chosen"].items():
             print(f"{method}: lr {c['lr']:g}, CLReg weight {c['clreg_weight']:g}, layer "

@@ -419,3 +419,24 @@ def test_report_refuses_another_configuration_or_a_validation_seed(tmp_path):
     with pytest.raises(ValueError, match="were validation seeds"):
         study.report(micro, str(tmp_path), [0, 100], make_plot=False)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_cli_usage_errors_exit_cleanly(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--size", "micro", "--out-dir", out, "--no-progress"]
+    bad = [["select", "--val-seeds", "1,1"] + common,                    # not distinct
+           ["select", "--val-seeds", "a"] + common,
+           ["select", "--val-seeds", "100", "--splits", "10,150"] + common,  # unknown split
+           ["select", "--val-seeds", "100", "--primary-split", "30"] + common,
+           ["select", "--val-seeds", "100", "--grid", str(tmp_path / "none.json")] + common]
+    for argv in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            study.main(argv)
+        assert exit_info.value.code == 2, argv
+    # select into a folder holding another configuration's stages: a usage error too
+    os.makedirs(os.path.join(out, "select"))
+    with open(os.path.join(out, "select", "stages.json"), "w") as f:
+        json.dump({"stage_fingerprint": "0" * 16}, f)
+    with pytest.raises(SystemExit):
+        study.main(["select", "--val-seeds", "100"] + common)
+    assert "another model/data configuration" in capsys.readouterr().err
