@@ -375,7 +375,7 @@ def test_stages_of_another_model_configuration_are_not_reused(tmp_path):
     study.Runner(wider, out, "unused", progress=False)._claim_phase_dir("select")  # same base
     bigger = dataclasses.replace(micro, base=dataclasses.replace(micro.base, max_steps=3))
     with pytest.raises(ValueError, match="another model/data configuration"):
-        study.Runner(bigger, out, "unused", progress=False).run_cells(
+        study.Runner(bigger, out, str(tmp_path / "cache"), progress=False).run_cells(
             "select", [100], bigger.selection_splits, lambda split: study.selection_runs(bigger))
     on_device = dataclasses.replace(micro, base=dataclasses.replace(micro.base, device="cpu"))
     study.Runner(on_device, out, "unused", progress=False)._claim_phase_dir("select")
