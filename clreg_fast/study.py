@@ -40,11 +40,12 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from clreg_fast import demo
 from clreg_fast.unlearn.english_authors import EnglishAuthorsConfig
+from clreg_fast.unlearn.methods import METHODS as KNOWN_METHODS
 from clreg_fast.unlearn.synthetic import SyntheticConfig
 
 STUDY_VERSION = 1
@@ -133,6 +134,12 @@ class StudyConfig:
                              f"splits {self.splits}")
         if not 0 <= self.utility_tolerance < 1:
             raise ValueError(f"utility_tolerance must be in [0, 1), got {self.utility_tolerance}")
+        # Fail here, not after the first fine-tunings: an unknown name would reach the
+        # unlearning loop only once a target and an oracle are trained.
+        unknown = [m for m in self.base.methods if m not in KNOWN_METHODS]
+        if unknown or not self.base.methods:
+            raise ValueError(f"methods: unknown {unknown} in {list(self.base.methods)}; choose "
+                             f"one or more of {', '.join(KNOWN_METHODS)}")
 
     @property
     def utility_key(self) -> str:
@@ -152,6 +159,14 @@ class StudyConfig:
 
     def fingerprint(self) -> str:
         blob = json.dumps({"version": STUDY_VERSION, **self.describe()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def stage_fingerprint(self) -> str:
+        """What a stage file's result depends on besides its path (seed, split, method, lr,
+        CLReg setting): the model/data configuration. Grid, splits, methods or the rule may
+        change between runs in one folder (their stages are reused); this may not."""
+        blob = json.dumps({"version": STUDY_VERSION, "base": self.describe()["base"]},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -307,6 +322,7 @@ class Runner:
         (seed, split) and for which setting ids to keep the features (entanglement picture)."""
         from tqdm.auto import tqdm
 
+        self._claim_phase_dir(phase)
         total = sum(len(self._cell_stages(phase, s, p, runs_of(p)))
                     for s in seeds for p in splits)
         self._bar = tqdm(total=total, desc=f"{phase} stages", disable=not self.progress)
@@ -321,6 +337,21 @@ class Runner:
             self._bar.close()
             self._bar = None
 
+    def _claim_phase_dir(self, phase: str) -> None:
+        """A stage counts as done when its file exists, so stages of another model/data
+        configuration in the same folder (e.g. ``--size micro`` then ``full``) would be taken
+        for this one's: mark the phase folder with the stage fingerprint and refuse a mismatch."""
+        path = os.path.join(self.out_dir, phase, "stages.json")
+        mine = self.study.stage_fingerprint()
+        if os.path.exists(path):
+            theirs = _read_json(path)["stage_fingerprint"]
+            if theirs != mine:
+                raise ValueError(
+                    f"{os.path.dirname(path)} holds stages of another model/data configuration "
+                    f"(stage fingerprint {theirs}, this one {mine}); use a new results folder")
+        else:
+            _write_json(path, {"stage_fingerprint": mine, "base": self.study.describe()["base"]})
+
     def _run_cell(self, phase, seed, split, runs, target_state, feature_runs) -> None:
         import torch
 
@@ -332,7 +363,6 @@ class Runner:
                 self._tick(os.path.relpath(p, self.out_dir), False)
             return
         cfg = seed_config(self.study, seed, split)
-        t0 = time.time()
         splits, tokenizer, model_path = demo.prepare_data(cfg, None, None, self.log)
         pad = demo._pad_id(tokenizer)
         depth = cfg.num_layers if cfg.model == demo.TINY else demo._num_layers(model_path)
@@ -515,8 +545,9 @@ def select_protocol(rows: Sequence[Dict], methods: Sequence[str],
             best = max(eligible, key=lambda c: (c["forget_quality"], c["utility"], -c["_order"]))
             best = {**best, "fallback": False}
         else:
-            best = max(candidates,
-                       key=lambda c: (c["utility"] - c["plain_utility"], -c["_order"]))
+            # The least *relative* utility loss, the measure eligibility uses: the setting
+            # that the smallest tolerance would have admitted.
+            best = max(candidates, key=lambda c: (_utility_ratio(c), -c["_order"]))
             best = {**best, "fallback": True}
         best.pop("_order")
         best.pop("eligible")
@@ -525,11 +556,18 @@ def select_protocol(rows: Sequence[Dict], methods: Sequence[str],
     return chosen
 
 
+def _utility_ratio(candidate: Dict) -> float:
+    """Utility with CLReg over utility without (a plain utility <= 0: the difference)."""
+    base = candidate["plain_utility"]
+    return candidate["utility"] / base if base > 0 else candidate["utility"] - base
+
+
 RULE_TEXT = ("per method, mean over validation seeds and splits; among CLReg settings "
              "(lr, weight, layer, temperature) whose mean {utility} is at least (1 - {tol:g}) "
              "times that of the method without CLReg at the same lr, the highest mean forget "
              "quality (ties: higher utility, then grid order); none eligible: the smallest "
-             "utility loss, marked fallback. The method without CLReg runs at the chosen lr.")
+             "relative utility loss, marked fallback. The method without CLReg runs at the "
+             "chosen lr.")
 
 
 def run_select(study: StudyConfig, out_dir: str, val_seeds: Sequence[int], runner: Runner,
@@ -571,6 +609,22 @@ def load_protocol(out_dir: str) -> Dict:
     return _read_json(path)
 
 
+def load_checked_protocol(study: StudyConfig, out_dir: str, seeds: Sequence[int]) -> Dict:
+    """protocol.json, after checking that ``study`` is the configuration it was selected with
+    and that no test seed was a validation seed (``test`` and ``report`` both: a report under
+    another configuration would aggregate other arms than the protocol's)."""
+    protocol = load_protocol(out_dir)
+    if protocol["fingerprint"] != study.fingerprint():
+        raise ValueError("the study configuration differs from the one protocol.json was "
+                         "selected with (model, size, splits, grid, methods, rule); run test "
+                         "and report with the protocol's settings (give no configuration "
+                         "option) or select again in a new folder")
+    overlap = sorted(set(seeds) & set(protocol["validation_seeds"]))
+    if overlap:
+        raise ValueError(f"test seeds {overlap} were validation seeds")
+    return protocol
+
+
 def chosen_clreg(protocol: Dict, method: str) -> Dict:
     c = protocol["chosen"][method]
     return {k: c[k] for k in ("clreg_weight", "clreg_layer", "clreg_temperature")}
@@ -597,14 +651,7 @@ def sweep_lrs(study: StudyConfig, protocol: Dict, method: str, split: float) -> 
 
 def run_test(study: StudyConfig, out_dir: str, seeds: Sequence[int], runner: Runner,
              make_plot: bool = True) -> Dict:
-    protocol = load_protocol(out_dir)
-    if protocol["fingerprint"] != study.fingerprint():
-        raise ValueError("the study configuration differs from the one protocol.json was "
-                         "selected with (model, size, splits, grid, methods, rule); run test "
-                         "with the protocol's settings or select again in a new folder")
-    overlap = sorted(set(seeds) & set(protocol["validation_seeds"]))
-    if overlap:
-        raise ValueError(f"test seeds {overlap} were validation seeds")
+    protocol = load_checked_protocol(study, out_dir, seeds)
     feature_runs = [setting_id(m, lr, c)
                     for m, lr, c in final_runs(study, protocol, study.primary_split)
                     if lr == protocol["chosen"][m]["lr"]]
@@ -700,6 +747,16 @@ def paired_difference(with_clreg: Sequence[Optional[float]],
     return out
 
 
+def paired_line(method: str, key: str, d: Dict) -> str:
+    """One paired difference for the console; an interval that cannot be computed (fewer than
+    2 seeds with both values) reads "n/a", never a bare number that looks like a result."""
+    if d["mean_diff"] is None:
+        return f"{method}: +CLReg - without, {key}: n/a (no seed has both values)"
+    ci = (f"[{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]" if d["ci_low"] is not None
+          else f"n/a (n={d['n']})")
+    return f"{method}: +CLReg - without, {key}: {d['mean_diff']:+.3g}, 95% t interval {ci}"
+
+
 def metric_names(per_seed: Sequence[Dict[str, Dict]]) -> List[str]:
     names = set()
     for arms in per_seed:
@@ -755,7 +812,7 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
     per split, ``summary.json`` (the primary split), ``target_check.json`` and the plots.
     Returns the primary split's summary."""
     log = log or (lambda text: print(text, flush=True))
-    protocol = load_protocol(out_dir)
+    protocol = load_checked_protocol(study, out_dir, seeds)
     light_protocol = {k: v for k, v in protocol.items() if k != "validation"}
     per_split: Dict[float, Dict[int, Dict]] = {}
     summaries = {}
@@ -825,7 +882,10 @@ def plan(study: StudyConfig, out_dir: str, val_seeds: Sequence[int],
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                entry = json.loads(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a run killed mid-append leaves a partial last line
+                    continue
                 times.setdefault(stage_kind(entry["stage"]), []).append(entry["seconds"])
     median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     protocol_path = os.path.join(out_dir, "protocol.json")
@@ -1067,7 +1127,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         study = build_study(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OSError) as err:  # OSError: an unreadable --grid file
         parser.error(str(err))
     os.makedirs(args.out_dir, exist_ok=True)
     runner = Runner(study, args.out_dir, args.cache_dir, force=args.force,
@@ -1092,7 +1152,7 @@ def main(argv=None) -> int:
             parser.error("select needs --val-seeds")
         try:
             protocol = run_select(study, args.out_dir, args.val_seeds, runner)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             parser.error(str(err))
         for method, c in protocol["chosen"].items():
             print(f"{method}: lr {c['lr']:g}, CLReg weight {c['clreg_weight']:g}, layer "
@@ -1112,11 +1172,8 @@ def main(argv=None) -> int:
             parser.error(str(err))
         for method, by_metric in summary["paired"].items():
             for key in ("forget_quality", study.utility_key, "privleak", "entanglement_score"):
-                d = by_metric.get(key)
-                if d and d["mean_diff"] is not None:
-                    ci = (f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
-                          if d["ci_low"] is not None else "")
-                    print(f"{method}: +CLReg - without, {key}: {d['mean_diff']:+.3g}{ci}")
+                if by_metric.get(key):
+                    print(paired_line(method, key, by_metric[key]))
     entry.update(seconds=round(time.time() - started, 1), stages_run=runner.stages_run,
                  stages_skipped=runner.stages_skipped, fingerprint=study.fingerprint(),
                  seeds=args.seeds, val_seeds=args.val_seeds)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -142,7 +141,9 @@ def test_protocol_rule_falls_back_to_the_smallest_utility_loss():
     rows = [dict(r, utility=r["utility"] - 0.2) if r["clreg"] else r for r in rows]
     chosen = study.select_protocol(rows, ["npo"], tolerance=0.02)["npo"]
     assert chosen["fallback"] and chosen["n_eligible"] == 0
-    assert (chosen["lr"], chosen["clreg_weight"]) == (2e-4, 1.0)   # -0.2 / 0.40 beats -0.22
+    # Relative, as eligibility is: 0.28 / 0.50 = 0.56 of the plain utility beats
+    # 0.199 / 0.40 = 0.4975 (an absolute loss would pick the other: -0.201 beats -0.22).
+    assert (chosen["lr"], chosen["clreg_weight"]) == (1e-4, 3.0)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -350,3 +351,92 @@ def test_test_phase_guards(micro_run):
     with open(os.path.join(out, "protocol.json")) as f:
         rebuilt = study.study_from_protocol(json.load(f))
     assert rebuilt.fingerprint() == cfg.fingerprint()
+
+
+def test_unknown_or_no_methods_fail_before_any_training(tmp_path):
+    micro = study.study_preset("tiny", "micro")
+    for methods in (("graddiff", "gradiff"), ()):
+        with pytest.raises(ValueError, match="methods: unknown"):
+            dataclasses.replace(micro, base=dataclasses.replace(micro.base, methods=methods))
+    with pytest.raises(SystemExit):  # the CLI: a usage error, nothing run
+        study.main(["select", "--val-seeds", "100", "--size", "micro", "--methods", "nop",
+                    "--out-dir", str(tmp_path), "--no-progress"])
+    assert not (tmp_path / "select").exists()
+
+
+def test_stages_of_another_model_configuration_are_not_reused(tmp_path):
+    """A stage is done when its file exists: a folder's stages must come from one model/data
+    configuration (a grid or rule change keeps them; a size change must not)."""
+    micro = _micro_study()
+    out = str(tmp_path)
+    study.Runner(micro, out, "unused", progress=False)._claim_phase_dir("select")
+    wider = dataclasses.replace(micro, grid=study.Grid(lrs=[1e-3, 2e-3], clreg_weights=[1.0],
+                                                       clreg_layers=[0], clreg_temperatures=[0.1]))
+    study.Runner(wider, out, "unused", progress=False)._claim_phase_dir("select")  # same base
+    bigger = dataclasses.replace(micro, base=dataclasses.replace(micro.base, max_steps=3))
+    with pytest.raises(ValueError, match="another model/data configuration"):
+        study.Runner(bigger, out, str(tmp_path / "cache"), progress=False).run_cells(
+            "select", [100], bigger.selection_splits, lambda split: study.selection_runs(bigger))
+    on_device = dataclasses.replace(micro, base=dataclasses.replace(micro.base, device="cpu"))
+    study.Runner(on_device, out, "unused", progress=False)._claim_phase_dir("select")
+
+
+def test_one_seed_says_n_a_instead_of_an_interval():
+    one = study.paired_difference([0.7], [0.5])
+    assert one["n"] == 1 and one["ci_low"] is None and one["boot_low"] is None
+    assert study.paired_line("npo", "privleak", one).endswith(
+        "+0.2, 95% t interval n/a (n=1)")
+    none = study.paired_difference([None], [0.5])
+    assert none["mean_diff"] is None and "n/a" in study.paired_line("npo", "privleak", none)
+    two = study.paired_difference([1.0, 2.0], [0.0, 0.0], n_boot=200)
+    assert study.paired_line("npo", "privleak", two).endswith("[-4.85, +7.85]")
+    summary = study.aggregate({0: _fixture_seeds()[3]}, ["graddiff"], "tiny", {}, n_boot=100)
+    assert summary["arms"]["graddiff"]["forget_quality"]["std"] is None
+    assert summary["paired"]["graddiff"]["forget_quality"]["ci_high"] is None
+
+
+def test_plan_counts_pending_stages_and_survives_a_partial_timing_line(tmp_path):
+    micro = _micro_study()
+    (tmp_path / "timings.jsonl").write_text(
+        '{"stage": "select/seed-100/split-20/graddiff-lr0.001", "seconds": 2.0}\n'
+        '{"stage": "select/seed-100/split-20/ora')          # killed while appending
+    counts = study.plan(micro, str(tmp_path), [100], [0])
+    # select: oracle, target, 2 lrs x (plain + 1 CLReg setting); one target fine-tuning
+    assert counts["select"]["pending_by_kind"] == {"oracle": 1, "target": 1, "run": 4,
+                                                   "target-model": 1}
+    assert counts["select"]["pending_seconds"] == 4 * 2.0 and counts["select"]["done"] == 0
+    # test (placeholder protocol): 2 splits x (oracle, target) + lr sweep on the primary split
+    assert counts["test"]["pending_by_kind"]["run"] == 4 + 2
+
+
+def test_report_refuses_another_configuration_or_a_validation_seed(tmp_path):
+    micro = _micro_study()
+    (tmp_path / "protocol.json").write_text(json.dumps(
+        {"fingerprint": micro.fingerprint(), "validation_seeds": [100], "chosen": {}}))
+    other = dataclasses.replace(micro, utility_tolerance=0.1)
+    with pytest.raises(ValueError, match="differs from the one protocol.json"):
+        study.report(other, str(tmp_path), [0], make_plot=False)
+    with pytest.raises(ValueError, match="were validation seeds"):
+        study.report(micro, str(tmp_path), [0, 100], make_plot=False)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_cli_usage_errors_exit_cleanly(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    common = ["--size", "micro", "--out-dir", out, "--no-progress"]
+    bad = [["select", "--val-seeds", "1,1"] + common,                    # not distinct
+           ["select", "--val-seeds", "a"] + common,
+           ["select", "--val-seeds", "100", "--splits", "10,150"] + common,  # unknown split
+           ["select", "--val-seeds", "100", "--primary-split", "30"] + common,
+           ["select", "--val-seeds", "100", "--grid", str(tmp_path / "none.json")] + common]
+    for argv in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            study.main(argv)
+        assert exit_info.value.code == 2, argv
+    # select into a folder holding another configuration's stages: a usage error too
+    os.makedirs(os.path.join(out, "select"))
+    with open(os.path.join(out, "select", "stages.json"), "w") as f:
+        json.dump({"stage_fingerprint": "0" * 16}, f)
+    with pytest.raises(SystemExit):
+        study.main(["select", "--val-seeds", "100"] + common)
+    assert "another model/data configuration" in capsys.readouterr().err
