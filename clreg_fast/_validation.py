@@ -44,6 +44,21 @@ def _is_dtensor(t) -> bool:
     return False
 
 
+def shard_kind(t) -> Optional[str]:
+    """How an engine shards ``t`` outside its module's forward: ``"dtensor"`` (FSDP2, tensor
+    parallelism), ``"zero3"`` (a DeepSpeed ZeRO-3 parameter), ``"empty"`` (an empty 1-D view: a
+    ZeRO-3 or FSDP1 shard), or None for a tensor held whole."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    if _is_dtensor(t):
+        return "dtensor"
+    if hasattr(t, "ds_id") or hasattr(t, "ds_status"):
+        return "zero3"
+    if t.dim() == 1 and t.numel() == 0:
+        return "empty"
+    return None
+
+
 def check_not_sharded(name: str, t) -> None:
     """Refuses a projection parameter that holds only this rank's shard.
 
@@ -52,19 +67,18 @@ def check_not_sharded(name: str, t) -> None:
     never reduces: a wrong number or a crash far from the cause. The fix is the engine's own
     path: calling the module that owns the parameter.
     """
-    if not isinstance(t, torch.Tensor):
-        return
-    if _is_dtensor(t):
+    kind = shard_kind(t)
+    if kind == "dtensor":
         raise TypeError(f"{name} is a DTensor (a parameter sharded by FSDP2 fully_shard or "
                         f"tensor parallelism), which the fused loss cannot read: {_SHARDED_FIX}")
-    if hasattr(t, "ds_id") or hasattr(t, "ds_status"):
+    if kind == "zero3":
         raise TypeError(
             f"{name} is a DeepSpeed ZeRO-3 parameter (ds_status="
             f"{getattr(t, 'ds_status', '?')}, local numel {t.numel()}, full shape "
             f"{tuple(getattr(t, 'ds_shape', ()))}): the fused loss would read this rank's "
             f"partition, or a gathered copy that is re-partitioned before backward: "
             f"{_SHARDED_FIX}")
-    if t.dim() == 1 and t.numel() == 0 and name == "weight":
+    if kind == "empty" and name == "weight":
         raise ValueError(
             "weight is an empty 1-D tensor: a parameter sharded by FSDP1 or DeepSpeed ZeRO-3 "
             f"read outside its module's forward: {_SHARDED_FIX}")

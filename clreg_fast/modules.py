@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from clreg_fast._validation import REDUCTIONS, _is_dtensor, check_features, check_temperature
+from clreg_fast._validation import REDUCTIONS, check_features, check_temperature, shard_kind
 from clreg_fast.functional import fused_clreg_loss
 
 
@@ -19,8 +19,7 @@ def projection_is_sharded(projection: nn.Module) -> bool:
     """
     if type(projection).__name__.startswith("FSDP"):  # fully_shard swaps in an FSDP<cls> class
         return True
-    return any(_is_dtensor(p) or hasattr(p, "ds_id") or (p.dim() == 1 and p.numel() == 0)
-               for p in projection.parameters(recurse=False))
+    return any(shard_kind(p) is not None for p in projection.parameters(recurse=False))
 
 
 class CLRegLoss(nn.Module):
