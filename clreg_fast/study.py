@@ -14,6 +14,9 @@ Phases:
 * ``test`` refuses to run without ``protocol.json``; it runs, on the test seeds (disjoint from
   the validation seeds), the target, one oracle per forget split, and every method with and
   without CLReg at the protocol's settings over the learning-rate sweep; then ``report``.
+* ``prepare`` only fine-tunes (and caches under ``--cache-dir``) the targets and oracles of
+  ``--seeds``; it reads and writes no stage, so it can run beside ``select`` on a second core
+  and ``test`` then finds its models in the cache.
 * ``report`` aggregates the test results into ``summary.json`` (one per split,
   ``summary-split<P>.json``; ``summary.json`` is the primary split) and the plots.
 
@@ -592,6 +595,34 @@ def run_select(study: StudyConfig, out_dir: str, val_seeds: Sequence[int], runne
     return protocol
 
 
+def run_prepare(study: StudyConfig, seeds: Sequence[int], runner: Runner) -> int:
+    """Fine-tune and cache the targets and oracles of ``seeds`` (the expensive part of a
+    ``test`` seed) without evaluating or unlearning anything: no stage file is read or
+    written, so nothing here can inform the protocol. Returns how many models were trained."""
+    from tqdm.auto import tqdm
+
+    jobs = [(seed, split) for seed in seeds for split in [None, *study.splits]]
+    trained = 0
+    for seed, split in tqdm(jobs, desc="prepare models", disable=not runner.progress):
+        cfg = seed_config(runner.study, seed, split)
+        splits, tokenizer, model_path = demo.prepare_data(cfg, None, None, runner.log)
+        # forget + retain: the same rows in the same order at every split (tested), so this
+        # is the model _run_cell would train and cache under the same key.
+        role, rows = (("target", splits["forget"] + splits["retain"]) if split is None
+                      else ("oracle", splits["retain"]))
+        t0 = time.time()
+        model, cached = runner.train_fn(role, rows, tokenizer, cfg, runner.cache_dir,
+                                        runner.progress, model_path)
+        del model
+        name = (f"prepare/seed-{seed}/target-model" if split is None
+                else f"prepare/seed-{seed}/split-{split:g}/oracle-model")
+        if not cached:
+            runner._timed(name, time.time() - t0)
+            trained += 1
+        runner._tick(name, not cached)
+    return trained
+
+
 def _has_test_results(out_dir: str) -> bool:
     test_dir = os.path.join(out_dir, "test")
     return os.path.isdir(test_dir) and any(
@@ -865,9 +896,10 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
 
 
 def stage_kind(stage: str) -> str:
-    """``oracle``, ``target-model``, ``target`` (its evaluation) or ``run`` (unlearn + evaluate)."""
+    """``oracle``, ``target-model``, ``target`` (its evaluation), ``oracle-model`` (``prepare``'s
+    fine-tuning alone) or ``run`` (unlearn + evaluate)."""
     last = stage.rsplit("/", 1)[-1]
-    return last if last in ("oracle", "target-model", "target") else "run"
+    return last if last in ("oracle", "target-model", "target", "oracle-model") else "run"
 
 
 def plan(study: StudyConfig, out_dir: str, val_seeds: Sequence[int],
@@ -1086,8 +1118,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m clreg_fast.study",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("select", "test", "report", "plan"),
-                        help="plan: count the stages done and pending (runs nothing)")
+    parser.add_argument("phase", choices=("select", "test", "report", "plan", "prepare"),
+                        help="plan: count the stages done and pending (runs nothing); "
+                             "prepare: fine-tune and cache the --seeds' targets and oracles")
     parser.add_argument("--out-dir", required=True, help="the results folder (resumable)")
     parser.add_argument("--model", default=None,
                         help="tiny (default), smollm2-135m or an HF folder; test and report take "
@@ -1147,7 +1180,13 @@ def main(argv=None) -> int:
                   + (f", about {eta / 60:.0f} min at the median stage times so far"
                      if eta is not None else ""))
         return 0
-    if args.phase == "select":
+    if args.phase == "prepare":
+        if not args.seeds:
+            parser.error("prepare needs --seeds")
+        trained = run_prepare(study, args.seeds, runner)
+        print(f"prepare: {trained} models fine-tuned, "
+              f"{runner.stages_skipped} already cached in {args.cache_dir}")
+    elif args.phase == "select":
         if not args.val_seeds:
             parser.error("select needs --val-seeds")
         try:

@@ -353,6 +353,33 @@ def test_test_phase_guards(micro_run):
     assert rebuilt.fingerprint() == cfg.fingerprint()
 
 
+def test_prepare_caches_every_model_a_seed_needs_and_writes_no_stage(tmp_path):
+    cfg = _micro_study()
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
+        os.makedirs(out)
+        assert study.run_prepare(cfg, [7], runner) == 3      # the target, one oracle per split
+        assert runner.calls == {"unlearn": 0, "target": 1, "oracle": 2}
+        assert os.listdir(out) == ["timings.jsonl"]           # no stage: nothing to select on
+        again = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
+        assert study.run_prepare(cfg, [7], again) == 0
+        # the stages of that seed find every model in the cache (every split, both roles)
+        later = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
+        later.run_cells("select", [7], cfg.splits, lambda split: [])
+        assert later.stages_run == 2 * len(cfg.splits)        # evaluations only
+    finally:
+        torch.set_num_threads(threads)
+    entries = [json.loads(line) for line in open(os.path.join(out, "timings.jsonl"))]
+    kinds = [study.stage_kind(e["stage"]) for e in entries]
+    assert kinds.count("oracle-model") == 2 and kinds.count("target-model") == 2
+    loaded = [e for e in entries if e["stage"].startswith("select/")
+              and study.stage_kind(e["stage"]) in ("oracle", "target-model")]
+    assert len(loaded) == 3 and all(e["cached_model"] for e in loaded)
+
+
 def test_unknown_or_no_methods_fail_before_any_training(tmp_path):
     micro = study.study_preset("tiny", "micro")
     for methods in (("graddiff", "gradiff"), ()):
