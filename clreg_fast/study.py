@@ -865,6 +865,9 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
     _write_json(os.path.join(out_dir, "summary.json"), summaries[study.primary_split])
     check = target_check(study, per_split)
     _write_json(os.path.join(out_dir, "target_check.json"), check)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(summary_markdown(study, summaries, check, per_split, protocol,
+                                 timing_table(out_dir)))
     bad = [c for c in check["cells"] if not c["below_bar"]]
     if bad:
         log(f"WARNING: the target's forget quality is not below {check['bar']} in "
@@ -890,6 +893,126 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
                                    results, study.base.methods, study.base.clreg_layer,
                                    os.path.join(out_dir, "entanglement.png"))
     return summaries[study.primary_split]
+
+
+# --------------------------------------------------------------------------- summary.md
+
+# The columns of summary.md: (metric key, header). The utility column is the study's utility key.
+TABLE_METRICS = (("forget_quality", "forget quality ↑"), (None, "utility ↑"),
+                 ("privleak", "privleak % (0 best)"),
+                 ("forget_extraction_strength", "forget ES ↓"),
+                 ("entanglement_score", "Entanglement Score ↓"))
+
+
+def _fmt(x: Optional[float], digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    if x != 0 and abs(x) < 1e-2:
+        return f"{x:.{digits}g}"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.{digits}f}"
+
+
+def _mean_std(d: Optional[Dict]) -> str:
+    if not d or d.get("mean") is None:
+        return "n/a"
+    return _fmt(d["mean"]) + ("" if d.get("std") is None else f" ± {_fmt(d['std'])}")
+
+
+def _paired_cell(d: Optional[Dict]) -> str:
+    if not d or d.get("mean_diff") is None:
+        return "n/a"
+    if d.get("ci_low") is None:
+        return f"{d['mean_diff']:+.3g} (n={d['n']})"
+    return f"{d['mean_diff']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+
+
+def timing_table(out_dir: str) -> List[Dict]:
+    """Wall time per (phase, stage kind) from timings.jsonl: count, total and median seconds."""
+    path = os.path.join(out_dir, "timings.jsonl")
+    groups: Dict[Tuple[str, str], List[float]] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                key = (entry["stage"].split("/", 1)[0], stage_kind(entry["stage"]))
+                groups.setdefault(key, []).append(entry["seconds"])
+    return [{"phase": phase, "kind": kind, "count": len(v), "total_s": round(sum(v), 1),
+             "median_s": round(sorted(v)[len(v) // 2], 1)}
+            for (phase, kind), v in sorted(groups.items())]
+
+
+def summary_markdown(study: StudyConfig, summaries: Dict[float, Dict], check: Dict,
+                     per_split: Dict[float, Dict[int, Dict]], protocol: Dict,
+                     timings: Sequence[Dict]) -> str:
+    """summary.md: every table of the study, read off the summaries (nothing recomputed but
+    the sweep means), for README and people who would rather read than parse JSON."""
+    util = study.utility_key
+    keys = [k or util for k, _ in TABLE_METRICS]
+    heads = [h if k else f"{util} ↑" for k, h in TABLE_METRICS]
+    primary = summaries[study.primary_split]
+    lines = [f"# Study: {study.base.model}, test seeds {primary['seeds']}", "",
+             "Written by `python -m clreg_fast.study report` from the stage files; every number "
+             "is in `summary*.json`. Mean ± sample std over the test seeds; paired differences "
+             "are with minus without CLReg per seed, with the 95% paired t interval.", "",
+             "## Protocol (chosen on validation seeds "
+             f"{protocol['validation_seeds']} before any test seed ran)", "",
+             f"Rule: {protocol['rule']}", "",
+             "| method | lr | CLReg weight | layer | temperature | validation forget quality | "
+             f"validation {util} (without CLReg) | fallback |", "|---|---|---|---|---|---|---|---|"]
+    for method, c in protocol["chosen"].items():
+        lines.append(f"| {method} | {c['lr']:g} | {c['clreg_weight']:g} | {c['clreg_layer']} | "
+                     f"{c['clreg_temperature']:g} | {_fmt(c['forget_quality'])} | "
+                     f"{_fmt(c['utility'])} ({_fmt(c['plain_utility'])}) | "
+                     f"{'yes' if c['fallback'] else 'no'} |")
+    for split in study.splits:
+        summary = summaries[split]
+        star = " (primary: summary.json)" if split == study.primary_split else ""
+        lines += ["", f"## Forget split {split:g}%{star}", "",
+                  "| arm | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+        for arm, metrics in summary["arms"].items():
+            lines.append(f"| {arm} | " + " | ".join(_mean_std(metrics.get(k)) for k in keys)
+                         + " |")
+        lines += ["", "| paired: +CLReg - without | " + " | ".join(heads) + " |",
+                  "|---" * (len(heads) + 1) + "|"]
+        for method, metrics in summary["paired"].items():
+            lines.append(f"| {method} | " + " | ".join(_paired_cell(metrics.get(k))
+                                                       for k in keys) + " |")
+    # The trade-off over the lr sweep (primary split): each method's best lr may differ with
+    # and without CLReg, which the paired rows at the protocol's lr do not show.
+    per_seed = per_split[study.primary_split]
+    lines += ["", f"## Learning-rate sweep, split {study.primary_split:g}% (mean over seeds: "
+              f"forget quality / {util})", "",
+              "| method | " + " | ".join(f"lr {lr:g}" for lr in study.grid.lrs) + " |",
+              "|---" * (len(study.grid.lrs) + 1) + "|"]
+    for method in study.base.methods:
+        for arm in (method, method + "+clreg"):
+            cells = []
+            for lr in study.grid.lrs:
+                points = [p for arms in per_seed.values() for p in arms[arm]["sweep"]
+                          if p["lr"] == lr]
+                fq = _mean([p.get("forget_quality") for p in points])
+                ut = _mean([p.get(util) for p in points])
+                cells.append("n/a" if fq is None else f"{_fmt(fq)} / {_fmt(ut)}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Target check (target's forget quality < {check['bar']})", "",
+              f"All cells below the bar: {'yes' if check['ok'] else 'NO'}", "",
+              "| split | " + " | ".join(f"seed {s}" for s in primary["seeds"]) + " |",
+              "|---" * (len(primary["seeds"]) + 1) + "|"]
+    for split in study.splits:
+        by_seed = {c["seed"]: c for c in check["cells"] if c["split"] == split}
+        lines.append(f"| {split:g}% | " + " | ".join(
+            _fmt(by_seed[s]["forget_quality"]) if s in by_seed else "n/a"
+            for s in primary["seeds"]) + " |")
+    if timings:
+        lines += ["", "## Wall time (timings.jsonl; this folder's machine)", "",
+                  "| phase | stage | count | total | median |", "|---|---|---|---|---|"]
+        for t in timings:
+            lines.append(f"| {t['phase']} | {t['kind']} | {t['count']} | "
+                         f"{t['total_s'] / 60:.1f} min | {t['median_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- plan

@@ -317,6 +317,14 @@ def test_micro_study_writes_a_valid_summary(micro_run):
     with open(os.path.join(out, "timings.jsonl")) as f:
         stages = [json.loads(line)["stage"] for line in f]
     assert "select/seed-100/split-20/oracle" in stages and "test/seed-1/target-model" in stages
+    # summary.md: the same numbers as summary.json, every split, the sweep and the wall time
+    with open(os.path.join(out, "summary.md")) as f:
+        md = f.read()
+    primary = md[md.index("## Forget split 20%"):md.index("## Learning-rate sweep")]
+    assert f"| graddiff | {study._paired_cell(pair)} |" in primary
+    assert study._mean_std(values["graddiff"]["forget_quality"]) in md
+    assert "## Forget split 10%" in md and "## Learning-rate sweep, split 20%" in md
+    assert "| select | oracle | 1 |" in md and "| test | run |" in md
 
 
 @pytest.mark.slow
