@@ -20,7 +20,8 @@ Phases:
 * ``report`` aggregates the test results into ``summary.json`` (one per split,
   ``summary-split<P>.json``; ``summary.json`` is the primary split) and the plots.
 
-Forget splits are percentages of the trained authors (TOFU's 1/5/10 %): the forget authors
+Forget splits are percentages of the trained authors (TOFU's 1/5/10 %; the presets run 5 and 10,
+where the target's forget quality can fall below 0.05, see :func:`study_preset`): the forget authors
 are the first ``round(P% * n_authors)`` (at least 1) of the seed's author order, so the splits of
 a seed are nested and the trained rows (forget + retain) are the same for every split: one
 target per seed serves all its splits, one oracle per (seed, split).
@@ -102,7 +103,7 @@ class Grid:
 class StudyConfig:
     base: demo.DemoConfig               # the model/data configuration (its seed is replaced)
     grid: Grid
-    splits: Sequence[float] = (1, 5, 10)    # forget split, % of the trained authors
+    splits: Sequence[float] = (5, 10)       # forget split, % of the trained authors (see presets)
     primary_split: Optional[float] = None   # summary.json's split; None: the largest
     utility_tolerance: float = 0.02         # the protocol rule's relative utility margin
     forget_quality_bar: float = 0.05        # the target must score below it (flagged, not fatal)
@@ -201,21 +202,26 @@ def study_preset(model: str = demo.TINY, size: str = "full") -> StudyConfig:
             grid = Grid(lrs=[5e-4, 1e-3], clreg_weights=[0.5, 1.0], clreg_layers=[1],
                         clreg_temperatures=[0.1])
             return StudyConfig(base=base, grid=grid, splits=(10, 20), size=size, n_boot=2000)
-        # 100 authors: 1% = 1, 5% = 5, 10% = 10 forget authors of 6 facts each.
+        # 100 authors of 6 facts: 5% = 5 forget authors (30 rows), 10% = 10 (60 rows). No 1%
+        # split (one author, 6 rows): on seed 100 the target's forget quality over one author's
+        # rows ranged 0.002-0.93 (10 authors), over five authors' 30 rows 3e-4 and 9e-4.
         base = demo.DemoConfig(data=SyntheticConfig(n_authors=100, n_forget_authors=10,
                                                     n_holdout_authors=10, n_facts=6))
         grid = Grid(lrs=[2.5e-5, 5e-5, 1e-4, 2e-4], clreg_weights=[0.3, 1.0, 3.0],
                     clreg_layers=[1, 2], clreg_temperatures=[0.1, 0.5])
-        return StudyConfig(base=base, grid=grid, size=size)
+        return StudyConfig(base=base, grid=grid, splits=(5, 10), size=size)
     if size == "micro":
         raise ValueError("size 'micro' exists for the tiny model only")
-    # SmolLM2-135M: 40 authors of 4 facts: 1% -> 1 author (4 rows), 5% -> 2, 10% -> 4.
+    # SmolLM2-135M: 40 authors of 7 facts (every fact kind): 5% = 2 authors (14 rows), 10% =
+    # 4 (28 rows). No 1% split (one author): on seed 100 with 4 facts, the target's forget
+    # quality over one author's rows ranged 0.03-0.77, over 16 rows 0.003; TOFU's 200 authors
+    # (1% = 2 authors of 20 facts) do not fit a CPU day.
     base = dataclasses.replace(
         demo.preset(model), data=EnglishAuthorsConfig(n_authors=40, n_forget_authors=4,
-                                                      n_holdout_authors=8, n_facts=4))
+                                                      n_holdout_authors=8, n_facts=7))
     grid = Grid(lrs=[5e-5, 1e-4, 2e-4], clreg_weights=[0.3, 1.0], clreg_layers=[20, 23],
                 clreg_temperatures=[0.1])
-    return StudyConfig(base=base, grid=grid, size=size)
+    return StudyConfig(base=base, grid=grid, splits=(5, 10), size=size)
 
 
 def seed_config(study: StudyConfig, seed: int, split: Optional[float]) -> demo.DemoConfig:
@@ -1256,7 +1262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-seeds", type=_int_list, default=None,
                         help="validation seeds, e.g. 100,101 (select)")
     parser.add_argument("--splits", type=_float_list, default=None,
-                        help="forget splits in %% of the trained authors (default 1,5,10)")
+                        help="forget splits in %% of the trained authors (default: the "
+                             "preset's, 5,10; TOFU also has 1)")
     parser.add_argument("--primary-split", type=float, default=None,
                         help="summary.json's split (default: the largest)")
     parser.add_argument("--val-splits", type=_float_list, default=None,
