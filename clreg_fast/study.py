@@ -202,11 +202,12 @@ def study_preset(model: str = demo.TINY, size: str = "full") -> StudyConfig:
             grid = Grid(lrs=[5e-4, 1e-3], clreg_weights=[0.5, 1.0], clreg_layers=[1],
                         clreg_temperatures=[0.1])
             return StudyConfig(base=base, grid=grid, splits=(10, 20), size=size, n_boot=2000)
-        # 100 authors of 6 facts: 5% = 5 forget authors (30 rows), 10% = 10 (60 rows). No 1%
-        # split (one author, 6 rows): on seed 100 the target's forget quality over one author's
-        # rows ranged 0.002-0.93 (10 authors), over five authors' 30 rows 3e-4 and 9e-4.
-        base = demo.DemoConfig(data=SyntheticConfig(n_authors=100, n_forget_authors=10,
-                                                    n_holdout_authors=10, n_facts=6))
+        # TOFU's 200 authors, 6 facts each (every fact kind): 5% = 10 forget authors (60 rows),
+        # 10% = 20 (120 rows). With 100 authors the target's forget quality was 0.071 at 5%
+        # (30 rows) in one of 5 seeds (experiments/results/study-tiny-100-authors). No 1% split
+        # (2 authors, 12 rows): on seed 100 one author's 6 rows scored 0.002-0.93.
+        base = demo.DemoConfig(data=SyntheticConfig(n_authors=200, n_forget_authors=20,
+                                                    n_holdout_authors=20, n_facts=6))
         grid = Grid(lrs=[2.5e-5, 5e-5, 1e-4, 2e-4], clreg_weights=[0.3, 1.0, 3.0],
                     clreg_layers=[1, 2], clreg_temperatures=[0.1, 0.5])
         return StudyConfig(base=base, grid=grid, splits=(5, 10), size=size)
