@@ -611,7 +611,7 @@ def run_prepare(study: StudyConfig, seeds: Sequence[int], runner: Runner) -> int
     jobs = [(seed, split) for seed in seeds for split in [None, *study.splits]]
     trained = 0
     for seed, split in tqdm(jobs, desc="prepare models", disable=not runner.progress):
-        cfg = seed_config(runner.study, seed, split)
+        cfg = seed_config(study, seed, split)
         splits, tokenizer, model_path = demo.prepare_data(cfg, None, None, runner.log)
         # forget + retain: the same rows in the same order at every split (tested), so this
         # is the model _run_cell would train and cache under the same key.
