@@ -933,21 +933,34 @@ def _paired_cell(d: Optional[Dict]) -> str:
     return f"{d['mean_diff']:+.3g} [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
 
 
+def timing_entries(out_dir: str) -> List[Dict]:
+    """The entries of ``out_dir/timings.jsonl`` (none if absent)."""
+    path = os.path.join(out_dir, "timings.jsonl")
+    if not os.path.exists(path):
+        return []
+    entries = []
+    with open(path) as f:
+        for line in f:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:  # a run killed mid-append leaves a partial last line
+                continue
+    return entries
+
+
+def _median(values: Sequence[float]) -> float:
+    """The upper median (a stage time that occurred)."""
+    return sorted(values)[len(values) // 2]
+
+
 def timing_table(out_dir: str) -> List[Dict]:
     """Wall time per (phase, stage kind) from timings.jsonl: count, total and median seconds."""
-    path = os.path.join(out_dir, "timings.jsonl")
     groups: Dict[Tuple[str, str], List[float]] = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                key = (entry["stage"].split("/", 1)[0], stage_kind(entry["stage"]))
-                groups.setdefault(key, []).append(entry["seconds"])
+    for entry in timing_entries(out_dir):
+        key = (entry["stage"].split("/", 1)[0], stage_kind(entry["stage"]))
+        groups.setdefault(key, []).append(entry["seconds"])
     return [{"phase": phase, "kind": kind, "count": len(v), "total_s": round(sum(v), 1),
-             "median_s": round(sorted(v)[len(v) // 2], 1)}
+             "median_s": round(_median(v), 1)}
             for (phase, kind), v in sorted(groups.items())]
 
 
@@ -1040,16 +1053,9 @@ def plan(study: StudyConfig, out_dir: str, val_seeds: Sequence[int],
     (same count). Target fine-tunings (one per seed, cached outside the folder) are counted
     per seed whose stages are not all done."""
     times: Dict[str, List[float]] = {}
-    path = os.path.join(out_dir, "timings.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a run killed mid-append leaves a partial last line
-                    continue
-                times.setdefault(stage_kind(entry["stage"]), []).append(entry["seconds"])
-    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    for entry in timing_entries(out_dir):
+        times.setdefault(stage_kind(entry["stage"]), []).append(entry["seconds"])
+    median = {k: _median(v) for k, v in times.items()}
     protocol_path = os.path.join(out_dir, "protocol.json")
     if os.path.exists(protocol_path):
         protocol = _read_json(protocol_path)
