@@ -149,6 +149,22 @@ def test_protocol_rule_falls_back_to_the_smallest_utility_loss():
 # ----------------------------------------------------------------------------- configuration
 
 
+def test_target_check_judges_each_split_on_its_own():
+    cfg = study.study_preset(demo.TINY, "full")
+    bar = cfg.forget_quality_bar
+    per_split = {5.0: {0: {"target": {"forget_quality": 0.51}},
+                       1: {"target": {"forget_quality": bar / 10}}},
+                 10.0: {0: {"target": {"forget_quality": bar / 10}},
+                        1: {"target": {"forget_quality": bar / 2}}}}
+    check = study.target_check(cfg, per_split)
+    assert check["ok_by_split"] == {"5": False, "10": True}
+    assert check["ok"] is False
+    assert [c["below_bar"] for c in check["cells"]] == [False, True, True, True]
+    # a missing forget quality never passes
+    per_split[10.0][1]["target"] = {}
+    assert study.target_check(cfg, per_split)["ok_by_split"]["10"] is False
+
+
 def test_forget_split_sizes_and_errors():
     assert [study.forget_count(100, p) for p in (1, 5, 10)] == [1, 5, 10]
     assert [study.forget_count(40, p) for p in (1, 5, 10)] == [1, 2, 4]
@@ -311,7 +327,9 @@ def test_micro_study_writes_a_valid_summary(micro_run):
             assert [p["lr"] for p in arms["graddiff+clreg"]["sweep"]] == lrs
     assert os.path.exists(os.path.join(out, "summary-split10.json"))
     with open(os.path.join(out, "target_check.json")) as f:
-        assert len(json.load(f)["cells"]) == 4
+        check = json.load(f)
+    assert len(check["cells"]) == 4
+    assert set(check["ok_by_split"]) == {f"{p:g}" for p in cfg.splits}
     for name in ("tradeoff.png", "privleak.png", "entanglement.png"):
         assert os.path.getsize(os.path.join(out, name)) > 5_000, name
     with open(os.path.join(out, "timings.jsonl")) as f:
@@ -325,6 +343,12 @@ def test_micro_study_writes_a_valid_summary(micro_run):
     assert study._mean_std(values["graddiff"]["forget_quality"]) in md
     assert "## Forget split 10%" in md and "## Learning-rate sweep, split 20%" in md
     assert "| select | oracle | 1 |" in md and "| test | run |" in md
+    # a split whose target check failed says so above its table, and only such a split
+    for split in cfg.splits:
+        section = md[md.index(f"## Forget split {split:g}%"):]
+        section = section[:section.index("| arm |")]
+        assert ("Target check failed in this split" in section) == (
+            not check["ok_by_split"][f"{split:g}"])
 
 
 @pytest.mark.slow
