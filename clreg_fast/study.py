@@ -1043,6 +1043,16 @@ def summary_markdown(study: StudyConfig, summaries: Dict[float, Dict], check: Di
         for t in timings:
             lines.append(f"| {t['phase']} | {t['kind']} | {t['count']} | "
                          f"{t['total_s'] / 60:.1f} min | {t['median_s']:.0f} s |")
+        # In select and test the target's fine-tuning is timed inside the stage that first
+        # needs it, so adding its row would count it twice; prepare times it on its own.
+        totals: Dict[str, float] = {}
+        for t in timings:
+            if t["kind"] != "target-model" or t["phase"] == "prepare":
+                totals[t["phase"]] = totals.get(t["phase"], 0.0) + t["total_s"]
+        lines += ["", "Per phase (one core; `target-model` rows of select and test are inside "
+                  "the stage that first needed the target, not added again): "
+                  + ", ".join(f"{phase} {sec / 60:.0f} min" for phase, sec in totals.items())
+                  + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -343,6 +343,10 @@ def test_micro_study_writes_a_valid_summary(micro_run):
     assert study._mean_std(values["graddiff"]["forget_quality"]) in md
     assert "## Forget split 10%" in md and "## Learning-rate sweep, split 20%" in md
     assert "| select | oracle | 1 |" in md and "| test | run |" in md
+    table = study.timing_table(out)
+    select_s = sum(t["total_s"] for t in table
+                   if t["phase"] == "select" and t["kind"] != "target-model")
+    assert f"select {select_s / 60:.0f} min" in md
     # a split whose target check failed says so above its table, and only such a split
     for split in cfg.splits:
         section = md[md.index(f"## Forget split {split:g}%"):]
