@@ -496,21 +496,28 @@ def plot_entanglement(features: Dict[str, Dict], results: Dict, methods: Sequenc
             xy = PCA(n_components=2, random_state=0).fit_transform(z)
             nf = f.shape[0]
             ax.scatter(xy[nf:, 0], xy[nf:, 1], s=10, color="0.65", label="retain")
-            for k, author in enumerate(sorted(set(ids))):
+            authors = sorted(set(ids))
+            # One legend entry for the forget rows: a per-author legend would cover a panel
+            # at 20 authors, and tab10's colours repeat beyond 10.
+            forget_label = ("forget (colour = author)" if len(authors) <= 10 else
+                            f"forget ({len(authors)} authors, colours repeat)")
+            for k, author in enumerate(authors):
                 sel = [i for i, a in enumerate(ids) if a == author]
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=28, color=cmap(k % 10), marker="^",
-                           label=f"forget author {k + 1}")
+                           label=forget_label if k == 0 else None)
             m = results.get(arm, {})
             es, mix = m.get("entanglement_score"), m.get("knn_mixing")
             ax.set_title(f"{arm}\nES {es:.2f}, kNN mix {mix:.2f}" if es is not None else arm,
                          fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0][0].legend(fontsize=7, loc="best")
+    handles, labels = next(((h, lab) for ax in axes.flat
+                            for h, lab in [ax.get_legend_handles_labels()] if h), ([], []))
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(f"Forget vs retain features at decoder layer {layer} (PCA per panel). First "
                  "column: target, oracle; then each method without (top) and with CLReg (bottom)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
