@@ -878,6 +878,8 @@ def report(study: StudyConfig, out_dir: str, seeds: Sequence[int], make_plot: bo
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(summary_markdown(study, summaries, check, per_split, protocol,
                                  timing_table(out_dir)))
+    with open(os.path.join(out_dir, "headline.md"), "w") as f:
+        f.write(headline_markdown(summaries[study.primary_split]))
     bad = [c for c in check["cells"] if not c["below_bar"]]
     if bad:
         log(f"WARNING: the target's forget quality is not below {check['bar']} in "
@@ -914,12 +916,37 @@ TABLE_METRICS = (("forget_quality", "forget quality ↑"), (None, "utility ↑")
                  ("entanglement_score", "Entanglement Score ↓"))
 
 
+# README's table: the issue's four measures (forget quality, utility, privleak, Entanglement
+# Score) of the primary split.
+HEADLINE_METRICS = (("forget_quality", "forget quality ↑"), (None, "utility ↑"),
+                    ("privleak", "privleak % (0 best, < 0 leaks)"),
+                    ("entanglement_score", "Entanglement Score ↓"))
+
+
+def headline_markdown(summary: Dict) -> str:
+    """``headline.md``: the primary split's arms (mean ± std) and paired differences (95% t
+    interval) in the four headline measures, the rows README quotes verbatim (a test checks
+    that README's rows are these)."""
+    util = summary["protocol"]["study"]["utility_key"]
+    keys = [k or util for k, _ in HEADLINE_METRICS]
+    heads = [h if k else f"{util} ↑" for k, h in HEADLINE_METRICS]
+    lines = ["| arm | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for arm, metrics in summary["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(_mean_std(metrics.get(k)) for k in keys) + " |")
+    for method, metrics in summary["paired"].items():
+        lines.append(f"| paired: {method}, with - without | "
+                     + " | ".join(_paired_cell(metrics.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(x: Optional[float], digits: int = 3) -> str:
     if x is None:
         return "n/a"
     if x != 0 and abs(x) < 1e-2:
         return f"{x:.{digits}g}"
-    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.{digits}f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits - 1}f}" if abs(x) >= 1 else f"{x:.{digits}f}"
 
 
 def _mean_std(d: Optional[Dict]) -> str:

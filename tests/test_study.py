@@ -326,6 +326,8 @@ def test_micro_study_writes_a_valid_summary(micro_run):
                    else [protocol["chosen"]["graddiff"]["lr"]])
             assert [p["lr"] for p in arms["graddiff+clreg"]["sweep"]] == lrs
     assert os.path.exists(os.path.join(out, "summary-split10.json"))
+    with open(os.path.join(out, "headline.md")) as f:
+        assert f.read() == study.headline_markdown(on_disk)
     with open(os.path.join(out, "target_check.json")) as f:
         check = json.load(f)
     assert len(check["cells"]) == 4
@@ -503,3 +505,23 @@ def test_cli_usage_errors_exit_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["select", "--val-seeds", "100"] + common)
     assert "another model/data configuration" in capsys.readouterr().err
+
+
+def test_readme_quotes_each_linked_study_as_committed():
+    """README's result rows are read off summary.json: for every study folder README links to,
+    each row of headline_markdown(summary.json) appears in README verbatim (and headline.md on
+    disk is that table)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    results = os.path.join(repo, "experiments", "results")
+    linked = [name for name in sorted(os.listdir(results))
+              if f"experiments/results/{name}/summary.md" in readme]
+    assert "study-tiny" in linked
+    for name in linked:
+        with open(os.path.join(results, name, "summary.json")) as f:
+            table = study.headline_markdown(json.load(f))
+        with open(os.path.join(results, name, "headline.md")) as f:
+            assert f.read() == table, name
+        for row in table.splitlines():
+            assert row in readme, f"{name}: README lacks {row!r}"
