@@ -1247,12 +1247,27 @@ STUDY_OPTIONS = ("model", "size", "splits", "primary_split", "grid", "tolerance"
                  "val_splits", "sweep_every_split")
 
 
+def _base_from_dict(preset: demo.DemoConfig, recorded: Dict) -> demo.DemoConfig:
+    """``preset`` with the fields ``describe()["base"]`` recorded (seed and device stay the
+    preset's: they are not recorded). Fields the record lacks keep the preset's value, so a
+    mismatch still shows in the fingerprint check."""
+    names = {f.name for f in dataclasses.fields(preset)} - {"seed", "device", "data"}
+    changes = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in recorded.items() if k in names}
+    if "data" in recorded:
+        changes["data"] = type(preset.data)(**recorded["data"])
+    return dataclasses.replace(preset, **changes)
+
+
 def study_from_protocol(protocol: Dict, device: Optional[str] = None) -> StudyConfig:
     """The study configuration protocol.json was selected with (``test`` and ``report`` take
     it from there, so they need only the seeds)."""
     d = protocol["study"]
     study = study_preset(d["model"], d["size"])
-    base = dataclasses.replace(study.base, methods=tuple(d["methods"]), device=device)
+    # The model/data configuration as recorded, not today's preset: a folder selected before a
+    # preset changed (e.g. study-tiny-100-authors) still reports and resumes.
+    base = dataclasses.replace(_base_from_dict(study.base, d["base"]),
+                               methods=tuple(d["methods"]), device=device)
     return dataclasses.replace(study, base=base, splits=d["splits"],
                                primary_split=d["primary_split"], grid=Grid.from_dict(d["grid"]),
                                utility_tolerance=d["utility_tolerance"],

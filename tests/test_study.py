@@ -525,3 +525,14 @@ def test_readme_quotes_each_linked_study_as_committed():
             assert f.read() == table, name
         for row in table.splitlines():
             assert row in readme, f"{name}: README lacks {row!r}"
+
+
+def test_a_protocol_rebuilds_its_own_data_configuration_after_the_preset_changed():
+    cfg = study.study_preset(demo.TINY, "micro")
+    older = dataclasses.replace(cfg, base=dataclasses.replace(
+        cfg.base, data=dataclasses.replace(cfg.base.data, n_authors=12), lrs=(1e-3, 2e-3)))
+    assert older.stage_fingerprint() != cfg.stage_fingerprint()
+    rebuilt = study.study_from_protocol({"study": older.describe()})
+    assert rebuilt.fingerprint() == older.fingerprint()
+    assert rebuilt.stage_fingerprint() == older.stage_fingerprint()
+    assert type(rebuilt.base.data) is type(cfg.base.data) and rebuilt.base.lrs == (1e-3, 2e-3)
