@@ -923,19 +923,35 @@ HEADLINE_METRICS = (("forget_quality", "forget quality ↑"), (None, "utility �
                     ("entanglement_score", "Entanglement Score ↓"))
 
 
+def _columns(spec, util: str) -> Tuple[List[str], List[str]]:
+    """``(keys, headers)`` of a table spec; the ``None`` key is the study's utility key."""
+    return [k or util for k, _ in spec], [h if k else f"{util} ↑" for k, h in spec]
+
+
+def _table_head(first: str, heads: Sequence[str]) -> List[str]:
+    return [f"| {first} | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+
+
+def _arm_rows(summary: Dict, keys: Sequence[str]) -> List[str]:
+    """One row per arm: mean ± std of each key."""
+    return [f"| {arm} | " + " | ".join(_mean_std(m.get(k)) for k in keys) + " |"
+            for arm, m in summary["arms"].items()]
+
+
+def _paired_rows(summary: Dict, keys: Sequence[str], label: str = "{method}") -> List[str]:
+    """One row per method: the paired difference of each key with its interval."""
+    return [f"| {label.format(method=method)} | "
+            + " | ".join(_paired_cell(m.get(k)) for k in keys) + " |"
+            for method, m in summary["paired"].items()]
+
+
 def headline_markdown(summary: Dict) -> str:
     """``headline.md``: the primary split's arms (mean ± std) and paired differences (95% t
     interval) in the four headline measures, the rows README quotes verbatim (a test checks
     that README's rows are these)."""
-    util = summary["protocol"]["study"]["utility_key"]
-    keys = [k or util for k, _ in HEADLINE_METRICS]
-    heads = [h if k else f"{util} ↑" for k, h in HEADLINE_METRICS]
-    lines = ["| arm | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for arm, metrics in summary["arms"].items():
-        lines.append(f"| {arm} | " + " | ".join(_mean_std(metrics.get(k)) for k in keys) + " |")
-    for method, metrics in summary["paired"].items():
-        lines.append(f"| paired: {method}, with - without | "
-                     + " | ".join(_paired_cell(metrics.get(k)) for k in keys) + " |")
+    keys, heads = _columns(HEADLINE_METRICS, summary["protocol"]["study"]["utility_key"])
+    lines = (_table_head("arm", heads) + _arm_rows(summary, keys)
+             + _paired_rows(summary, keys, "paired: {method}, with - without"))
     return "\n".join(lines) + "\n"
 
 
@@ -1000,8 +1016,7 @@ def summary_markdown(study: StudyConfig, summaries: Dict[float, Dict], check: Di
     """summary.md: every table of the study, read off the summaries (nothing recomputed but
     the sweep means), for README and people who would rather read than parse JSON."""
     util = study.utility_key
-    keys = [k or util for k, _ in TABLE_METRICS]
-    heads = [h if k else f"{util} ↑" for k, h in TABLE_METRICS]
+    keys, heads = _columns(TABLE_METRICS, util)
     primary = summaries[study.primary_split]
     lines = [f"# Study: {study.base.model}, test seeds {primary['seeds']}", "",
              "Written by `python -m clreg_fast.study report` from the stage files; every number "
@@ -1028,15 +1043,8 @@ def summary_markdown(study: StudyConfig, summaries: Dict[float, Dict], check: Di
                       f"forget quality is not below {check['bar']:g}, so forget quality (and "
                       "its paired difference) cannot tell a model that knows the forget set "
                       "from the oracle here. The other columns stand.", ""]
-        lines += ["| arm | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-        for arm, metrics in summary["arms"].items():
-            lines.append(f"| {arm} | " + " | ".join(_mean_std(metrics.get(k)) for k in keys)
-                         + " |")
-        lines += ["", "| paired: +CLReg - without | " + " | ".join(heads) + " |",
-                  "|---" * (len(heads) + 1) + "|"]
-        for method, metrics in summary["paired"].items():
-            lines.append(f"| {method} | " + " | ".join(_paired_cell(metrics.get(k))
-                                                       for k in keys) + " |")
+        lines += _table_head("arm", heads) + _arm_rows(summary, keys) + [""]
+        lines += _table_head("paired: +CLReg - without", heads) + _paired_rows(summary, keys)
     # The trade-off over the lr sweep (primary split): each method's best lr may differ with
     # and without CLReg, which the paired rows at the protocol's lr do not show.
     per_seed = per_split[study.primary_split]
