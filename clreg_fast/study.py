@@ -1153,25 +1153,39 @@ def plan(study: StudyConfig, out_dir: str, val_seeds: Sequence[int],
 
 def plot_tradeoff(study: StudyConfig, per_seed: Dict[int, Dict], path: str) -> None:
     """``tradeoff.png``: forget quality against utility over the lr sweep, one panel per
-    method, without (dashed) and with CLReg (solid); error bars: standard deviation over
-    seeds; target and oracle as reference points."""
+    method, without (dashed) and with CLReg (solid); points: means over seeds, bars: the lowest
+    to the highest seed (on the log axis a mean - std bar would often run below 0); target and
+    oracle as reference points."""
     plt = demo._pyplot()
     methods = list(study.base.methods)
     ukey = study.utility_key
+    floor = 1e-12  # forget quality is a p-value: keep 0 on the log axis
+
+    def point_and_bar(values):
+        d = describe_values(values)
+        finite = [v for v in d["values"] if v is not None]
+        if d["mean"] is None:
+            return float("nan"), (0.0, 0.0)
+        mean = max(d["mean"], floor)
+        return mean, (mean - max(min(finite), floor), max(max(finite), floor) - mean)
+
     fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 4.6), squeeze=False)
     seeds = sorted(per_seed)
     for ax, method in zip(axes[0], methods):
         for arm in (method, method + "+clreg"):
             color, ls, marker = demo._style(arm)
-            xs, ys, xe, ye = [], [], [], []
+            xs, ys, xe, ye = [], [], [[], []], [[], []]
             for i, lr in enumerate(study.grid.lrs):
-                u = describe_values([per_seed[s][arm]["sweep"][i].get(ukey) for s in seeds])
-                q = describe_values([per_seed[s][arm]["sweep"][i].get("forget_quality")
-                                     for s in seeds])
-                xs.append(u["mean"])
-                ys.append(max(q["mean"] or 1e-12, 1e-12))
-                xe.append(u["std"] or 0.0)
-                ye.append(q["std"] or 0.0)
+                x, (xlo, xhi) = point_and_bar([per_seed[s][arm]["sweep"][i].get(ukey)
+                                               for s in seeds])
+                y, (ylo, yhi) = point_and_bar([per_seed[s][arm]["sweep"][i].get("forget_quality")
+                                               for s in seeds])
+                xs.append(x)
+                ys.append(y)
+                xe[0].append(xlo)
+                xe[1].append(xhi)
+                ye[0].append(ylo)
+                ye[1].append(yhi)
             ax.errorbar(xs, ys, xerr=xe, yerr=ye, ls=ls, marker=marker, color=color,
                         label=arm, capsize=3)
             for lr, x, y in zip(study.grid.lrs, xs, ys):
@@ -1180,7 +1194,7 @@ def plot_tradeoff(study: StudyConfig, per_seed: Dict[int, Dict], path: str) -> N
         for arm, marker, color in (("target", "*", "black"), ("oracle", "P", "tab:green")):
             u = describe_values([per_seed[s][arm].get(ukey) for s in seeds])["mean"]
             q = describe_values([per_seed[s][arm].get("forget_quality") for s in seeds])["mean"]
-            ax.scatter([u], [max(q or 1e-12, 1e-12)], marker=marker, s=150, color=color,
+            ax.scatter([u], [max(q or floor, floor)], marker=marker, s=150, color=color,
                        label=arm, zorder=5)
         ax.set_yscale("log")
         ax.set_xlabel(ukey.replace("_", " ") + " (higher = better)")
@@ -1189,7 +1203,7 @@ def plot_tradeoff(study: StudyConfig, per_seed: Dict[int, Dict], path: str) -> N
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle(f"{study.base.model}, split {study.primary_split:g}%, {len(seeds)} seeds "
-                 "(mean +- std)", fontsize=10)
+                 "(mean; bars: lowest to highest seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
