@@ -367,8 +367,10 @@ class Runner:
 
         cell = cell_dir(self.out_dir, phase, seed, split)
         stages = self._cell_stages(phase, seed, split, runs)
+        features = _load_features(os.path.join(cell, "features.pt"))
         if all(self._done(p) for p in stages) and (
-                feature_runs is None or os.path.exists(os.path.join(cell, "features.pt"))):
+                feature_runs is None
+                or {"oracle", "target", *feature_runs} <= set(features)):
             for p in stages:
                 self._tick(os.path.relpath(p, self.out_dir), False)
             return
@@ -380,13 +382,15 @@ class Runner:
         for layer in {cfg.clreg_layer} | {c["clreg_layer"] for _, _, c in runs if c}:
             demo.check_clreg_layer(dataclasses.replace(cfg, clreg_layer=layer), depth)
         label = f"{phase}/seed-{seed}/split-{split:g}"
-        features = _load_features(os.path.join(cell, "features.pt"))
 
         def keep_features(name, raw):
             if feature_runs is not None:
                 features[name] = {"forget": raw["features"]["forget"],
                                   "retain": raw["features"]["retain"],
                                   "forget_ids": [ex["concept_id"] for ex in splits["forget"]]}
+                # Saved at once: a run stopped inside this cell keeps the features it has, so
+                # resuming does not redo the stages that made them.
+                _save_tensors(os.path.join(cell, "features.pt"), features)
 
         # The oracle: trained on this split's retain authors, scored against itself.
         oracle_path = os.path.join(cell, "oracle.json")
@@ -465,8 +469,6 @@ class Runner:
             self._timed(f"{label}/{name}", time.time() - t0,
                         unlearn_seconds=round(t_unlearn, 3))
             self._tick(f"{label}/{name}", True)
-        if feature_runs is not None:
-            _save_tensors(os.path.join(cell, "features.pt"), features)
 
 
 def _load_features(path: str) -> Dict:

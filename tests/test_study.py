@@ -375,6 +375,45 @@ def test_rerun_skips_done_stages_and_redoes_only_what_is_missing(micro_run):
 
 
 @pytest.mark.slow
+def test_a_stop_inside_the_feature_cell_keeps_the_features_it_made(micro_run):
+    """The entanglement picture's features are saved stage by stage: a run stopped inside the
+    feature cell keeps those it made, and resuming redoes only the stage that was cut short."""
+    cfg, out, cache, protocol, *_ = micro_run
+    cell = study.cell_dir(out, "test", 0, cfg.primary_split)
+    path = os.path.join(cell, "features.pt")
+    kept = torch.load(path)
+    runs = [study.setting_id(m, lr, c)
+            for m, lr, c in study.final_runs(cfg, protocol, cfg.primary_split)
+            if study.setting_id(m, lr, c) in kept]
+    assert len(runs) == 2, runs   # graddiff with and without CLReg at the chosen lr
+    os.remove(path)
+    for name in runs:
+        os.remove(os.path.join(cell, "arms", name + ".json"))
+
+    class Stop(Exception):
+        pass
+
+    runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
+    unlearn = runner.unlearn_fn
+
+    def stop_at_the_last(target, splits, acfg, method, clreg, lr, *a, **k):
+        setting = study.chosen_clreg(protocol, method) if clreg else None
+        if study.setting_id(method, lr, setting) == runs[-1]:
+            raise Stop
+        return unlearn(target, splits, acfg, method, clreg, lr, *a, **k)
+
+    runner.unlearn_fn = stop_at_the_last
+    with pytest.raises(Stop):
+        study.run_test(cfg, out, [0, 1], runner, make_plot=False)
+    assert set(torch.load(path)) == set(kept) - {runs[-1]}
+
+    runner = _Counting(cfg, out, cache, progress=False, log=lambda t: None)
+    study.run_test(cfg, out, [0, 1], runner, make_plot=False)
+    assert runner.calls["unlearn"] == 1 and runner.calls["oracle"] == 0
+    assert set(torch.load(path)) == set(kept)
+
+
+@pytest.mark.slow
 def test_test_phase_guards(micro_run):
     cfg, out, *_ = micro_run
     runner = study.Runner(cfg, out, "unused", progress=False)
