@@ -367,7 +367,8 @@ class Runner:
 
         cell = cell_dir(self.out_dir, phase, seed, split)
         stages = self._cell_stages(phase, seed, split, runs)
-        features = _load_features(os.path.join(cell, "features.pt"))
+        features = (_load_features(os.path.join(cell, "features.pt"))
+                    if feature_runs is not None else {})
         if all(self._done(p) for p in stages) and (
                 feature_runs is None
                 or {"oracle", "target", *feature_runs} <= set(features)):
@@ -1163,13 +1164,14 @@ def plot_tradeoff(study: StudyConfig, per_seed: Dict[int, Dict], path: str) -> N
     ukey = study.utility_key
     floor = 1e-12  # forget quality is a p-value: keep 0 on the log axis
 
-    def point_and_bar(values):
+    def point_and_bar(values, lowest=-math.inf):
+        """The mean and its (below, above) distances to the lowest and highest seed."""
         d = describe_values(values)
         finite = [v for v in d["values"] if v is not None]
         if d["mean"] is None:
             return float("nan"), (0.0, 0.0)
-        mean = max(d["mean"], floor)
-        return mean, (mean - max(min(finite), floor), max(max(finite), floor) - mean)
+        mean = max(d["mean"], lowest)
+        return mean, (mean - max(min(finite), lowest), max(max(finite), lowest) - mean)
 
     fig, axes = plt.subplots(1, len(methods), figsize=(5.2 * len(methods), 4.6), squeeze=False)
     seeds = sorted(per_seed)
@@ -1181,7 +1183,7 @@ def plot_tradeoff(study: StudyConfig, per_seed: Dict[int, Dict], path: str) -> N
                 x, (xlo, xhi) = point_and_bar([per_seed[s][arm]["sweep"][i].get(ukey)
                                                for s in seeds])
                 y, (ylo, yhi) = point_and_bar([per_seed[s][arm]["sweep"][i].get("forget_quality")
-                                               for s in seeds])
+                                               for s in seeds], lowest=floor)
                 xs.append(x)
                 ys.append(y)
                 xe[0].append(xlo)
